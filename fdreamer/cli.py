@@ -1,0 +1,38 @@
+"""The ``fdreamer`` command: one subcommand per job of the library.
+
+Each module registers its own subcommands through ``register_cli(subparsers)`` so this file stays a
+list; heavy imports (torch, diffusers) happen inside the command functions, keeping ``--help`` fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands, in the order they appear in --help.
+_COMMAND_MODULES = (
+    "fdreamer.demo",
+    "fdreamer.sample_data",
+    "fdreamer.tiny_models",
+    "fdreamer.vae_train",
+    "fdreamer.schedule",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fdreamer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc = args.func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
