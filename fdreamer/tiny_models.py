@@ -1,0 +1,435 @@
+"""``fdreamer make-tiny-models DIR``: small random models in the standard Hugging Face folder layouts.
+
+The tiny models stand in for SD1.5 (VAE, UNet, CLIP text encoder + tokenizer), T5-XXL and
+CLIP ViT-L/14 in tests, CI and CPU demos. They are written in exactly the layouts the real models
+use, so :class:`fdreamer.encoders.FrozenEncoders` (and the UNet loaders) load both with the same
+code. Everything is built offline: the tokenizers are constructed in memory from a fixed English
+word list (:data:`WORDS`), and all weights come from ``torch.manual_seed``-seeded initialisation,
+so the same seed always gives the same bytes.
+
+Layout written under ``DIR``::
+
+    vae/           diffusers AutoencoderKL (trained weights from fdreamer/assets/tiny_vae/)
+    unet/          diffusers UNet2DConditionModel (SD layout, random init)
+    text_encoder/  transformers CLIPTextModel (SD's text encoder slot)
+    tokenizer/     CLIPTokenizer (tokenizer.json + vocab.json + merges.txt)
+    t5/            transformers T5EncoderModel + T5Tokenizer in the same folder
+    clip/          transformers CLIPModel + CLIPTokenizer + CLIPImageProcessor
+    tiny_models.json  what each folder is, seeds, parameter counts (written last = complete)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import string
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports stay inside functions so ``fdreamer --help`` is fast
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+MANIFEST_NAME = "tiny_models.json"
+MANIFEST_FORMAT = 1
+TINY_VAE_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny_vae"
+
+# Words that become single tokens in both tiny tokenizers; any other word still tokenizes (into
+# characters). Lowercase letters only: the CLIP tokenizer lowercases and splits on non-letters.
+WORDS: tuple[str, ...] = tuple(dict.fromkeys("""
+    a an the to and or over under with without on in of at from into onto by is are it its this
+    that while then as near behind above below through along past between one two three four
+    red green blue yellow orange purple pink white black gray grey brown cyan magenta violet
+    gold silver colour color colored coloured bright dark light pale deep
+    circle square triangle rectangle star ball box disk disc dot dots ring cube shape shapes
+    line lines stripe stripes blob object objects pattern
+    slides slide moves move moving spins spin spinning rotates rotate rotating grows grow growing
+    shrinks shrink shrinking stays stay still bounces bounce bouncing falls fall falling rises
+    rise rising drifts drift drifting jumps jump turns turn flies fly rolls roll shakes shake
+    fades fade pulses pulse appears appear disappears zooms zoom flickers flashes static
+    left right up down across around toward towards away back forth center centre middle top
+    bottom side sides edge corner diagonally clockwise counterclockwise horizontally vertically
+    background foreground small large big tiny huge textured soft smooth rough noisy plain
+    striped checkered gradient solid blurry sharp slowly quickly slow fast steadily gently
+    video clip scene frame frames camera screen image picture photo view
+""".split()))
+
+# Tiny UNet in the SD1.5 layout: cross-attention only at the lower (8x8) resolution.
+TINY_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=16, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+    cross_attention_dim=32,  # == TINY_TEXT_ENCODER_CONFIG["hidden_size"]
+)
+
+# SD's text-encoder slot (CLIPTextModel); vocab size and special-token ids come from the tokenizer.
+TINY_TEXT_ENCODER_CONFIG: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, projection_dim=32,
+)
+
+# T5 v1.1-style encoder (gated-GELU, untied embeddings); vocab size comes from the tokenizer.
+TINY_T5_CONFIG: dict[str, Any] = dict(
+    d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+    feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)
+
+TINY_CLIP_IMAGE_SIZE = 32
+# Full CLIPModel (ViT-L/14 stand-in): dims differ from the SD text encoder's and T5's on purpose,
+# so a mixed-up embedding fails loudly by shape.
+TINY_CLIP_TEXT_CONFIG: dict[str, Any] = dict(
+    hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77,
+)
+TINY_CLIP_VISION_CONFIG: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    image_size=TINY_CLIP_IMAGE_SIZE, patch_size=8, num_channels=3,
+)
+TINY_CLIP_PROJECTION_DIM = 32
+
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+T5_CHARS = string.ascii_letters + string.digits + string.punctuation
+_VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_SEED_OFFSETS = {"vae": 0, "unet": 1, "text_encoder": 2, "t5": 3, "clip": 4}
+EXPECTED_FILES = (
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json", "text_encoder/model.safetensors",
+    "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json", "tokenizer/merges.txt",
+    "t5/config.json", "t5/model.safetensors", "t5/tokenizer.json", "t5/tokenizer_config.json",
+    "clip/config.json", "clip/model.safetensors", "clip/tokenizer.json",
+    "clip/tokenizer_config.json", "clip/preprocessor_config.json",
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Byte -> printable unicode char table of byte-level BPE (the GPT-2/CLIP convention).
+
+    Printable latin-1 bytes map to themselves; the remaining 68 bytes (controls, space, ...) map to
+    ``chr(256 + k)`` in byte order, so every byte has a visible, whitespace-free symbol.
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    table: dict[int, str] = {}
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Segment one word by BPE: repeatedly merge (all occurrences of) the lowest-ranked pair."""
+    pieces = list(symbols)
+    while len(pieces) > 1:
+        ranked = [(ranks[p], p) for p in zip(pieces, pieces[1:]) if p in ranks]
+        if not ranked:
+            break
+        _, best = min(ranked)
+        merged: list[str] = []
+        i = 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
+def build_clip_bpe(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocab and merges of a byte-level CLIP BPE in which every word of ``words`` is one token.
+
+    Vocab order mirrors OpenAI CLIP: the 256 byte symbols, the same with ``</w>``, one entry per
+    merge, then ``<|startoftext|>`` and ``<|endoftext|>``. Merges are appended word by word, each
+    joining the first two pieces of the word's current segmentation (building it left to right);
+    appended merges rank after all earlier ones, so earlier words keep their single token.
+    """
+    byte_symbol = bytes_to_unicode()
+    base = [byte_symbol[b] for b in range(256)]
+    vocab = {sym: i for i, sym in enumerate(base)}
+    for sym in base:
+        vocab[sym + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        if not word.isalpha() or word != word.lower():
+            raise ValueError(f"tokenizer word list entry {word!r} must be lowercase letters only")
+        symbols = [byte_symbol[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        pieces = _apply_merges(symbols, ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = _apply_merges(symbols, ranks)
+    vocab[CLIP_BOS] = len(vocab)
+    vocab[CLIP_EOS] = len(vocab)
+    return vocab, merges
+
+
+def build_clip_tokenizer(words: tuple[str, ...] = WORDS) -> CLIPTokenizer:
+    """In-memory CLIPTokenizer over :func:`build_clip_bpe`; checks every word is a single token."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_clip_bpe(words)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    for word in words:
+        ids = tok(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise RuntimeError(f"CLIP BPE construction bug: {word!r} tokenizes to {len(ids)} tokens")
+    return tok
+
+
+def build_t5_tokenizer(words: tuple[str, ...] = WORDS) -> T5Tokenizer:
+    """In-memory Unigram T5Tokenizer: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, then ``▁word`` pieces.
+
+    Whole words (lowercase and capitalised) score -4, the bare ``▁`` -6 and single characters -8,
+    so known words come out as one piece and anything else as ``▁`` + characters.
+    """
+    from transformers import T5Tokenizer
+
+    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0}
+    for word in words:
+        pieces.setdefault("\u2581" + word, -4.0)
+        pieces.setdefault("\u2581" + word.capitalize(), -4.0)
+    pieces.setdefault("\u2581", -6.0)
+    for ch in T5_CHARS:
+        pieces.setdefault(ch, -8.0)
+    tok = T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=512)
+    for word in words:
+        ids = tok(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise RuntimeError(f"T5 vocab construction bug: {word!r} tokenizes to {len(ids)} pieces")
+    return tok
+
+
+def _write_bpe_files(tok_dir: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """Also write ``vocab.json`` + ``merges.txt`` like the SD/OpenAI tokenizer folders have."""
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (tok_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@dataclass
+class TinyModels:
+    """The in-memory tiny models, exactly as :func:`make_tiny_models` saves them."""
+
+    vae: Any  # diffusers AutoencoderKL
+    unet: Any  # diffusers UNet2DConditionModel
+    text_encoder: Any  # transformers CLIPTextModel
+    tokenizer: Any  # CLIPTokenizer (also saved into clip/)
+    t5: Any  # transformers T5EncoderModel
+    t5_tokenizer: Any  # T5Tokenizer
+    clip: Any  # transformers CLIPModel
+    clip_image_processor: Any  # CLIPImageProcessor (PIL backend)
+    seeds: dict[str, int]
+    vae_asset_dir: Path | None  # where the trained VAE came from; None = random init
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per model folder."""
+        names = ("vae", "unet", "text_encoder", "t5", "clip")
+        return {n: int(sum(p.numel() for p in getattr(self, n).parameters())) for n in names}
+
+
+def _seeded_build(seed: int, build: Callable[[], Any]) -> Any:
+    """Run ``build()`` with the torch RNG seeded, without disturbing the caller's RNG state."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _tiny_vae(seed: int, allow_untrained_vae: bool, asset_dir: Path) -> tuple[Any, Path | None]:
+    """The trained tiny VAE from ``asset_dir`` or (if allowed) a seeded random one."""
+    from diffusers import AutoencoderKL
+
+    from fdreamer.vae_train import TINY_VAE_CONFIG
+
+    if (asset_dir / "config.json").is_file():
+        if not (asset_dir / _VAE_WEIGHTS).is_file():
+            raise FileNotFoundError(f"tiny VAE asset {asset_dir} has config.json but no {_VAE_WEIGHTS}")
+        return AutoencoderKL.from_pretrained(asset_dir, local_files_only=True), asset_dir
+    if not allow_untrained_vae:
+        raise FileNotFoundError(
+            f"trained tiny VAE weights not found at {asset_dir} (config.json + {_VAE_WEIGHTS}); "
+            "run `fdreamer train-tiny-vae` first, or pass --allow-untrained-vae "
+            "(allow_untrained_vae=True) to write a randomly initialised VAE"
+        )
+    warnings.warn(
+        f"{asset_dir} missing: using a RANDOMLY INITIALISED tiny VAE (it decodes to noise)", stacklevel=3
+    )
+    return _seeded_build(seed, lambda: AutoencoderKL(**TINY_VAE_CONFIG)), None
+
+
+def build_tiny_models(
+    *, seed: int = 0, allow_untrained_vae: bool = False, vae_asset_dir: str | Path | None = None
+) -> TinyModels:
+    """Build every tiny model in memory, each component seeded with ``seed`` + a fixed offset.
+
+    The VAE is the trained one from ``vae_asset_dir`` (default ``fdreamer/assets/tiny_vae``); if
+    that is missing, :class:`FileNotFoundError` unless ``allow_untrained_vae`` (then a warning and
+    a random VAE with ``TINY_VAE_CONFIG``).
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPTextModel,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    asset_dir = Path(vae_asset_dir) if vae_asset_dir is not None else TINY_VAE_ASSET_DIR
+    seeds = {name: seed + offset for name, offset in _SEED_OFFSETS.items()}
+    vae, vae_source = _tiny_vae(seeds["vae"], allow_untrained_vae, asset_dir)
+    unet = _seeded_build(seeds["unet"], lambda: UNet2DConditionModel(**TINY_UNET_CONFIG))
+
+    clip_tok = build_clip_tokenizer()
+    ids = dict(bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id)
+    text_cfg = CLIPTextConfig(vocab_size=len(clip_tok), **TINY_TEXT_ENCODER_CONFIG, **ids)
+    text_encoder = _seeded_build(seeds["text_encoder"], lambda: CLIPTextModel(text_cfg))
+
+    t5_tok = build_t5_tokenizer()
+    t5_cfg = T5Config(vocab_size=len(t5_tok), **TINY_T5_CONFIG)
+    t5 = _seeded_build(seeds["t5"], lambda: T5EncoderModel(t5_cfg))
+
+    clip_cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(clip_tok), **TINY_CLIP_TEXT_CONFIG, **ids),
+        vision_config=dict(TINY_CLIP_VISION_CONFIG),
+        projection_dim=TINY_CLIP_PROJECTION_DIM,
+    )
+    clip = _seeded_build(seeds["clip"], lambda: CLIPModel(clip_cfg))
+    size = TINY_CLIP_IMAGE_SIZE
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    models = (vae, unet, text_encoder, t5, clip)
+    for model in models:
+        model.eval()
+    return TinyModels(vae, unet, text_encoder, clip_tok, t5, t5_tok, clip, processor, seeds, vae_source)
+
+
+def _manifest_complete(root: Path) -> dict[str, Any] | None:
+    """The manifest of a complete tiny-model folder, or None if anything is missing."""
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file() or any(not (root / f).is_file() for f in EXPECTED_FILES):
+        return None
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    return manifest if manifest.get("format") == MANIFEST_FORMAT else None
+
+
+def make_tiny_models(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    allow_untrained_vae: bool = False,
+    force: bool = False,
+    vae_asset_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write all tiny models under ``out_dir`` and return the manifest (also in tiny_models.json).
+
+    Idempotent: a complete folder made with the same seed is returned as is unless ``force``; one
+    made with another seed raises :class:`FileExistsError` (pass ``force`` to overwrite). A folder
+    holding a random VAE is rebuilt once trained VAE weights exist. See :func:`build_tiny_models`
+    for ``allow_untrained_vae`` and ``vae_asset_dir``.
+    """
+    root = Path(out_dir)
+    asset_dir = Path(vae_asset_dir) if vae_asset_dir is not None else TINY_VAE_ASSET_DIR
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"tiny model output path {root} exists and is not a directory")
+    existing = _manifest_complete(root)
+    if existing is not None and not force:
+        if existing.get("seed") != seed:
+            raise FileExistsError(
+                f"{root} already holds tiny models made with seed {existing.get('seed')}, not {seed}; "
+                "pass force=True (--force) to overwrite"
+            )
+        if existing.get("vae_trained") or not (asset_dir / "config.json").is_file():
+            return existing
+
+    models = build_tiny_models(seed=seed, allow_untrained_vae=allow_untrained_vae, vae_asset_dir=asset_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST_NAME).unlink(missing_ok=True)  # incomplete until rewritten at the end
+    for name in ("vae", "unet", "text_encoder", "tokenizer", "t5", "clip"):
+        if (root / name).exists():
+            shutil.rmtree(root / name)
+
+    if models.vae_asset_dir is not None:  # byte-identical copy of the trained weights
+        (root / "vae").mkdir()
+        for name in ("config.json", _VAE_WEIGHTS):
+            shutil.copyfile(models.vae_asset_dir / name, root / "vae" / name)
+    else:
+        models.vae.save_pretrained(root / "vae")
+    models.unet.save_pretrained(root / "unet")
+    models.text_encoder.save_pretrained(root / "text_encoder")
+    models.t5.save_pretrained(root / "t5")
+    models.t5_tokenizer.save_pretrained(root / "t5")
+    models.clip.save_pretrained(root / "clip")
+    models.clip_image_processor.save_pretrained(root / "clip")
+    vocab, merges = build_clip_bpe()
+    for folder in ("tokenizer", "clip"):
+        models.tokenizer.save_pretrained(root / folder)
+        _write_bpe_files(root / folder, vocab, merges)
+
+    vae_source = "random init (untrained)" if models.vae_asset_dir is None else "trained (fdreamer train-tiny-vae)"
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "description": "Tiny randomly initialised stand-ins for SD1.5 / T5-XXL / CLIP ViT-L/14 "
+        "(fdreamer make-tiny-models); same seed -> identical weights.",
+        "seed": seed,
+        "seeds": models.seeds,
+        "vae_trained": models.vae_asset_dir is not None,
+        "components": {
+            "vae": f"diffusers AutoencoderKL, downsample x4, 4 latent channels; {vae_source}",
+            "unet": "diffusers UNet2DConditionModel, SD layout, cross-attention at 8x8 only",
+            "text_encoder": "transformers CLIPTextModel (SD text encoder slot), hidden 32",
+            "tokenizer": f"CLIPTokenizer, byte-level BPE, {len(WORDS)} single-token words",
+            "t5": "transformers T5EncoderModel (v1.1 style, d_model 64) + Unigram T5Tokenizer",
+            "clip": f"transformers CLIPModel (text 48 / vision 64, projection {TINY_CLIP_PROJECTION_DIM}, "
+            f"image {TINY_CLIP_IMAGE_SIZE}px, patch 8) + CLIPTokenizer + CLIPImageProcessor",
+        },
+        "parameters": models.parameter_counts(),
+        "vocab_sizes": {"clip": len(models.tokenizer), "t5": len(models.t5_tokenizer)},
+    }
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _cmd_make_tiny_models(args: argparse.Namespace) -> int:
+    manifest = make_tiny_models(
+        args.dir, seed=args.seed, allow_untrained_vae=args.allow_untrained_vae, force=args.force
+    )
+    for name, count in manifest["parameters"].items():
+        print(f"{name:>13}: {count:,} parameters -> {Path(args.dir) / name}")
+    print(f"manifest: {Path(args.dir) / MANIFEST_NAME}")
+    return 0
+
+
+def register_cli(sub: Any) -> None:
+    """Add ``make-tiny-models DIR [--seed N] [--force] [--allow-untrained-vae]``."""
+    p = sub.add_parser(
+        "make-tiny-models",
+        help="write tiny random SD/T5/CLIP models in the standard folder layouts",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("dir", metavar="DIR", help="output folder (vae/, unet/, text_encoder/, tokenizer/, t5/, clip/)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the random initialisation (default 0)")
+    p.add_argument("--force", action="store_true", help="rewrite even if DIR already holds complete tiny models")
+    p.add_argument(
+        "--allow-untrained-vae",
+        action="store_true",
+        help="write a random VAE if fdreamer/assets/tiny_vae/ is missing instead of failing",
+    )
+    p.set_defaults(func=_cmd_make_tiny_models)
