@@ -53,7 +53,7 @@ def run_demo(data_dir: Path, models_dir: Path, out_dir: Path, num_clips: int = 3
     row = next(r for r in rows if r["split"] == "heldout")
     clip_path = Path(row["path"]) if Path(row["path"]).is_absolute() else data_dir / row["path"]
     clip = read_video(clip_path, 8, stride=2, size=64)
-    encoders = FrozenEncoders.load(EncoderConfig.tiny(models_dir))
+    encoders = FrozenEncoders.load(EncoderConfig.tiny(models_dir), components=("vae",))
     latents = encoders.encode_video(clip.frames[None])  # [1, 4, 8, 16, 16]
     recon = encoders.decode_latents(latents)[0]  # [8, 64, 64, 3] uint8
     recon = recon.numpy() if hasattr(recon, "numpy") else np.asarray(recon)
