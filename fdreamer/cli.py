@@ -17,7 +17,6 @@ _COMMAND_MODULES = (
     "fdreamer.tiny_models",
     "fdreamer.vae_train",
     "fdreamer.schedule",
-    "fdreamer.describe",
 )
 
 
