@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,28 +15,6 @@ from fdreamer.encoders import COMPONENTS, EncoderConfig, FrozenEncoders
 
 SHORT, LONG = "a red circle", "a small blue square slides slowly to the left over a textured background"
 SCALE = 0.18215
-
-
-@pytest.fixture(scope="session")
-def no_asset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("assets") / "tiny_vae"
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory, no_asset: Path) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "models"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        tm.make_tiny_models(out, seed=0, allow_untrained_vae=True, vae_asset_dir=no_asset)
-    return out
-
-
-@pytest.fixture(scope="session")
-def memory(no_asset: Path) -> tm.TinyModels:
-    """The same models, in memory, before saving."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return tm.build_tiny_models(seed=0, allow_untrained_vae=True, vae_asset_dir=no_asset)
 
 
 @pytest.fixture(scope="module")

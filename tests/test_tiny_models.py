@@ -13,33 +13,9 @@ import torch
 
 from fdreamer import tiny_models as tm
 
+from conftest import make_untrained_tiny_models as _make
+
 CAPTION = "a red circle slides to the left"
-
-
-def _make(out: Path, **kwargs: object) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the "untrained VAE" warning
-        return tm.make_tiny_models(out, allow_untrained_vae=True, **kwargs)
-
-
-@pytest.fixture(scope="session")
-def no_asset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A VAE asset folder that does not exist: tests behave the same before and after training."""
-    return tmp_path_factory.mktemp("assets") / "tiny_vae"
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory, no_asset: Path) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "models"
-    _make(out, seed=0, vae_asset_dir=no_asset)
-    return out
-
-
-@pytest.fixture(scope="session")
-def memory(no_asset: Path) -> tm.TinyModels:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return tm.build_tiny_models(seed=0, allow_untrained_vae=True, vae_asset_dir=no_asset)
 
 
 def _files(root: Path) -> dict[str, bytes]:
