@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "fdreamer.tiny_models",
     "fdreamer.vae_train",
     "fdreamer.schedule",
+    "fdreamer.describe",
 )
 
 

@@ -1,0 +1,148 @@
+"""Temporal layers of the video UNet (paper §3.2; VideoLDM / AnimateDiff style).
+
+After every spatial ResNet block: a :class:`TemporalConv` (1-D convolutions over the frame axis).
+After every spatial transformer: a :class:`TemporalTransformer` (self-attention over frames with a
+sinusoidal frame position encoding, cross-attention on the motion caption's T5 tokens — or CLIP tokens
+for Table 4 (c) — and a feed-forward). Both are residual with a zero-initialised output projection, so
+a fresh video model reproduces the image model frame by frame.
+
+Inputs and outputs are in the spatial layers' layout ``[(b f), c, h, w]`` (frames folded into the
+batch); each layer unfolds the frame axis itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from einops import rearrange
+from torch import nn
+
+from fdreamer.models.attention import (
+    MultiHeadAttention,
+    frame_position_encoding,
+    group_norm_fp32,
+    layer_norm_fp32,
+)
+from fdreamer.models.config import TemporalConfig
+
+
+def _check_frames(x: torch.Tensor, frames: int, what: str) -> None:
+    if x.ndim != 4 or frames < 1 or x.shape[0] % frames != 0:
+        raise ValueError(f"{what}: expected [(b f), c, h, w] with f={frames}, got {tuple(x.shape)}")
+
+
+class TemporalConv(nn.Module):
+    """Residual temporal convolution: (GroupNorm, SiLU, Conv over frames) × 2, last conv zero-init.
+
+    The convolutions are ``Conv3d`` with kernel ``(k, 1, 1)`` on ``[b, c, f, h, w]``: a 1-D convolution
+    over the frame axis at every pixel (zero-padded at the clip ends), without reshaping to ``(b h w)``.
+    """
+
+    def __init__(self, channels: int, groups: int, kernel: int = 3) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv1 = nn.Conv3d(channels, channels, (kernel, 1, 1), padding=(kernel // 2, 0, 0))
+        self.norm2 = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv2 = nn.Conv3d(channels, channels, (kernel, 1, 1), padding=(kernel // 2, 0, 0))
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """``x`` [(b f), c, h, w] -> same shape."""
+        _check_frames(x, frames, "TemporalConv")
+        h = rearrange(x, "(b f) c h w -> b c f h w", f=frames)
+        h = self.conv1(F.silu(group_norm_fp32(h, self.norm1)))
+        h = self.conv2(F.silu(group_norm_fp32(h, self.norm2)))
+        return x + rearrange(h, "b c f h w -> (b f) c h w")
+
+
+class TemporalTransformer(nn.Module):
+    """Residual temporal transformer: frame self-attention, text cross-attention, feed-forward.
+
+    The cross-attention has no interaction between queries, so instead of repeating the text tokens for
+    every spatial position (``(b h w)`` sequences of ``f`` frames), all ``h·w·f`` queries of one sample
+    attend to that sample's tokens in one call — the same result without copying the keys/values.
+    """
+
+    def __init__(
+        self, channels: int, heads: int, context_dim: int, groups: int, ff_mult: int = 4, backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        self.context_dim = context_dim
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.norm1 = nn.LayerNorm(channels)
+        self.self_attn = MultiHeadAttention(channels, heads, backend=backend)
+        self.norm2 = nn.LayerNorm(channels)
+        self.cross_attn = MultiHeadAttention(channels, heads, context_dim=context_dim, backend=backend)
+        self.norm3 = nn.LayerNorm(channels)
+        self.ff = nn.Sequential(
+            nn.Linear(channels, channels * ff_mult), nn.GELU(), nn.Linear(channels * ff_mult, channels)
+        )
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(
+        self, x: torch.Tensor, frames: int, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x`` [(b f), c, h, w]; ``context`` [b, L, context_dim]; ``mask`` bool [b, L] (True = token)."""
+        _check_frames(x, frames, "TemporalTransformer")
+        _, _, hh, ww = x.shape
+        b = x.shape[0] // frames
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
+            raise ValueError(
+                f"temporal context must be [{b}, L, {self.context_dim}], got {tuple(context.shape)}"
+            )
+        # GroupNorm statistics over all frames of a clip (as AnimateDiff), keeping inter-frame differences
+        h = group_norm_fp32(rearrange(x, "(b f) c h w -> b c f h w", f=frames), self.norm)
+        h = rearrange(h, "b c f h w -> (b h w) f c")
+        h = self.proj_in(h)
+        pe = frame_position_encoding(frames, h.shape[-1], h.device, h.dtype)  # [f, c]
+        h = h + self.self_attn(layer_norm_fp32(h, self.norm1) + pe)
+        hq = rearrange(h, "(b hw) f c -> b (hw f) c", b=b)  # a view: every query of one sample
+        hq = hq + self.cross_attn(layer_norm_fp32(hq, self.norm2), context, mask)
+        h = rearrange(hq, "b (hw f) c -> (b hw) f c", f=frames)
+        h = h + self.ff(layer_norm_fp32(h, self.norm3))
+        h = self.proj_out(h)
+        return x + rearrange(h, "(b h w) f c -> (b f) c h w", h=hh, w=ww)
+
+
+class TemporalBlock(nn.Module):
+    """The temporal layers of one spatial block: ``res[j]`` after resnet j, ``attn[j]`` after transformer j."""
+
+    def __init__(self, res: list[TemporalConv], attn: list[TemporalTransformer]) -> None:
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)
+
+
+class TemporalLayers(nn.Module):
+    """All temporal layers, mirroring the UNet: ``down[i]``, ``mid``, ``up[i]``."""
+
+    def __init__(self, down: list[TemporalBlock], mid: TemporalBlock, up: list[TemporalBlock]) -> None:
+        super().__init__()
+        self.down = nn.ModuleList(down)
+        self.mid = mid
+        self.up = nn.ModuleList(up)
+
+
+def _block(spatial: nn.Module, cfg: TemporalConfig, context_dim: int, backend: str) -> TemporalBlock:
+    res = [TemporalConv(r.out_channels, r.norm2.num_groups, cfg.conv_kernel) for r in spatial.resnets]
+    attn = []
+    for t in getattr(spatial, "attentions", None) or []:
+        heads = t.transformer_blocks[0].attn1.heads
+        attn.append(TemporalTransformer(t.in_channels, heads, context_dim, t.norm.num_groups, cfg.ff_mult, backend))
+    return TemporalBlock(res, attn)
+
+
+def build_temporal_layers(
+    unet: UNet2DConditionModel, cfg: TemporalConfig, context_dim: int, backend: str = "auto"
+) -> TemporalLayers:
+    """Temporal layers for every resnet and transformer of ``unet`` (channels/heads/groups read from it)."""
+    return TemporalLayers(
+        [_block(b, cfg, context_dim, backend) for b in unet.down_blocks],
+        _block(unet.mid_block, cfg, context_dim, backend),
+        [_block(b, cfg, context_dim, backend) for b in unet.up_blocks],
+    )
