@@ -69,6 +69,22 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return rearrange(x, "n l (h d) -> n h l d", h=heads)
 
 
+def _reject_mask(attention_mask: torch.Tensor | None) -> None:
+    if attention_mask is not None:
+        raise ValueError("spatial attention masks are not supported by the video UNet")
+
+
+def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """``q`` [n, h, l, d] against projected keys/values [n, L, (h d)] -> [n, h, l, d]."""
+    return attention(q, _heads(k, attn.heads), _heads(v, attn.heads), None, backend)
+
+
+def _project_out(attn: Attention, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[n, h, l, d] -> the layer's output projection (+ dropout) on 'n l (h d)', in the query's dtype."""
+    out = rearrange(out, "n h l d -> n l (h d)").to(dtype)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
 class SpatialAttnProcessor:
     """SD attention (Eq. 1 for cross-attention) through :func:`attention`; no parameters."""
 
@@ -84,14 +100,10 @@ class SpatialAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if attention_mask is not None:
-            raise ValueError("spatial attention masks are not supported by the video UNet")
+        _reject_mask(attention_mask)
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q = _heads(attn.to_q(hidden_states), attn.heads)
-        out = attention(q, _heads(attn.to_k(ctx), attn.heads), _heads(attn.to_v(ctx), attn.heads), None,
-                        self.attention_backend)
-        out = rearrange(out, "n h l d -> n l (h d)").to(q.dtype)
-        return attn.to_out[1](attn.to_out[0](out))
+        return _project_out(attn, _attend(attn, q, attn.to_k(ctx), attn.to_v(ctx), self.attention_backend), q.dtype)
 
 
 class AdapterAttnProcessor(nn.Module):
@@ -125,21 +137,16 @@ class AdapterAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if attention_mask is not None:
-            raise ValueError("spatial attention masks are not supported by the video UNet")
+        _reject_mask(attention_mask)
         n = self.num_tokens
         if encoder_hidden_states is None or encoder_hidden_states.shape[1] <= n:
             got = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
             raise ValueError(f"adapter cross-attention needs text tokens followed by {n} image tokens, got {got}")
         text, image = encoder_hidden_states[:, :-n], encoder_hidden_states[:, -n:]
         q = _heads(attn.to_q(hidden_states), attn.heads)
-        z_txt = attention(q, _heads(attn.to_k(text), attn.heads), _heads(attn.to_v(text), attn.heads), None,
-                          self.attention_backend)
-        z_img = attention(q, _heads(self.to_k_adp(image), attn.heads), _heads(self.to_v_adp(image), attn.heads),
-                          None, self.attention_backend)
-        out = z_txt + self.scale * z_img  # Eq. 2
-        out = rearrange(out, "n h l d -> n l (h d)").to(q.dtype)
-        return attn.to_out[1](attn.to_out[0](out))
+        z_txt = _attend(attn, q, attn.to_k(text), attn.to_v(text), self.attention_backend)
+        z_img = _attend(attn, q, self.to_k_adp(image), self.to_v_adp(image), self.attention_backend)
+        return _project_out(attn, z_txt + self.scale * z_img, q.dtype)  # Eq. 2, through the shared to_out
 
 
 def install_processors(module: nn.Module, adapter: AdapterConfig | None, backend: str) -> int:
