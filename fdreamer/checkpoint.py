@@ -1,0 +1,190 @@
+"""Model checkpoints: one folder that training writes and inference (pipeline, server, evaluate) reads.
+
+Layout (diffusers-like: JSON/YAML configs beside safetensors weights)::
+
+    <dir>/fdreamer_checkpoint.json  {"format": 1, "step": N, "preset": "tiny", "stage": "stage1", ...}
+    <dir>/unet_config.json          the spatial UNet2DConditionModel config (architecture of the base)
+    <dir>/model.yaml                the resolved ModelConfig
+    <dir>/schedule.yaml             the ScheduleConfig the model was trained under (sampling needs it)
+    <dir>/encoders.yaml             the frozen encoders the training data were made with (paths)
+    <dir>/model.safetensors         every parameter of the video UNet (fp32 as trained)
+    <dir>/ema.safetensors           EMA of the trainable parameters (optional)
+
+Training keeps its own state (optimizer, RNG, data position) in further files of the same folder
+(``training/checkpointing.py``); nothing here needs Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fdreamer.config import dump_yaml, load_config, to_dict
+from fdreamer.encoders import EncoderConfig
+from fdreamer.models import FactorizedDreamerUNet, ModelConfig
+from fdreamer.schedule import ScheduleConfig
+
+FORMAT_VERSION = 1
+META = "fdreamer_checkpoint.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, malformed, or does not fit the model it is loaded into."""
+
+
+@dataclass
+class LoadedModel:
+    model: FactorizedDreamerUNet
+    schedule: ScheduleConfig
+    encoders: EncoderConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ``fdreamer_checkpoint.json`` of ``path`` (CheckpointError when absent or of another format)."""
+    meta_file = Path(path) / META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint folder (no {META})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
+    return meta
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the parameters with ``requires_grad`` (the EMA and optimizer cover these)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_model(
+    path: str | Path,
+    model: FactorizedDreamerUNet,
+    schedule: ScheduleConfig,
+    encoders: EncoderConfig | None = None,
+    *,
+    ema: dict[str, torch.Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model part of a checkpoint into ``path`` (created); returns ``path``."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    if ema is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, str(out / "ema.safetensors"))
+    (out / "unet_config.json").write_text(json.dumps(dict(model.unet.config), indent=2, default=str) + "\n")
+    (out / "model.yaml").write_text(dump_yaml(model.cfg))
+    (out / "schedule.yaml").write_text(dump_yaml(schedule))
+    (out / "encoders.yaml").write_text(dump_yaml(encoders or EncoderConfig()))
+    (out / META).write_text(json.dumps({"format": FORMAT_VERSION, **(meta or {})}, indent=2, default=str) + "\n")
+    return out
+
+
+def build_empty(path: str | Path, model_cfg: ModelConfig | None = None, device: str | torch.device = "cpu") -> FactorizedDreamerUNet:
+    """The checkpoint's architecture, randomly initialised (``model_cfg`` overrides its model.yaml)."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(path)
+    cfg = model_cfg if model_cfg is not None else load_config(ModelConfig, folder / "model.yaml")
+    unet_cfg = json.loads((folder / "unet_config.json").read_text())
+    with torch.device(device):
+        return FactorizedDreamerUNet(UNet2DConditionModel.from_config(unet_cfg), cfg)
+
+
+def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """Human-readable differences between a model's ``own`` state dict and a loaded ``state``."""
+    problems = []
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if shapes:
+        problems.append(f"{len(shapes)} with other shapes (e.g. {shapes[:3]})")
+    return problems
+
+
+def _config_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
+    from fdreamer.config import flatten
+
+    fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def _apply_ema(model: torch.nn.Module, folder: Path) -> None:
+    """Overwrite the parameters found in ``ema.safetensors`` (when present) with their EMA."""
+    if not (folder / "ema.safetensors").is_file():
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in load_file(str(folder / "ema.safetensors")).items():
+            if k in params:
+                params[k].copy_(v)
+
+
+def load_weights_into(model: FactorizedDreamerUNet, path: str | Path, *, use_ema: bool = False) -> dict[str, Any]:
+    """Load a checkpoint's weights into ``model`` (same architecture), optionally with EMA on top.
+
+    A PredictNet in ``model`` but not in the checkpoint is rebuilt from the loaded up path (the paper
+    adds it in the last stage, initialised from the decoder). Anything else that does not fit raises
+    CheckpointError naming the mismatching parameters and the config fields that differ.
+    """
+    folder = Path(path)
+    meta = read_meta(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    saved_cfg = load_config(ModelConfig, folder / "model.yaml")
+    add_predictnet = model.cfg.predictnet and not any(k.startswith("predictnet.") for k in state)
+    target_keys = {k for k in model.state_dict() if not (add_predictnet and k.startswith("predictnet."))}
+    own = {k: v for k, v in model.state_dict().items() if k in target_keys}
+    problems = state_mismatch(own, state)
+    if problems:
+        diff = _config_diff(saved_cfg, model.cfg)
+        raise CheckpointError(
+            f"{folder}: checkpoint does not fit this model config: {'; '.join(problems)}"
+            + (f". Model config differs in: {', '.join(diff[:8])}" if diff else "")
+        )
+    model.load_state_dict(state, strict=not add_predictnet)
+    if add_predictnet:
+        model.attach_predictnet()
+    if use_ema:
+        _apply_ema(model, folder)
+    return meta
+
+
+def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> LoadedModel:
+    """Rebuild the video UNet of checkpoint ``path`` for inference (EMA weights when saved)."""
+    folder = Path(path)
+    meta = read_meta(folder)
+    cfg = load_config(ModelConfig, folder / "model.yaml")
+    model = build_empty(folder, cfg.with_(predictnet=False) if cfg.predictnet else cfg, device="meta")
+    state = load_file(str(folder / "model.safetensors"))
+    state = {k: v for k, v in state.items() if not k.startswith("predictnet.")}  # never runs at inference
+    problems = state_mismatch(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{folder}: weights do not match model.yaml/unet_config.json: {'; '.join(problems)}")
+    model.load_state_dict(state, assign=True)
+    if use_ema:
+        _apply_ema(model, folder)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, load_config(ScheduleConfig, folder / "schedule.yaml"),
+                       load_config(EncoderConfig, folder / "encoders.yaml"), meta)
+
+
+__all__ = [
+    "CheckpointError", "LoadedModel", "build_empty", "is_checkpoint", "load_model", "load_weights_into",
+    "read_meta", "save_model", "state_mismatch", "trainable_state",
+]

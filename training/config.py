@@ -1,0 +1,149 @@
+"""Typed configuration of the Ray Train job (``TrainConfig``), loaded with :mod:`fdreamer.config`.
+
+Named runs are YAML files in ``training/configs/`` derived with ``extends:`` (``tiny_stage2.yaml``
+extends ``tiny_stage1.yaml`` ...); any field can be overridden on the command line
+(``--optim.lr=1e-4``). ``python training/run.py --help`` lists every field with its help text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from fdreamer.config import nested, opt
+from fdreamer.models import ModelConfig
+from fdreamer.schedule import ScheduleConfig
+
+
+@dataclass
+class DataConfig:
+    """Which preprocessed Parquet rows the job trains on (filters select rows; nothing is deleted)."""
+
+    path: str = opt("", "output folder of pipelines/preprocess.py (holds shards/ and null_conditions.safetensors)")
+    split: str | None = opt("train", "keep rows whose `split` column equals this (null: all rows)")
+    heldout_split: str | None = opt("heldout", "rows of this split form the validation set (null: none)")
+    min_motion_score: float | None = opt(None, "drop clips whose motion_score is below this (static clips)")
+    max_motion_score: float | None = opt(None, "drop clips whose motion_score is above this (shaky / cuts)")
+    num_frames: int | None = opt(None, "keep clips with this many frames (null: the model's stage profile is not checked)")
+    shuffle_buffer: int = opt(64, "rows in the per-worker local shuffle buffer (reseeded every epoch)")
+    prefetch_batches: int = opt(2, "batches Ray Data prefetches per worker")
+    max_heldout: int = opt(32, "at most this many held-out clips for the validation loss")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a constant learning rate (paper §4.1: 5e-5)."""
+
+    lr: float = opt(5e-5, "learning rate (constant after warmup)")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
+    ema_decay: float = opt(0.9999, "EMA decay of the trainable weights (0 disables)")
+    ema_start: int = opt(0, "start updating the EMA after this many steps (it copies the weights until then)")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Eq. 7 (+ γ·L_flow) and classifier-free-guidance dropout."""
+
+    gamma: float = opt(1.0, "weight γ of the flow loss (stage 3, PredictNet)")
+    drop_text: float = opt(0.05, "probability of dropping only the text condition")
+    drop_image: float = opt(0.05, "probability of dropping only the image condition")
+    drop_both: float = opt(0.05, "probability of dropping text and image")
+    timestep_sampling: Literal["uniform", "logit_normal"] = opt("uniform", "how training timesteps are drawn")
+    validation_timesteps: list[int] = opt([99, 299, 499, 699, 899], "fixed timestep indices of the validation loss")
+
+
+@dataclass
+class ScalingSection:
+    """Ray Train resources and parallelism."""
+
+    num_workers: int = opt(2, "training workers (one process each)")
+    use_gpu: bool = opt(False, "one GPU per worker; NCCL backend")
+    cpus_per_worker: float = opt(1.0, "CPUs reserved per worker")
+    placement_strategy: str = opt("SPREAD", "PACK or SPREAD workers over nodes")
+    parallel: Literal["ddp", "fsdp"] = opt("ddp", "DDP (default) or FSDP (full sharding; sd15 on GPUs)")
+    torch_threads: int = opt(1, "torch intra-op threads per CPU worker")
+
+
+@dataclass
+class CheckpointSection:
+    every: int = opt(1000, "report a checkpoint every this many optimizer steps (and at the end)")
+    keep: int = opt(3, "keep the last k checkpoints (Ray CheckpointConfig.num_to_keep)")
+    max_failures: int = opt(2, "restart the worker group this many times (FailureConfig.max_failures)")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow (rank 0 only)."""
+
+    tracking_uri: str | None = opt(None, "MLflow tracking URI (server URL or store); null = sqlite:///<storage>/mlflow.db")
+    experiment: str = opt("factorized-dreamer", "experiment name (one per ablation study)")
+    run_name: str | None = opt(None, "run name (default: <name>)")
+    tags: dict[str, str] = opt({}, "extra run tags, e.g. {table4_row: e}")
+    log_every: int = opt(10, "log step metrics every this many optimizer steps")
+    validate_every: int = opt(500, "validation loss every this many steps (and at step 0 and the end)")
+    sample_every: int = opt(0, "log a sample mp4 every this many steps (0: only at the end; -1: never)")
+    sample_steps: int = opt(25, "denoising steps of the sample videos")
+    num_samples: int = opt(2, "held-out clips (first frame + caption) rendered as sample videos")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage of Factorized-Dreamer on Ray Train."""
+
+    name: str = opt("stage1", "run name: the checkpoint folder <storage_path>/<name> and the MLflow run name")
+    stage: str = opt("stage1", "stage label (stage1 | stage2 | stage3), logged and stored in checkpoints")
+    preset: Literal["tiny", "sd15"] = opt("tiny", "network size preset (spatial UNet architecture)")
+    pretrained_unet: str | None = opt(None, "local SD folder (or its unet/) for the spatial weights; null = random init")
+    init_from: str | None = opt(None, "previous stage: a checkpoint folder, a run folder (latest checkpoint) or runs:/<mlflow run id>")
+    models_dir: str | None = opt(None, "frozen encoders (vae/ ...) recorded in checkpoints for inference; default: from the data's summary")
+    model: ModelConfig = nested(ModelConfig, "the video UNet (t5_dim / image_embed_dim must match the data)")
+    schedule: ScheduleConfig = nested(ScheduleConfig, "noise schedule (§3.3)")
+    data: DataConfig = nested(DataConfig, "training data")
+    optim: OptimConfig = nested(OptimConfig, "optimizer")
+    objective: ObjectiveConfig = nested(ObjectiveConfig, "loss and CFG dropout")
+    scaling: ScalingSection = nested(ScalingSection, "workers")
+    checkpoint: CheckpointSection = nested(CheckpointSection, "checkpoints")
+    tracking: TrackingConfig = nested(TrackingConfig, "MLflow")
+    steps: int = opt(400_000, "optimizer steps of this stage (paper: 400k / 300k / 100k)")
+    global_batch: int = opt(40, "videos per optimizer step over all workers (paper: 40)")
+    micro_batch: int = opt(1, "videos per worker per forward/backward; accumulation = global / (workers x micro)")
+    seed: int = opt(0, "seed of initialisation, data order, noise and timesteps")
+    mixed_precision: Literal["no", "bf16"] = opt("bf16", "bf16 autocast on CUDA (ignored on CPU)")
+    storage_path: str = opt("runs/train", "Ray Train storage (local path or s3://...): checkpoints go to <storage_path>/<name>")
+    resume: bool = opt(False, "continue from the latest checkpoint of <storage_path>/<name>")
+    ray_address: str | None = opt(None, "Ray address; null = RAY_ADDRESS, a running local cluster, else a new local one")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.global_batch < 1 or self.micro_batch < 1:
+            raise ValueError(f"global_batch and micro_batch must be >= 1, got {self.global_batch}, {self.micro_batch}")
+        per_step = self.scaling.num_workers * self.micro_batch
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"global_batch {self.global_batch} is not divisible by num_workers x micro_batch = "
+                f"{self.scaling.num_workers} x {self.micro_batch} = {per_step}; change one of them"
+            )
+        d = self.objective
+        if min(d.drop_text, d.drop_image, d.drop_both) < 0 or d.drop_text + d.drop_image + d.drop_both > 1:
+            raise ValueError("CFG dropout probabilities must be >= 0 and sum to <= 1")
+        if self.model.predictnet and self.objective.gamma < 0:
+            raise ValueError("objective.gamma must be >= 0")
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per worker per optimizer step."""
+        return self.global_batch // (self.scaling.num_workers * self.micro_batch)
+
+    def check_ready(self) -> None:
+        """Fail before Ray starts on what defaults cannot supply."""
+        if not self.data.path:
+            raise ValueError("no training data: set --data.path=<output of pipelines/preprocess.py>")
+
+
+__all__ = ["CheckpointSection", "DataConfig", "ObjectiveConfig", "OptimConfig", "ScalingSection",
+           "TrackingConfig", "TrainConfig"]

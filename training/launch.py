@@ -1,0 +1,147 @@
+"""Driver side of the training job: validate, resolve the previous stage, build and run the TorchTrainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fdreamer import checkpoint as fck
+from fdreamer.config import to_dict
+from fdreamer.encoders import EncoderConfig
+from training import checkpointing as ck
+from training import data as tdata
+from training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.storage_path).resolve() / cfg.name
+
+
+def encoder_config(cfg: TrainConfig) -> EncoderConfig:
+    """The frozen encoders recorded in checkpoints: ``models_dir`` or the data's ``encoders.yaml``."""
+    if cfg.models_dir:
+        root = Path(cfg.models_dir).resolve()
+        return EncoderConfig(**{n: str(root / n) for n in ("vae", "text_encoder", "tokenizer", "t5", "clip")})
+    recorded = Path(cfg.data.path) / "encoders.yaml"
+    if recorded.is_file():
+        from fdreamer.config import load_config
+
+        return load_config(EncoderConfig, recorded)
+    return EncoderConfig()
+
+
+def check_init_compatible(cfg: TrainConfig, init: Path) -> None:
+    """Fail on the driver, before any worker starts, when ``init`` cannot load into this stage's model."""
+    import torch
+    from safetensors import safe_open
+
+    from fdreamer.models import FactorizedDreamerUNet
+
+    model = FactorizedDreamerUNet.from_preset(cfg.preset, cfg.model.with_(predictnet=False), device="meta")
+    with safe_open(str(init / "model.safetensors"), "pt") as f:  # shapes only, no weights read
+        saved = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()
+                 if not k.startswith("predictnet.")}
+    problems = fck.state_mismatch(model.state_dict(), saved)
+    if problems:
+        raise fck.CheckpointError(f"init_from {init}: checkpoint from an incompatible model config: "
+                                  f"{'; '.join(problems)}")
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute: workers run in other directories (and on other nodes)."""
+    def fix(p: str | None) -> str | None:
+        return p if not p or "://" in p else str(Path(p).resolve())
+
+    return replace(cfg, data=replace(cfg.data, path=fix(cfg.data.path)), storage_path=fix(cfg.storage_path),
+                   models_dir=fix(cfg.models_dir), pretrained_unet=fix(cfg.pretrained_unet))
+
+
+def prepare(cfg: TrainConfig) -> dict[str, Any]:
+    """Every driver-side check; returns the ``train_loop_config`` for the workers."""
+    cfg.check_ready()
+    cfg = absolute_paths(cfg)
+    files = tdata.shard_files(cfg.data.path)
+    tdata.check_schema(files)
+    tdata.null_conditions_file(cfg.data.path)
+    rows = tdata.count_rows(cfg)
+    per_worker = rows // cfg.scaling.num_workers
+    if per_worker < cfg.micro_batch * cfg.accumulation:
+        raise tdata.DataError(
+            f"{rows} training rows after filters: {per_worker} per worker, fewer than one optimizer step needs "
+            f"(micro_batch {cfg.micro_batch} x accumulation {cfg.accumulation})")
+    init = None
+    if cfg.init_from:
+        init = ck.resolve_init(cfg.init_from, cfg.tracking.tracking_uri)
+        check_init_compatible(cfg, init)
+    out = run_dir(cfg)
+    if not cfg.resume and ck.latest_checkpoint(out) is not None:
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --name")
+    return {"cfg": to_dict(cfg), "init_from": str(init) if init else None, "encoders": to_dict(encoder_config(cfg)),
+            "run_dir": str(out), "meta": _profile_meta(cfg, files[0]), "rows": rows}
+
+
+def _profile_meta(cfg: TrainConfig, shard: str) -> dict[str, Any]:
+    """Frame count, size and fps of the training clips (defaults of the inference pipeline)."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(shard, columns=["num_frames", "fps", "latents_shape"]).slice(0, 1).to_pylist()
+    if not t:
+        return {}
+    lat = t[0]["latents_shape"]
+    factor = 4 if cfg.preset == "tiny" else 8
+    return {"num_frames": int(t[0]["num_frames"]), "fps": float(t[0]["fps"]), "size": int(lat[-1]) * factor,
+            "latent_size": int(lat[-1])}
+
+
+def fit(cfg: TrainConfig, *, data_log_dir: str | None = None) -> Any:
+    """Run the stage on the connected Ray cluster; returns the ``ray.train.Result``."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from training.loop import train_loop_per_worker
+
+    cfg = absolute_paths(cfg)
+    loop_config = prepare(cfg)
+    loop_config["data_log_dir"] = data_log_dir
+    out = run_dir(cfg)
+    resume_from = None
+    if cfg.resume:
+        latest = ck.latest_checkpoint(out)
+        if latest is None:
+            logger.warning("--resume: no checkpoint under %s, starting from scratch", out)
+        else:
+            resume_from = ray.train.Checkpoint.from_directory(str(latest))
+            print(f"resuming from {latest} (step {ck.read_trainer_state(latest).step})", flush=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic split and order: exact resume
+    dataset_config = ray.train.DataConfig(execution_options=ctx.execution_options)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+            placement_strategy=cfg.scaling.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+        datasets={"train": tdata.train_dataset(cfg)},
+        dataset_config=dataset_config,
+        resume_from_checkpoint=resume_from,
+    )
+    result = trainer.fit()
+    final = ck.latest_checkpoint(out)
+    summary = {"name": cfg.name, "stage": cfg.stage, "checkpoint": str(final) if final else None,
+               "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
+    if final is not None:
+        summary["mlflow_run_id"] = ck.read_trainer_state(final).mlflow_run_id
+    print(json.dumps(summary), flush=True)
+    return result

@@ -1,0 +1,242 @@
+"""The per-worker training loop that Ray Train runs (``TorchTrainer(train_loop_per_worker=...)``).
+
+Every worker builds the same model (same seed, same initial weights), restores the latest checkpoint
+when Ray hands one over (``ray.train.get_checkpoint()``: after a worker failure or on ``--resume``),
+wraps the model for DDP/FSDP (``ray.train.torch.prepare_model``) and streams its data shard
+(``ray.train.get_dataset_shard('train').iter_torch_batches``). Each optimizer step accumulates
+``global_batch / (workers x micro_batch)`` micro-batches. Rank 0 validates, logs to MLflow and writes
+checkpoints; all ranks call ``ray.train.report`` together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fdreamer import checkpoint as fck
+from fdreamer.batching import TrainBatch, null_from_tensors
+from fdreamer.config import load_config
+from fdreamer.encoders import EncoderConfig
+from fdreamer.models import FactorizedDreamerUNet
+from fdreamer.schedule import NoiseSchedule
+from fdreamer.training import EMA, lr_at, make_optimizer, optimizer_step, validation_loss
+from training import checkpointing as ck
+from training import data as tdata
+from training.config import TrainConfig
+
+
+def build_model(cfg: TrainConfig, init_from: str | None) -> FactorizedDreamerUNet:
+    """The stage's model: SD weights (or the preset's random init), then the previous stage's weights."""
+    if cfg.pretrained_unet:
+        model = FactorizedDreamerUNet.from_pretrained_unet(cfg.pretrained_unet, cfg.model)
+    else:
+        model = FactorizedDreamerUNet.from_preset(cfg.preset, cfg.model, seed=cfg.seed)
+    if init_from:
+        fck.load_weights_into(model, init_from)  # PredictNet added from the up path when new (stage 3)
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing(True)
+    return model
+
+
+def _unwrap(model: torch.nn.Module) -> FactorizedDreamerUNet:
+    return getattr(model, "module", model)
+
+
+def _full_state_ctx(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Gather full (unsharded) state dicts on FSDP; a no-op for DDP / single process."""
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+    if isinstance(model, FullyShardedDataParallel):
+        return FullyShardedDataParallel.state_dict_type(
+            model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True))
+    return contextlib.nullcontext()
+
+
+class _DataLog:
+    """Optional per-rank record of the clip ids of every step (``<run dir>/data_order/rank<r>.jsonl``)."""
+
+    def __init__(self, folder: str | None, rank: int) -> None:
+        self.file = None
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.file = Path(folder) / f"rank{rank}.jsonl"
+
+    def write(self, step: int, epoch: int, ids: list[str]) -> None:
+        if self.file is not None:
+            with self.file.open("a") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, "clip_ids": ids}) + "\n")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = load_config(TrainConfig, data=config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, cfg.scaling.torch_threads))
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+
+    model = build_model(cfg, config.get("init_from"))
+    schedule = NoiseSchedule(cfg.schedule)
+    optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+    ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_start) if cfg.optim.ema_decay > 0 else None
+    state = ck.TrainerState(world_size=world, seed=cfg.seed)
+
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            d = Path(d)
+            state = ck.read_trainer_state(d)
+            if state.world_size != world:
+                raise ValueError(f"checkpoint was written by {state.world_size} workers, this run has {world}: "
+                                 "the data position would not be exact; use the same num_workers")
+            fck.load_weights_into(model, d)
+            optimizer.load_state_dict(ck.load_optimizer_state(d))
+            if ema is not None and (d / "ema.safetensors").is_file():
+                from safetensors.torch import load_file
+
+                ema.load_state_dict(load_file(str(d / "ema.safetensors")))
+            ck.restore_rng(d)
+
+    model.to(device)
+    if ema is not None:
+        ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.scaling.parallel)
+        if cfg.scaling.parallel == "fsdp":  # FSDP flattens parameters: the optimizer must see the new ones
+            state_dict = optimizer.state_dict()
+            optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+            if restored is not None:
+                optimizer.load_state_dict(state_dict)
+    model.train()
+    no_sync = getattr(model, "no_sync", None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if device.type == "cuda" and cfg.mixed_precision == "bf16" else None)
+
+    null = null_from_tensors(tdata.load_null(cfg.data.path))
+    null = type(null)(*(None if v is None else v.to(device) for v in
+                        (null.text_tokens, null.image_embed, null.first_frame, null.t5_tokens, null.t5_mask)))
+    drop = (cfg.objective.drop_text, cfg.objective.drop_image, cfg.objective.drop_both)
+    gamma = cfg.objective.gamma
+    with_flow = cfg.model.predictnet
+    shard = ray.train.get_dataset_shard("train")
+    collate = tdata.make_collate(with_flow)
+    datalog = _DataLog(config.get("data_log_dir"), rank)
+
+    tracker = heldout = None
+    if rank == 0:
+        from training.tracking import Tracker
+
+        tracker = Tracker(cfg, state.mlflow_run_id)
+        state.mlflow_run_id = tracker.run_id
+        heldout = tdata.heldout_batch(cfg)
+        if heldout is not None:
+            heldout = heldout.to(device)
+    encoders = load_config(EncoderConfig, data=config["encoders"]) if config.get("encoders") else EncoderConfig()
+
+    def validate() -> dict[str, float]:
+        if heldout is None:
+            return {}
+        return validation_loss(_unwrap(model), schedule, heldout, cfg.objective.validation_timesteps, cfg.seed)
+
+    def save_and_report(metrics: dict[str, Any], final: bool = False) -> None:
+        name = f"checkpoint_step_{state.step:08d}"
+        with tempfile.TemporaryDirectory() as tmp, _full_state_ctx(model):
+            ckpt = None
+            full = _unwrap(model).state_dict() if cfg.scaling.parallel == "fsdp" else None
+            if rank == 0:
+                if cfg.scaling.parallel == "fsdp":  # write the gathered state through a plain copy
+                    target = build_model(cfg, None)
+                    target.load_state_dict(full)
+                else:
+                    target = _unwrap(model)
+                ck.save_training_checkpoint(
+                    Path(tmp), target, optimizer.state_dict(), ema.state_dict() if ema else None, state, cfg,
+                    encoders, meta=config.get("meta", {}))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                if final:
+                    tracker.log_artifacts(tmp, "checkpoint")
+                    tracker.set_tag("fdreamer.checkpoint", Path(config["run_dir"]) / name)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+    if rank == 0 and state.step == 0:
+        tracker.log_metrics(validate(), step=0)
+
+    last_report = {"step": state.step}
+    window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
+    while state.step < cfg.steps:
+        it = iter(shard.iter_torch_batches(
+            batch_size=cfg.micro_batch, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, local_shuffle_seed=cfg.seed * 10_007 + state.epoch,
+            collate_fn=collate))
+        for _ in range(state.consumed):  # resume inside an epoch: skip what was used
+            next(it)
+        exhausted = False
+        while state.step < cfg.steps and not exhausted:
+            t_wait = time.perf_counter()
+            micro: list[TrainBatch] = []
+            for _ in range(cfg.accumulation):
+                mb = next(it, None)
+                if mb is None:
+                    exhausted = True
+                    break
+                micro.append(mb.to(device))
+            window["wait"] += time.perf_counter() - t_wait
+            if exhausted:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, cfg.optim.lr, cfg.optim.warmup_steps)
+            res = optimizer_step(model, optimizer, schedule, micro, null=null, drop_probs=drop, gamma=gamma,
+                                 grad_clip=cfg.optim.grad_clip, seed=cfg.seed, rank=rank, step=state.step,
+                                 no_sync=no_sync, autocast=autocast)
+            datalog.write(state.step, state.epoch, [i for mb in micro for i in mb.clip_ids])
+            state.step += 1
+            state.consumed += len(micro)
+            window["samples"] += sum(mb.latents.shape[0] for mb in micro) * world
+            if ema is not None:
+                ema.update(model, state.step)
+            if rank == 0 and (state.step % cfg.tracking.log_every == 0 or state.step == cfg.steps):
+                elapsed = time.perf_counter() - window["t0"]
+                tracker.log_metrics({
+                    "loss": res.loss, "l_df": res.l_df, "l_flow": res.l_flow, "grad_norm": res.grad_norm,
+                    "lr": optimizer.param_groups[0]["lr"], "samples_per_s": window["samples"] / max(elapsed, 1e-9),
+                    "data_wait_fraction": window["wait"] / max(elapsed, 1e-9), "epoch": state.epoch,
+                }, step=state.step)
+                window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
+            if rank == 0 and cfg.tracking.validate_every > 0 and state.step % cfg.tracking.validate_every == 0 \
+                    and state.step < cfg.steps:
+                tracker.log_metrics(validate(), step=state.step)
+            if rank == 0 and cfg.tracking.sample_every > 0 and state.step % cfg.tracking.sample_every == 0 \
+                    and state.step < cfg.steps:
+                from training.samples import log_samples
+
+                log_samples(tracker, _unwrap(model), cfg, encoders, heldout, state.step)
+            if state.step % cfg.checkpoint.every == 0 and state.step < cfg.steps:
+                save_and_report({"step": state.step, "loss": res.loss})
+                last_report["step"] = state.step
+        if exhausted:
+            if state.consumed == 0:
+                raise ValueError(f"worker {rank} got no batch in epoch {state.epoch}: the data shard has fewer "
+                                 f"rows than micro_batch x accumulation = {cfg.micro_batch * cfg.accumulation}")
+            state.epoch += 1
+            state.consumed = 0
+    final_metrics: dict[str, Any] = {"step": state.step}
+    if rank == 0:
+        val = validate()
+        tracker.log_metrics(val, step=state.step)
+        final_metrics.update(val)
+        if cfg.tracking.sample_every >= 0:
+            from training.samples import log_samples
+
+            log_samples(tracker, _unwrap(model), cfg, encoders, heldout, state.step)
+    save_and_report(final_metrics, final=True)
+    if rank == 0 and tracker is not None:
+        tracker.finish()

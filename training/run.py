@@ -1,0 +1,42 @@
+"""Entry point: ``python training/run.py --config training/configs/tiny_stage1.yaml [--key=value ...] [--resume]``.
+
+Connects to the Ray cluster (``ray job submit`` sets RAY_ADDRESS; standalone it joins a running local
+cluster or starts one) and runs one training stage (:func:`training.launch.fit`). Exits 2 on a
+configuration / data / checkpoint error, printed as one line before any worker starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `python training/run.py`
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from cluster.connect import init_ray
+    from fdreamer.checkpoint import CheckpointError
+    from fdreamer.config import ConfigError, parse_cli
+    from training.config import TrainConfig
+    from training.data import DataError
+    from training.launch import fit, prepare
+
+    args = ["--resume=true" if a == "--resume" else a for a in (sys.argv[1:] if argv is None else argv)]
+    try:
+        cfg, _ = parse_cli(TrainConfig, args, prog="training/run.py")
+        prepare(cfg)  # every check before Ray starts workers
+    except (ConfigError, DataError, CheckpointError, FileExistsError, ValueError) as exc:
+        print(f"training: {exc}", file=sys.stderr)
+        return 2
+    init_ray(cfg.ray_address)
+    try:
+        fit(cfg)
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
