@@ -1,11 +1,29 @@
-"""Shared fixtures: tiny models written once per session in the standard folder layouts."""
+"""Shared fixtures: tiny models written once per session, and real local services (``helpers/``).
+
+Session fixtures: ``tiny_dir`` / ``memory`` (tiny models, random VAE), ``ray_head`` (a 2-CPU
+``ray start --head`` cluster), ``mlflow_server`` (a real ``mlflow server``), ``preprocessed_sample``
+(32 sample clips through the preprocessing job on ``ray_head``, trained tiny VAE).
+"""
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# The job packages (pipelines/, training/, serving/) live at the repo root, outside the installed
+# `fdreamer` package: make them importable by tests as `pipelines.*` etc.
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:
+    sys.path.insert(1, _REPO)
+
+# tests/ is on sys.path (pytest's rootdir conftest), so the helpers import as `helpers.*`.
+from helpers.datasets import preprocess_sample
+from helpers.mlflow_server import running_mlflow_server
+from helpers.ray_cluster import running_ray_head
 
 from fdreamer import tiny_models as tm
 
@@ -37,3 +55,36 @@ def memory(no_asset: Path) -> tm.TinyModels:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return tm.build_tiny_models(seed=0, allow_untrained_vae=True, vae_asset_dir=no_asset)
+
+
+# ------------------------------------------------------------------ real local services (helpers/)
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A 2-CPU Ray head (``ray start --head``, dashboard for ``ray job submit``) for the whole session.
+
+    Yields ``{"address": "127.0.0.1:<port>", "dashboard": "http://127.0.0.1:<port>"}``; see
+    ``tests/helpers/ray_cluster.py``. Drivers connect with ``ray.init(address=...)`` or
+    ``--ray_address``; start them with ``helpers.ray_cluster.subprocess_env()``.
+    """
+    with running_ray_head(tmp_path_factory.mktemp("ray-head"), num_cpus=2) as head:
+        yield head
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` (sqlite backend, proxied artifacts) for the session; yields its http URI."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def preprocessed_sample(tmp_path_factory: pytest.TempPathFactory, ray_head: dict[str, str]) -> dict:
+    """32 sample clips preprocessed on ``ray_head`` with the tiny models (trained VAE).
+
+    ``{"output": Path, "models": Path, "sample": Path, "summary": dict}``: shards in
+    ``output/shards/part-*.parquet`` (schema ``fdreamer.data.schema``, ``split`` = train | heldout),
+    ``fdreamer.data.schema.read_null_conditions(output)`` for the CFG null condition.
+    """
+    return preprocess_sample(tmp_path_factory.mktemp("preprocessed"), ray_head["address"], num_clips=32)

@@ -1,0 +1,1 @@
+"""Preprocessing building blocks (no Ray): Parquet schema, manifests, dedup, flow, quarantine."""

@@ -1,0 +1,1 @@
+"""Ray jobs of Factorized-Dreamer (only this package imports Ray)."""

@@ -1,0 +1,103 @@
+"""Typed configuration of the preprocessing job (``PreprocessConfig``), loaded with fdreamer.config."""
+
+# ruff: noqa: RUF009  (opt()/nested() build dataclass fields, as everywhere in fdreamer.config users)
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fdreamer.config import nested, opt
+from fdreamer.encoders import EncoderConfig
+
+
+@dataclass
+class ProfileConfig:
+    """How clips are sampled from each video."""
+
+    num_frames: int = opt(8, "frames per clip (T)")
+    fps: float | None = opt(None, "target fps of the sampled frames (give fps or stride, not both)")
+    stride: int | None = opt(2, "take every stride-th source frame (used when fps is null)")
+    size: int = opt(64, "square output side in pixels (resize shorter side + centre crop)")
+    clips_per_video: int = opt(1, "at most this many non-overlapping clips per video")
+    min_side: int = opt(48, "sources whose shorter side is below this are quarantined as too_small")
+    decode_timeout_s: float = opt(60.0, "per-video decode time limit (0 disables)")
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 2:
+            raise ValueError(f"num_frames must be >= 2 (flow needs pairs), got {self.num_frames}")
+        if self.fps is not None and self.stride is not None:
+            raise ValueError("give profile.fps or profile.stride, not both (set the other to null)")
+        if self.fps is None and self.stride is None:
+            raise ValueError("give profile.fps or profile.stride")
+        if self.size < 8 or self.clips_per_video < 1:
+            raise ValueError(f"size must be >= 8 and clips_per_video >= 1, got {self.size}, {self.clips_per_video}")
+
+    @property
+    def tag(self) -> str:
+        """Sampling tag that enters clip ids (``fps8.0`` or ``s2``) plus the size."""
+        rate = f"fps{self.fps}" if self.fps is not None else f"s{self.stride}"
+        return f"{rate}-{self.size}"
+
+
+@dataclass
+class StageConfig:
+    """Resources of one Ray Data stage."""
+
+    concurrency: int = opt(1, "tasks (function stages) or actors (encoder stage) running at once")
+    num_cpus: float = opt(1.0, "CPUs per task/actor")
+    num_gpus: float = opt(0.0, "GPUs per task/actor")
+    batch_size: int = opt(4, "rows per batch")
+
+
+@dataclass
+class StagesConfig:
+    decode: StageConfig = nested(StageConfig, "decode + sample + resize + hash (CPU)")
+    encode: StageConfig = nested(StageConfig, "frozen encoder actor pool (VAE, SD CLIP text, T5, CLIP)")
+    flow: StageConfig = nested(StageConfig, "optical flow (CPU)")
+
+
+@dataclass
+class PreprocessConfig:
+    """The Ray Data preprocessing job: manifests -> Parquet shards of latents, embeddings and flow."""
+
+    inputs: list[str] = opt([], "manifest URIs (WebVid CSV, Pexels CSV, generic .jsonl/.parquet; path or s3://)")
+    output: str = opt("", "output folder: a local path or s3://bucket/prefix; shards go to <output>/shards")
+    s3_endpoint: str | None = opt(None, "S3 endpoint URL (e.g. a MinIO/moto server); null = AWS default")
+    models_dir: str | None = opt(None, "folder with vae/, text_encoder/, tokenizer/, t5/, clip/ (fills unset encoder paths)")
+    encoders: EncoderConfig = nested(EncoderConfig, "frozen encoders")
+    profile: ProfileConfig = nested(ProfileConfig, "clip sampling")
+    stages: StagesConfig = nested(StagesConfig, "per-stage resources")
+    dedup_threshold: float = opt(10.0, "near-duplicate threshold: mean Hamming bits per 64-bit frame pHash")
+    dedup_bands: int = opt(16, "LSH bands of the perceptual hash")
+    shard_target_bytes: int = opt(256 * 2**20, "target (uncompressed) bytes of one Parquet shard")
+    ray_address: str | None = opt(None, "Ray address; null = 'auto' when a cluster runs, else a local one")
+    mlflow_tracking_uri: str | None = opt(None, "log the summary to MLflow when set (optional)")
+    mlflow_experiment: str = opt("preprocess", "MLflow experiment name for the summary run")
+
+    def __post_init__(self) -> None:
+        if self.dedup_threshold < 0 or self.shard_target_bytes < 1:
+            raise ValueError("dedup_threshold must be >= 0 and shard_target_bytes >= 1")
+
+    def resolved_encoders(self) -> EncoderConfig:
+        """``encoders`` with unset paths filled from ``models_dir``."""
+        if self.models_dir is None:
+            return self.encoders
+        root = Path(self.models_dir)
+        fill = {n: str(root / n) for n in ("vae", "text_encoder", "tokenizer", "t5", "clip")
+                if getattr(self.encoders, n) is None}
+        return replace(self.encoders, **fill)
+
+    def check_ready(self) -> None:
+        """Fail early on what the defaults cannot supply."""
+        if not self.inputs:
+            raise ValueError("no inputs: set --inputs='[manifest.csv, ...]'")
+        if not self.output:
+            raise ValueError("no output folder: set --output=DIR")
+        enc = self.resolved_encoders()
+        for name in ("vae", "text_encoder", "tokenizer", "t5", "clip"):
+            if getattr(enc, name) is None:
+                raise ValueError(f"encoder path '{name}' is unset: give models_dir or encoders.{name}")
+
+
+__all__ = ["PreprocessConfig", "ProfileConfig", "StageConfig", "StagesConfig"]

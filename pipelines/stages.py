@@ -1,0 +1,311 @@
+"""The per-batch work of the preprocessing job: plain functions/classes on ``pyarrow.Table`` batches.
+
+Ray Data calls these through ``map_batches`` (see :mod:`pipelines.job`); they never raise on a bad
+video: failures become rows with ``status="quarantined"`` plus a ``reason`` from
+:mod:`fdreamer.data.quarantine`. Tensors travel between stages as bytes + shape + dtype columns
+(:func:`fdreamer.data.schema.tensor_to_columns`), so no Ray tensor extension type is involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from fdreamer.data import dedup, flow, quarantine, schema, storage
+from fdreamer.data.manifests import read_bytes
+from fdreamer.video import (
+    VideoDecodeError,
+    probe_video,
+    read_video,
+    sample_frame_indices,
+)
+
+OK, QUARANTINED = "ok", "quarantined"
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise DecodeTimeoutError after ``seconds`` (main thread only; a no-op elsewhere or at 0)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise quarantine.DecodeTimeoutError(f"decoding took longer than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _source(uri: str, s3_endpoint: str | None) -> str | bytes:
+    """A local path as is; an s3:// object as bytes (read once per video)."""
+    return read_bytes(uri, s3_endpoint) if uri.startswith("s3://") else uri.removeprefix("file://")
+
+
+def _sampling(profile: dict) -> dict:
+    return {"fps": profile["fps"]} if profile.get("fps") is not None else {"stride": profile["stride"]}
+
+
+def _base_row(rec: dict, profile: dict) -> dict:
+    return {
+        "clip_id": schema.make_clip_id(rec["source"], rec["video_id"], 0, profile["num_frames"], profile["tag"]),
+        "source": rec["source"], "video_id": rec["video_id"], "uri": rec["uri"], "caption": rec["caption"],
+        "motion_caption": rec["motion_caption"], "split": rec.get("split") or "", "motion": rec.get("motion") or "",
+        "record_key": rec.get("record_key") or "", "sec_hash": 0.0, "fps": 0.0, "source_width": int(rec.get("width") or 0),
+        "source_height": int(rec.get("height") or 0), "num_frames": profile["num_frames"], "start_frame": 0,
+        "content_hash": "", "phash": b"", "status": OK, "reason": "", "detail": "",
+    }
+
+
+def hash_videos(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) -> pa.Table:
+    """Manifest records -> one row per sampled clip with its hashes, or one quarantine row per video.
+
+    Output columns: :data:`HASH_SCHEMA` (the metadata of the schema plus ``record_key`` of the
+    manifest record, ``sec_hash`` (seconds spent on the video, split over its clips), ``phash``
+    (bytes), ``status``, ``reason``, ``detail``). No frames leave this stage: the table stays small.
+    """
+    out: list[dict] = []
+    for rec in batch.to_pylist():
+        t0 = time.perf_counter()
+        base = _base_row(rec, profile)
+        try:
+            with _time_limit(float(profile.get("decode_timeout_s") or 0)):
+                src = _source(rec["uri"], s3_endpoint)
+                info = probe_video(src)
+                quarantine.check_size(info, int(profile["min_side"]))
+                first = sample_frame_indices(info.num_frames, info.fps, profile["num_frames"], **_sampling(profile))
+                span = first[-1] + 1
+                starts = [k * span for k in range(profile["clips_per_video"]) if (k + 1) * span <= info.num_frames]
+                rows = []
+                for start in starts:
+                    clip = read_video(src, profile["num_frames"], start_frame=start, size=profile["size"],
+                                      **_sampling(profile))
+                    rows.append(base | {
+                        "clip_id": schema.make_clip_id(rec["source"], rec["video_id"], start,
+                                                       profile["num_frames"], profile["tag"]),
+                        "fps": clip.fps, "source_width": info.width, "source_height": info.height,
+                        "start_frame": start, "content_hash": dedup.content_hash(clip.frames),
+                        "phash": dedup.perceptual_hash(clip.frames),
+                    })
+        except (VideoDecodeError, OSError, ValueError) as exc:
+            reason = quarantine.classify(exc, int(profile["min_side"])) or "corrupt"
+            rows = [base | {"status": QUARANTINED, "reason": reason, "detail": f"{type(exc).__name__}: {exc}"[:500]}]
+        except Exception as exc:  # noqa: BLE001 - any other failure of one video must not stop the job
+            rows = [base | {"status": QUARANTINED, "reason": "corrupt", "detail": f"{type(exc).__name__}: {exc}"[:500]}]
+        sec = (time.perf_counter() - t0) / max(len(rows), 1)
+        out += [r | {"sec_hash": sec} for r in rows]
+    return pa.Table.from_pylist(out, schema=HASH_SCHEMA)
+
+
+HASH_SCHEMA = pa.schema([f for f in schema.METADATA_FIELDS if f.name not in ("motion_score", "t5_length", "schema_version")]
+                        + [pa.field("record_key", pa.string()), pa.field("sec_hash", pa.float64()),
+                           pa.field("phash", pa.binary()), pa.field("status", pa.string()),
+                           pa.field("reason", pa.string()), pa.field("detail", pa.string())])
+
+# Quarantine reasons that may change on a rerun (the object may appear, the machine may be less
+# loaded): their pass-1 results are not cached, so a rerun tries those videos again.
+TRANSIENT_REASONS = frozenset({"missing", "decode_timeout"})
+
+
+def hash_and_cache(batch: pa.Table, profile: dict, output: str, s3_endpoint: str | None = None) -> pa.Table:
+    """:func:`hash_videos`, then persist the block's results under ``<output>/_hashes/`` (atomic).
+
+    A rerun reads these files and hashes only the records (by ``record_key``) not found there, so
+    it does not decode every video again. Transient failures (:data:`TRANSIENT_REASONS`) are not
+    persisted.
+    """
+    table = hash_videos(batch, profile, s3_endpoint)
+    keep = [s != QUARANTINED or r not in TRANSIENT_REASONS
+            for s, r in zip(table.column("status").to_pylist(), table.column("reason").to_pylist())]
+    cached = table.filter(pa.array(keep, pa.bool_()))
+    if cached.num_rows:
+        fs, base = storage.resolve(output, s3_endpoint)
+        name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+        storage.write_parquet(fs, storage.join(base, HASH_DIR, name), cached, compression="zstd")
+    return table
+
+
+HASH_DIR = "_hashes"
+
+
+def read_hash_cache(output: str, s3_endpoint: str | None, keys: set[str]) -> dict[str, list[dict]]:
+    """``{record_key: rows}`` of the persisted pass-1 results for ``keys``.
+
+    A key found in several files (a retried task wrote its block twice) takes the rows of the first
+    file only, so no clip is counted twice.
+    """
+    fs, base = storage.resolve(output, s3_endpoint)
+    found: dict[str, list[dict]] = {}
+    for path in storage.list_files(fs, storage.join(base, HASH_DIR), "part-", ".parquet"):
+        try:
+            table = storage.read_parquet(fs, path)
+        except Exception as exc:  # noqa: BLE001 - an unreadable cache file only costs re-hashing
+            logger.warning("ignoring unreadable pass-1 cache file %s: %s", path, exc)
+            continue
+        if table.schema.names != HASH_SCHEMA.names:
+            continue  # written by another version: ignore
+        here: dict[str, list[dict]] = {}
+        for r in table.to_pylist():
+            if r["record_key"] in keys and r["record_key"] not in found:
+                here.setdefault(r["record_key"], []).append(r)
+        found.update(here)
+    return found
+
+
+def decode_clips(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) -> pa.Table:
+    """Kept clips -> the same rows plus ``frames`` (uint8 ``[T, S, S, 3]`` as bytes/shape/dtype)."""
+    rows = batch.to_pylist()
+    for r in rows:
+        t0 = time.perf_counter()
+        frames = np.zeros((0, 0, 0, 3), np.uint8)
+        try:
+            clip = read_video(_source(r["uri"], s3_endpoint), profile["num_frames"], start_frame=r["start_frame"],
+                              size=profile["size"], **_sampling(profile))
+            frames = clip.frames
+        except Exception as exc:  # noqa: BLE001 - rare (the hash pass read it); recorded, never raised
+            r.update(status=QUARANTINED, reason=quarantine.classify(exc) or "corrupt", detail=str(exc)[:500])
+        r.update(schema.tensor_to_columns("frames", frames))
+        r["sec_decode"] = time.perf_counter() - t0
+    return pa.Table.from_pylist(rows)
+
+
+def _ok_rows(rows: list[dict]) -> list[int]:
+    return [i for i, r in enumerate(rows) if r["status"] == OK]
+
+
+class EncodeClips:
+    """Actor: loads the frozen encoders once, then adds latents, first_latent, CLIP and T5 columns."""
+
+    def __init__(self, encoder_cfg: dict) -> None:
+        self.enc = load_encoders(encoder_cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
+        rows = batch.to_pylist()
+        ok = _ok_rows(rows)
+        empty = {n: None for n in ("latents", "first_latent", "clip_image_embed", "clip_text_embed",
+                                   "clip_text_tokens", "t5")}
+        for r in rows:
+            for name in empty:
+                r.update({name: None, f"{name}_shape": None, f"{name}_dtype": None})
+            r["t5_length"] = 0
+        if ok:
+            frames = np.stack([schema.columns_to_tensor(rows[i], "frames") for i in ok])  # [B, T, S, S, 3]
+            captions = [rows[i]["caption"] for i in ok]
+            lat = self.enc.encode_video(frames).float().cpu().numpy().astype(np.float16)  # [B, 4, T, h, w]
+            img = self.enc.encode_clip_image(frames[:, 0]).float().cpu().numpy().astype(np.float16)  # [B, P]
+            txt = self.enc.encode_clip_text_embeds(captions).float().cpu().numpy().astype(np.float16)  # [B, P]
+            tok = self.enc.encode_clip_text_tokens(captions).float().cpu().numpy().astype(np.float16)  # [B, 77, Dc]
+            t5 = self.enc.encode_t5_unpadded(captions)  # B x [L_i, D]
+            for j, i in enumerate(ok):
+                r = rows[i]
+                r.update(schema.tensor_to_columns("latents", lat[j]))
+                r.update(schema.tensor_to_columns("first_latent", np.ascontiguousarray(lat[j][:, 0])))
+                r.update(schema.tensor_to_columns("clip_image_embed", img[j]))
+                r.update(schema.tensor_to_columns("clip_text_embed", txt[j]))
+                r.update(schema.tensor_to_columns("clip_text_tokens", tok[j]))
+                t5_j = t5[j].float().cpu().numpy().astype(np.float16)
+                r.update(schema.tensor_to_columns("t5", t5_j))
+                r["t5_length"] = int(t5_j.shape[0])
+        sec = (time.perf_counter() - t0) / max(len(rows), 1)
+        for r in rows:
+            r["sec_encode"] = sec
+        return pa.Table.from_pylist(rows)
+
+
+ENCODER_COMPONENTS = ("vae", "clip_text", "t5", "clip")
+
+
+def load_encoders(encoder_cfg: dict) -> Any:
+    """The frozen encoders the job needs (VAE, SD CLIP text, T5, CLIP), loaded now."""
+    import torch
+
+    from fdreamer.encoders import EncoderConfig, FrozenEncoders
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    return FrozenEncoders.load(EncoderConfig(**encoder_cfg), components=ENCODER_COMPONENTS)
+
+
+def null_conditions(enc: Any) -> dict[str, Any]:
+    """Encodings of the empty caption (CFG null condition): fp16 CPU tensors, see ``schema``."""
+    import torch
+
+    def half(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float16).contiguous()
+
+    return {
+        "clip_text_tokens": half(enc.encode_clip_text_tokens([""])[0]),  # [L_c, D_c], padded like the column
+        "t5": half(enc.encode_t5_unpadded([""])[0]),  # [L5, D], unpadded
+        "clip_text_embed": half(enc.encode_clip_text_embeds([""])[0]),  # [P]
+    }
+
+
+def null_conditions_bytes(encoder_cfg: dict) -> bytes:
+    """:func:`null_conditions` serialised with safetensors (run as a Ray task with the encode resources)."""
+    from safetensors.torch import save
+
+    return save(null_conditions(load_encoders(encoder_cfg)), metadata={"caption": "",
+                                                                       "schema_version": str(schema.SCHEMA_VERSION)})
+
+
+def add_flow(batch: pa.Table) -> pa.Table:
+    """Add ``flow`` (at the latents' resolution) and ``motion_score``; drop the frames columns."""
+    rows = batch.to_pylist()
+    for r in rows:
+        t0 = time.perf_counter()
+        r.update({"flow": None, "flow_shape": None, "flow_dtype": None, "motion_score": 0.0, "sec_flow": 0.0})
+        if r["status"] != OK:
+            continue
+        frames = schema.columns_to_tensor(r, "frames")
+        lat_shape = r["latents_shape"]  # [4, T, h, w]
+        fl = flow.optical_flow(frames, (lat_shape[2], lat_shape[3]))
+        r.update(schema.tensor_to_columns("flow", fl))
+        r["motion_score"] = flow.motion_score(fl)
+        r["sec_flow"] = time.perf_counter() - t0
+    return pa.Table.from_pylist(rows).drop_columns(["frames", "frames_shape", "frames_dtype"])
+
+
+WRITE_SCHEMA = pa.schema([("clip_id", pa.string()), ("uri", pa.string()), ("status", pa.string()),
+                          ("reason", pa.string()), ("detail", pa.string()), ("shard", pa.string()),
+                          *[(f"sec_{k}", pa.float64()) for k in ("decode", "encode", "flow", "write")]])
+
+
+def write_shard(batch: pa.Table, output: str, s3_endpoint: str | None = None) -> pa.Table:
+    """Write the ok rows as one Parquet shard ``<output>/shards/part-*.parquet``; one row per input.
+
+    Local: temp name then rename; S3: one upload of the final key (atomic, see
+    :mod:`fdreamer.data.storage`). A reader never sees a partial shard. Returned columns:
+    :data:`WRITE_SCHEMA` (``shard`` is empty for rows not written; ``sec_*`` the seconds each
+    stage spent per row).
+    """
+    t0 = time.perf_counter()
+    rows = batch.to_pylist()
+    good = [dict(r, schema_version=schema.SCHEMA_VERSION) for r in rows if r["status"] == OK]
+    name = ""
+    if good:
+        fs, base = storage.resolve(output, s3_endpoint)
+        name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+        storage.write_parquet(fs, storage.join(base, "shards", name), schema.rows_to_table(good), compression="zstd")
+    sec_write = (time.perf_counter() - t0) / max(len(rows), 1)
+    return pa.Table.from_pylist([
+        {"clip_id": r["clip_id"], "uri": r["uri"], "status": r["status"], "reason": r["reason"],
+         "detail": r["detail"], "shard": name if r["status"] == OK else "",
+         "sec_decode": r.get("sec_decode") or 0.0, "sec_encode": r.get("sec_encode") or 0.0,
+         "sec_flow": r.get("sec_flow") or 0.0, "sec_write": sec_write} for r in rows
+    ], schema=WRITE_SCHEMA)

@@ -1,0 +1,1 @@
+"""Reusable test helpers (real local services): a Ray head, an MLflow server, preprocessed sample data."""
