@@ -44,7 +44,7 @@ def check_init_compatible(cfg: TrainConfig, init: Path) -> None:
 
     model = FactorizedDreamerUNet.from_preset(cfg.preset, cfg.model.with_(predictnet=False), device="meta")
     with safe_open(str(init / "model.safetensors"), "pt") as f:  # shapes only, no weights read
-        saved = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()
+        saved = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()  # noqa: SIM118 - safe_open is not a dict
                  if not k.startswith("predictnet.")}
     problems = fck.state_mismatch(model.state_dict(), saved)
     if problems:
@@ -98,7 +98,7 @@ def _profile_meta(cfg: TrainConfig, shard: str) -> dict[str, Any]:
             "latent_size": int(lat[-1])}
 
 
-def fit(cfg: TrainConfig, *, data_log_dir: str | None = None) -> Any:
+def fit(cfg: TrainConfig) -> Any:
     """Run the stage on the connected Ray cluster; returns the ``ray.train.Result``."""
     import ray.data
     import ray.train
@@ -108,7 +108,6 @@ def fit(cfg: TrainConfig, *, data_log_dir: str | None = None) -> Any:
 
     cfg = absolute_paths(cfg)
     loop_config = prepare(cfg)
-    loop_config["data_log_dir"] = data_log_dir
     out = run_dir(cfg)
     resume_from = None
     if cfg.resume:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,13 @@ from fdreamer.config import load_config
 from fdreamer.encoders import EncoderConfig
 from fdreamer.models import FactorizedDreamerUNet
 from fdreamer.schedule import NoiseSchedule
-from fdreamer.training import EMA, lr_at, make_optimizer, optimizer_step, validation_loss
+from fdreamer.training import (
+    EMA,
+    lr_at,
+    make_optimizer,
+    optimizer_step,
+    validation_loss,
+)
 from training import checkpointing as ck
 from training import data as tdata
 from training.config import TrainConfig
@@ -50,7 +57,11 @@ def _unwrap(model: torch.nn.Module) -> FactorizedDreamerUNet:
 
 def _full_state_ctx(model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Gather full (unsharded) state dicts on FSDP; a no-op for DDP / single process."""
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+    from torch.distributed.fsdp import (
+        FullStateDictConfig,
+        FullyShardedDataParallel,
+        StateDictType,
+    )
 
     if isinstance(model, FullyShardedDataParallel):
         return FullyShardedDataParallel.state_dict_type(
@@ -70,7 +81,7 @@ class _DataLog:
     def write(self, step: int, epoch: int, ids: list[str]) -> None:
         if self.file is not None:
             with self.file.open("a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "clip_ids": ids}) + "\n")
+                f.write(json.dumps({"step": step, "epoch": epoch, "clip_ids": ids, "pid": os.getpid()}) + "\n")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -129,7 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with_flow = cfg.model.predictnet
     shard = ray.train.get_dataset_shard("train")
     collate = tdata.make_collate(with_flow)
-    datalog = _DataLog(config.get("data_log_dir"), rank)
+    datalog = _DataLog(str(Path(config["run_dir"]) / "data_order") if cfg.data.log_order else None, rank)
 
     tracker = heldout = None
     if rank == 0:

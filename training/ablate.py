@@ -1,0 +1,100 @@
+"""Table 4 ablations: ``python training/ablate.py --config training/configs/tiny_stage1.yaml [--rows a,e] [--key=value ...]``.
+
+Trains every variant of the paper's Table 4 on the same data, seed and budget (one Ray Train run
+each, one MLflow run each, all in one experiment, tagged ``table4_row``), then prints a markdown
+table of their final metrics pulled back from MLflow:
+
+    (a)  original SD schedule          schedule.shift=false, schedule.rescale=false
+    (a*) shift only                    schedule.shift=true,  schedule.rescale=false
+    (b)  direct T2V                    model.factorized=false (no adapter, no PACA)
+    (c)  CLIP for the temporal layers  model.temporal_text_encoder=clip
+    (d)  no PredictNet                 model.predictnet=false
+    (e)  full                          shift + rescale + adapter + PACA + T5 + PredictNet (γ·L_flow)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "a": ("original SD schedule", ["--schedule.shift=false", "--schedule.rescale=false", "--model.predictnet=true"]),
+    "a*": ("shift only", ["--schedule.shift=true", "--schedule.rescale=false", "--model.predictnet=true"]),
+    "b": ("direct T2V (no adapter / PACA)", ["--model.factorized=false", "--model.predictnet=true"]),
+    "c": ("CLIP text for temporal layers", ["--model.temporal_text_encoder=clip", "--model.predictnet=true"]),
+    "d": ("no PredictNet", ["--model.predictnet=false"]),
+    "e": ("full (ours)", ["--model.predictnet=true"]),
+}
+METRICS = ("val_loss", "l_df", "l_flow", "samples_per_s")
+
+
+def variant_args(row: str, base: list[str], experiment: str) -> list[str]:
+    """Overrides of one variant: its switches, its run name, its tag (after the user's overrides)."""
+    label, switches = VARIANTS[row]
+    safe = row.replace("*", "_star")
+    return [*base, *switches, f"--name=ablate_{safe}", f"--tracking.run_name=table4-{row}",
+            f"--tracking.tags={{table4_row: '{row}', table4_label: '{label}'}}",
+            f"--tracking.experiment={experiment}"]
+
+
+def table(rows: list[str], runs: dict[str, str], tracking_uri: str) -> str:
+    """Markdown table of the final metrics of each variant's MLflow run."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    lines = ["| row | variant | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for row in rows:
+        m = client.get_run(runs[row]).data.metrics
+        cells = [f"{m[k]:.4f}" if k in m else "–" for k in METRICS]
+        lines.append(f"| ({row}) | {VARIANTS[row][0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from cluster.connect import init_ray
+    from fdreamer.config import ConfigError, parse_cli
+    from training.config import TrainConfig
+    from training.launch import fit, prepare
+    from training.tracking import default_tracking_uri
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    rows = list(VARIANTS)
+    if "--rows" in args:
+        i = args.index("--rows")
+        rows = [r.strip() for r in args[i + 1].split(",")]
+        del args[i:i + 2]
+    unknown = [r for r in rows if r not in VARIANTS]
+    if unknown:
+        print(f"ablate: unknown row(s) {unknown}; rows are {list(VARIANTS)}", file=sys.stderr)
+        return 2
+    try:
+        base_cfg, _ = parse_cli(TrainConfig, args, prog="training/ablate.py")
+        experiment = f"{base_cfg.tracking.experiment}-table4"
+        cfgs = {r: parse_cli(TrainConfig, variant_args(r, args, experiment))[0] for r in rows}
+        for c in cfgs.values():
+            prepare(c)
+    except (ConfigError, ValueError, FileExistsError) as exc:
+        print(f"ablate: {exc}", file=sys.stderr)
+        return 2
+    init_ray(base_cfg.ray_address)
+    runs: dict[str, str] = {}
+    try:
+        for r in rows:
+            print(f"== Table 4 ({r}): {VARIANTS[r][0]}", flush=True)
+            fit(cfgs[r])
+            from training.checkpointing import latest_checkpoint, read_trainer_state
+            from training.launch import run_dir
+
+            runs[r] = read_trainer_state(latest_checkpoint(run_dir(cfgs[r]))).mlflow_run_id
+    finally:
+        ray.shutdown()
+    print(table(rows, runs, default_tracking_uri(base_cfg)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
