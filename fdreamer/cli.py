@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "fdreamer.vae_train",
     "fdreamer.schedule",
     "fdreamer.describe",
+    "fdreamer.generate",
 )
 
 
