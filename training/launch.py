@@ -109,13 +109,12 @@ def fit(cfg: TrainConfig) -> Any:
     cfg = absolute_paths(cfg)
     loop_config = prepare(cfg)
     out = run_dir(cfg)
-    resume_from = None
-    if cfg.resume:
+    if cfg.resume:  # Ray Train V2 has no resume_from_checkpoint: the workers load this one themselves
         latest = ck.latest_checkpoint(out)
         if latest is None:
             logger.warning("--resume: no checkpoint under %s, starting from scratch", out)
         else:
-            resume_from = ray.train.Checkpoint.from_directory(str(latest))
+            loop_config["resume_from"] = str(latest)
             print(f"resuming from {latest} (step {ck.read_trainer_state(latest).step})", flush=True)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic split and order: exact resume
@@ -134,7 +133,6 @@ def fit(cfg: TrainConfig) -> Any:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
         datasets={"train": tdata.train_dataset(cfg)},
         dataset_config=dataset_config,
-        resume_from_checkpoint=resume_from,
     )
     result = trainer.fit()
     final = ck.latest_checkpoint(out)

@@ -101,7 +101,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_start) if cfg.optim.ema_decay > 0 else None
     state = ck.TrainerState(world_size=world, seed=cfg.seed)
 
+    # After a worker failure Ray hands over the run's latest checkpoint; on --resume the driver names it.
     restored = ray.train.get_checkpoint()
+    if restored is None and config.get("resume_from"):
+        restored = ray.train.Checkpoint.from_directory(config["resume_from"])
     if restored is not None:
         with restored.as_directory() as d:
             d = Path(d)

@@ -8,6 +8,7 @@ decoded): no video is read in the training loop.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from training import data as tdata
 from training.config import TrainConfig
 
 _ENCODERS: dict[str, Any] = {}
+logger = logging.getLogger(__name__)
 
 
 def _encoders(cfg: Any) -> Any:
@@ -47,8 +49,18 @@ def sample_prompts(cfg: TrainConfig, n: int) -> list[dict[str, Any]]:
     return [{"clip_id": d["clip_id"][i], "caption": d["caption"][i], "first_latent": lat[i]} for i in range(len(lat))]
 
 
-@torch.no_grad()
 def log_samples(tracker: Any, model: torch.nn.Module, cfg: TrainConfig, encoders_cfg: Any, heldout: Any, step: int) -> list[Path]:
+    """:func:`render_samples`, but a failure only warns (and tags the run): a sample video must never stop training."""
+    try:
+        return render_samples(tracker, model, cfg, encoders_cfg, heldout, step)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("sample videos at step %d failed: %s: %s", step, type(exc).__name__, exc)
+        tracker.set_tag("fdreamer.sample_error", f"step {step}: {type(exc).__name__}: {exc}"[:500])
+        return []
+
+
+@torch.no_grad()
+def render_samples(tracker: Any, model: torch.nn.Module, cfg: TrainConfig, encoders_cfg: Any, heldout: Any, step: int) -> list[Path]:
     """Render ``tracking.num_samples`` image-to-video samples and log them under ``samples/``."""
     from fdreamer.pipeline import VideoPipeline, VideoRequest, save_video
 
