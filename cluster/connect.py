@@ -35,7 +35,9 @@ def cluster_address(configured: str | None) -> str:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     try:
-        from ray._private.services import find_bootstrap_address  # no public API for this lookup
+        from ray._private.services import (
+            find_bootstrap_address,  # no public API for this lookup
+        )
 
         recorded = find_bootstrap_address(None)
     except Exception:  # noqa: BLE001 - private API moved: behave as if no cluster runs
