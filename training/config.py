@@ -28,6 +28,7 @@ class DataConfig:
     shuffle_buffer: int = opt(64, "rows in the per-worker local shuffle buffer (reseeded every epoch)")
     prefetch_batches: int = opt(2, "batches Ray Data prefetches per worker")
     max_heldout: int = opt(32, "at most this many held-out clips for the validation loss")
+    materialize: bool = opt(False, "read + filter once into the object store and reuse it every epoch (small data sets)")
     log_order: bool = opt(False, "record every step's clip ids per rank in <run dir>/data_order/rank<r>.jsonl")
 
 

@@ -90,7 +90,7 @@ def train_dataset(cfg: TrainConfig):  # -> ray.data.Dataset
     ds = ray.data.read_parquet(files, columns=columns_for(cfg), shuffle=None)
     ds = ds.map_batches(filter_rows, batch_format="pyarrow",
                         fn_kwargs={"cfg": _plain(cfg.data), "split": cfg.data.split})
-    return ds
+    return ds.materialize() if cfg.data.materialize else ds
 
 
 def count_rows(cfg: TrainConfig) -> int:
