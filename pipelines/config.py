@@ -51,10 +51,19 @@ class StageConfig:
 
 
 @dataclass
+class WriteStageConfig:
+    """Resources of the shard writers (rows per shard follow from ``shard_target_bytes``)."""
+
+    concurrency: int = opt(1, "shard-writing tasks at once (one writes ~57 sd15 clips/s: use >= 16 for 40 GPUs)")
+    num_cpus: float = opt(0.25, "CPUs per writing task")
+
+
+@dataclass
 class StagesConfig:
     decode: StageConfig = nested(StageConfig, "decode + sample + resize + hash (CPU)")
     encode: StageConfig = nested(StageConfig, "frozen encoder actor pool (VAE, SD CLIP text, T5, CLIP)")
     flow: StageConfig = nested(StageConfig, "optical flow (CPU)")
+    write: WriteStageConfig = nested(WriteStageConfig, "Parquet shard writers")
 
 
 @dataclass
@@ -100,4 +109,4 @@ class PreprocessConfig:
                 raise ValueError(f"encoder path '{name}' is unset: give models_dir or encoders.{name}")
 
 
-__all__ = ["PreprocessConfig", "ProfileConfig", "StageConfig", "StagesConfig"]
+__all__ = ["PreprocessConfig", "ProfileConfig", "StageConfig", "StagesConfig", "WriteStageConfig"]

@@ -200,8 +200,8 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
                          fn_constructor_kwargs={"encoder_cfg": enc_cfg}, **_stage_kwargs(enc_stage))
             .map_batches(stages.add_flow, batch_format="pyarrow", **_stage_kwargs(cfg.stages.flow))
             .map_batches(stages.write_shard, batch_format="pyarrow", batch_size=_rows_per_shard(cfg),
-                         fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.s3_endpoint}, concurrency=1,
-                         num_cpus=0.25)
+                         fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.s3_endpoint},
+                         concurrency=cfg.stages.write.concurrency, num_cpus=cfg.stages.write.num_cpus)
         )
         results = _collect(res).to_pylist()
         for r in results:

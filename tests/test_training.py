@@ -207,3 +207,4 @@ def test_clear_errors(preprocessed_sample: dict, stage1: dict, tmp_path: Path) -
     pq.write_table(table.replace_schema_metadata({b"fdreamer.schema_version": b"1"}), old / "shards" / src.name)
     _prepare_fails([*cfg, f"--data.path={old}"], "schema version 1")
     _prepare_fails([*cfg, data, f"--storage_path={stage1['run_dir'].parent}"], "pass --resume")
+    _prepare_fails([*cfg, data, "--scaling.parallel=fsdp"], "needs scaling.use_gpu=true")

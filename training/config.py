@@ -130,6 +130,12 @@ class TrainConfig:
                 f"global_batch {self.global_batch} is not divisible by num_workers x micro_batch = "
                 f"{self.scaling.num_workers} x {self.micro_batch} = {per_step}; change one of them"
             )
+        if self.scaling.parallel == "fsdp" and not self.scaling.use_gpu:
+            raise ValueError("scaling.parallel=fsdp needs scaling.use_gpu=true (Ray Train's FSDP wrapping is GPU-only); "
+                             "use ddp on CPU")
+        if self.scaling.parallel == "fsdp" and self.optim.ema_decay > 0:
+            raise ValueError("optim.ema_decay must be 0 with scaling.parallel=fsdp (EMA of sharded weights is not "
+                             "implemented); keep an EMA with ddp")
         d = self.objective
         if min(d.drop_text, d.drop_image, d.drop_both) < 0 or d.drop_text + d.drop_image + d.drop_both > 1:
             raise ValueError("CFG dropout probabilities must be >= 0 and sum to <= 1")

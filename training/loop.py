@@ -100,6 +100,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
     ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_start) if cfg.optim.ema_decay > 0 else None
     state = ck.TrainerState(world_size=world, seed=cfg.seed)
+    saved_optimizer = None
 
     # After a worker failure Ray hands over the run's latest checkpoint; on --resume the driver names it.
     restored = ray.train.get_checkpoint()
@@ -113,7 +114,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 raise ValueError(f"checkpoint was written by {state.world_size} workers, this run has {world}: "
                                  "the data position would not be exact; use the same num_workers")
             fck.load_weights_into(model, d)
-            optimizer.load_state_dict(ck.load_optimizer_state(d))
+            saved_optimizer = ck.load_optimizer_state(d)
+            if cfg.scaling.parallel != "fsdp":
+                optimizer.load_state_dict(saved_optimizer)
             if ema is not None and (d / "ema.safetensors").is_file():
                 from safetensors.torch import load_file
 
@@ -123,13 +126,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.to(device)
     if ema is not None:
         ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
+    fsdp = world > 1 and cfg.scaling.parallel == "fsdp"
     if world > 1:
-        model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.scaling.parallel)
-        if cfg.scaling.parallel == "fsdp":  # FSDP flattens parameters: the optimizer must see the new ones
-            state_dict = optimizer.state_dict()
+        kwargs = {"use_orig_params": True} if fsdp else None
+        model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.scaling.parallel,
+                                              parallel_strategy_kwargs=kwargs)
+        if fsdp:  # FSDP shards the parameters: the optimizer must be built on the wrapped ones
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
             optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
-            if restored is not None:
-                optimizer.load_state_dict(state_dict)
+            if saved_optimizer is not None:  # a full (rank-0 gathered) optimizer state -> this rank's shard
+                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, saved_optimizer))
     model.train()
     no_sync = getattr(model, "no_sync", None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -156,24 +163,47 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             heldout = heldout.to(device)
     encoders = load_config(EncoderConfig, data=config["encoders"]) if config.get("encoders") else EncoderConfig()
 
-    def validate() -> dict[str, float]:
-        if heldout is None:
+    def full_params() -> contextlib.AbstractContextManager:
+        """FSDP: every rank gathers the full parameters (collective) so rank 0 can run the plain module."""
+        if not fsdp:
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.summon_full_params(model, writeback=False)
+
+    def evaluate(step: int, do_validate: bool, do_samples: bool) -> dict[str, float]:
+        """Validation loss and/or sample videos on rank 0 (called by every rank: FSDP gathers collectively)."""
+        if not (do_validate or do_samples):
             return {}
-        return validation_loss(_unwrap(model), schedule, heldout, cfg.objective.validation_timesteps, cfg.seed)
+        val: dict[str, float] = {}
+        with full_params():
+            if rank == 0 and do_validate and heldout is not None:
+                val = validation_loss(_unwrap(model), schedule, heldout, cfg.objective.validation_timesteps, cfg.seed)
+                tracker.log_metrics(val, step=step)
+            if rank == 0 and do_samples:
+                from training.samples import log_samples
+
+                log_samples(tracker, _unwrap(model), cfg, encoders, heldout, step)
+        return val
 
     def save_and_report(metrics: dict[str, Any], final: bool = False) -> None:
         name = f"checkpoint_step_{state.step:08d}"
         with tempfile.TemporaryDirectory() as tmp, _full_state_ctx(model):
             ckpt = None
-            full = _unwrap(model).state_dict() if cfg.scaling.parallel == "fsdp" else None
+            if fsdp:  # collectives on every rank: full model and optimizer state gathered on rank 0
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+                full, optim_state = model.state_dict(), FSDP.optim_state_dict(model, optimizer)
+            else:
+                full, optim_state = None, optimizer.state_dict()
             if rank == 0:
-                if cfg.scaling.parallel == "fsdp":  # write the gathered state through a plain copy
+                if fsdp:  # write the gathered state through a plain (unsharded) copy of the model
                     target = build_model(cfg, None)
                     target.load_state_dict(full)
                 else:
                     target = _unwrap(model)
                 ck.save_training_checkpoint(
-                    Path(tmp), target, optimizer.state_dict(), ema.state_dict() if ema else None, state, cfg,
+                    Path(tmp), target, optim_state, ema.state_dict() if ema else None, state, cfg,
                     encoders, meta=config.get("meta", {}))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 if final:
@@ -181,10 +211,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     tracker.set_tag("fdreamer.checkpoint", Path(config["run_dir"]) / name)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
-    if rank == 0 and state.step == 0:
-        tracker.log_metrics(validate(), step=0)
+    if state.step == 0:
+        evaluate(0, do_validate=True, do_samples=False)
 
-    last_report = {"step": state.step}
     window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
     while state.step < cfg.steps:
         it = iter(shard.iter_torch_batches(
@@ -225,17 +254,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "data_wait_fraction": window["wait"] / max(elapsed, 1e-9), "epoch": state.epoch,
                 }, step=state.step)
                 window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
-            if rank == 0 and cfg.tracking.validate_every > 0 and state.step % cfg.tracking.validate_every == 0 \
-                    and state.step < cfg.steps:
-                tracker.log_metrics(validate(), step=state.step)
-            if rank == 0 and cfg.tracking.sample_every > 0 and state.step % cfg.tracking.sample_every == 0 \
-                    and state.step < cfg.steps:
-                from training.samples import log_samples
-
-                log_samples(tracker, _unwrap(model), cfg, encoders, heldout, state.step)
+            if state.step < cfg.steps:
+                t = cfg.tracking
+                evaluate(state.step, do_validate=t.validate_every > 0 and state.step % t.validate_every == 0,
+                         do_samples=t.sample_every > 0 and state.step % t.sample_every == 0)
             if state.step % cfg.checkpoint.every == 0 and state.step < cfg.steps:
                 save_and_report({"step": state.step, "loss": res.loss})
-                last_report["step"] = state.step
         if exhausted:
             if state.consumed == 0:
                 raise ValueError(f"worker {rank} got no batch in epoch {state.epoch}: the data shard has fewer "
@@ -243,14 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.epoch += 1
             state.consumed = 0
     final_metrics: dict[str, Any] = {"step": state.step}
-    if rank == 0:
-        val = validate()
-        tracker.log_metrics(val, step=state.step)
-        final_metrics.update(val)
-        if cfg.tracking.sample_every >= 0:
-            from training.samples import log_samples
-
-            log_samples(tracker, _unwrap(model), cfg, encoders, heldout, state.step)
+    final_metrics.update(evaluate(state.step, do_validate=True, do_samples=cfg.tracking.sample_every >= 0))
     save_and_report(final_metrics, final=True)
     if rank == 0 and tracker is not None:
         tracker.finish()
