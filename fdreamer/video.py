@@ -336,8 +336,10 @@ def _encode_to_file(path: Path, frames: np.ndarray, fps: float, crf: int) -> Non
     frames = _pad_to_even(frames)
     _, height, width, _ = frames.shape  # [T, H, W, 3]
     rate = Fraction(float(fps)).limit_denominator(1001)
-    # threads=1 (both for libavcodec and x264) makes the bitstream independent of the machine.
-    options = {"crf": str(int(crf)), "preset": "medium", "threads": "1", "x264-params": "threads=1"}
+    # threads=1 (both for libavcodec and x264) makes the bitstream independent of the machine. mbtree=0:
+    # x264's macroblock-tree rate control reads uninitialized memory on small frames (<= 64 px here), so
+    # the same frames gave different I-frames (decoded differences up to 17/255) from call to call.
+    options = {"crf": str(int(crf)), "preset": "medium", "threads": "1", "x264-params": "threads=1:mbtree=0"}
     mux_options = {"movflags": "+faststart"}  # moov atom first: browsers can start playing early
     with av.open(os.fspath(path), mode="w", format="mp4", options=mux_options) as out:
         stream = out.add_stream("libx264", rate=rate, options=options)
