@@ -85,6 +85,7 @@ class _DataLog:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -152,12 +153,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     collate = tdata.make_collate(with_flow)
     datalog = _DataLog(str(Path(config["run_dir"]) / "data_order") if cfg.data.log_order else None, rank)
 
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node] * world
+    if world > 1:  # where every rank runs (logged: placement over the cluster's nodes is visible in MLflow)
+        torch.distributed.all_gather_object(nodes, node)
     tracker = heldout = None
     if rank == 0:
         from training.tracking import Tracker
 
         tracker = Tracker(cfg, state.mlflow_run_id)
         state.mlflow_run_id = tracker.run_id
+        tracker.set_tag("ray.worker_nodes", json.dumps(nodes))
+        tracker.set_tag("ray.num_nodes", len(set(nodes)))
         heldout = tdata.heldout_batch(cfg)
         if heldout is not None:
             heldout = heldout.to(device)
