@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo main-job test test-fast clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/fdreamer demo
+
+main-job: setup
+	$(BIN)/python cluster/main_job.py
 
 test: setup
 	$(BIN)/python -m pytest -q
