@@ -1,0 +1,108 @@
+"""The app's own settings: the ``args:`` of the application in ``serving/config.yaml``.
+
+Deployment knobs (replicas, autoscaling, ``num_gpus``, ``max_ongoing_requests`` ...) are Serve's own
+``deployments:`` entries of the same file; these are what the code needs. Environment variables fill
+what the config leaves out: ``FDREAMER_CHECKPOINT``, ``MLFLOW_TRACKING_URI``, ``FDREAMER_STORE``,
+``FDREAMER_S3_ENDPOINT``. Unknown keys fail at build time, naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+DEFAULT_STORE = "runs/serving/jobs"
+
+
+@dataclass
+class Limits:
+    """Request limits; model limits (:attr:`fdreamer.pipeline.VideoPipeline.limits`) apply on top
+    (the smaller wins)."""
+
+    max_num_frames: int = 64
+    max_height: int = 1024
+    max_width: int = 1024
+    max_num_inference_steps: int = 200
+    max_guidance_scale: float = 30.0
+    max_body_bytes: int = 16 * 2**20  # JSON with a base64 image, or the multipart upload
+    max_image_bytes: int = 10 * 2**20  # the encoded image
+    max_image_side: int = 4096  # pixels, read from the image header before decoding
+    max_prompt_chars: int = 2000
+
+
+@dataclass
+class Batching:
+    """``@serve.batch`` on the model deployments; ``enabled: false`` runs each request on its own thread."""
+
+    enabled: bool = True
+    max_batch_size: int = 4
+    batch_wait_timeout_s: float = 0.05
+
+
+@dataclass
+class Settings:
+    checkpoint: str | None = None  # checkpoint folder, run folder or runs:/<mlflow run id>
+    tracking_uri: str | None = None  # MLflow, for runs:/
+    t2i_checkpoint: str | None = None  # the T2I deployment's checkpoint (default: `checkpoint`)
+    t2i_path: str | None = None  # a local diffusers Stable Diffusion folder for the T2I step
+    device: str = "cpu"  # "cuda" on GPU replicas (set num_gpus in the deployment too)
+    dtype: str | None = None  # float32 | float16 | bfloat16 (default: as saved)
+    torch_threads: int = 1  # intra-op threads per model replica (CPU)
+    store: str | None = None  # local dir or s3://bucket/prefix (default FDREAMER_STORE, else runs/serving/jobs)
+    s3_endpoint: str | None = None
+    api_key_env: str = "FDREAMER_API_KEY"  # the name of the variable holding the bearer token
+    max_jobs_in_flight: int = 32  # queued + running jobs per ingress replica before 429
+    retry_after_s: int = 5
+    backpressure_probe_s: float = 0.05  # how long POST waits for Serve's BackPressureError before 202
+    progress_interval_s: float = 0.25  # how often a replica writes progress to the store
+    recent_jobs: int = 20
+    limits: Limits = field(default_factory=Limits)
+    batching: Batching = field(default_factory=Batching)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> Settings:
+        args = dict(args or {})
+        nested = {"limits": Limits, "batching": Batching}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"serving args: unknown key(s) {unknown}; accepted: {sorted(known)}")
+        for name, klass in nested.items():
+            given = args.get(name) or {}
+            if not isinstance(given, dict):
+                raise ValueError(  # noqa: TRY004 - config errors are ValueErrors throughout
+                    f"serving args: `{name}` must be a mapping, got {type(given).__name__}")
+            sub = {f.name for f in fields(klass)}
+            bad = sorted(set(given) - sub)
+            if bad:
+                raise ValueError(f"serving args: unknown key(s) {[f'{name}.{b}' for b in bad]}; "
+                                 f"{name} accepts: {sorted(sub)}")
+            args[name] = klass(**given)
+        s = cls(**args)
+        s.checkpoint = s.checkpoint or os.environ.get("FDREAMER_CHECKPOINT")
+        s.tracking_uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        s.store = s.store or os.environ.get("FDREAMER_STORE") or DEFAULT_STORE
+        s.s3_endpoint = s.s3_endpoint or os.environ.get("FDREAMER_S3_ENDPOINT")
+        if not s.checkpoint:
+            raise ValueError("serving args: `checkpoint` is required (a checkpoint folder, a run folder or "
+                             "runs:/<mlflow run id>), or set FDREAMER_CHECKPOINT")
+        if s.max_jobs_in_flight < 1 or s.batching.max_batch_size < 1:
+            raise ValueError("serving args: max_jobs_in_flight and batching.max_batch_size must be >= 1")
+        for name in ("checkpoint", "t2i_checkpoint", "t2i_path"):
+            value = getattr(s, name)
+            if value and "://" not in value and not value.startswith("runs:/"):
+                setattr(s, name, os.path.abspath(os.path.expanduser(value)))
+        if not s.store.startswith("s3://"):
+            s.store = os.path.abspath(os.path.expanduser(s.store))  # the driver's cwd, not the replica's
+        return s
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Settings:
+        d = dict(d)
+        d["limits"] = Limits(**d.get("limits", {}))
+        d["batching"] = Batching(**d.get("batching", {}))
+        return cls(**d)
