@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "fdreamer.schedule",
     "fdreamer.describe",
     "fdreamer.generate",
+    "fdreamer.evaluate",
 )
 
 

@@ -1,5 +1,10 @@
 """Table 4 ablations: ``python training/ablate.py --config training/configs/tiny_stage1.yaml [--rows a,e] [--key=value ...]``.
 
+With ``--eval-data DIR`` (a ``fdreamer sample-data`` folder; ``--eval-steps S``, ``--eval-num N``) each
+variant's final checkpoint is also evaluated by ``fdreamer.evaluate`` (image-to-video on the held-out
+first frames + motion captions; direct T2V for row (b)) and the table gains FC, warping error and
+motion-direction accuracy, all read back from the variant's MLflow run.
+
 Trains every variant of the paper's Table 4 on the same data, seed and budget (one Ray Train run
 each, one MLflow run each, all in one experiment, tagged ``table4_row``), then prints a markdown
 table of their final metrics pulled back from MLflow:
@@ -28,6 +33,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "e": ("full (ours)", ["--model.predictnet=true"]),
 }
 METRICS = ("val_loss", "l_df", "l_flow", "samples_per_s")
+EVAL_METRICS = ("eval_i2v_fc", "eval_i2v_warping_error", "eval_i2v_direction_accuracy", "eval_i2v_psnr0")
 
 
 def variant_args(row: str, base: list[str], experiment: str) -> list[str]:
@@ -39,15 +45,28 @@ def variant_args(row: str, base: list[str], experiment: str) -> list[str]:
             f"--tracking.experiment={experiment}"]
 
 
-def table(rows: list[str], runs: dict[str, str], tracking_uri: str) -> str:
+def _pop_option(args: list[str], name: str) -> str | None:
+    """Remove ``name VALUE`` or ``name=VALUE`` from ``args``; return VALUE (None when absent)."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+            del args[i:i + 2]
+            return value
+        if a.startswith(name + "="):
+            del args[i]
+            return a.split("=", 1)[1]
+    return None
+
+
+def table(rows: list[str], runs: dict[str, str], tracking_uri: str, metrics: tuple[str, ...] = METRICS) -> str:
     """Markdown table of the final metrics of each variant's MLflow run."""
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri)
-    lines = ["| row | variant | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    lines = ["| row | variant | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for row in rows:
         m = client.get_run(runs[row]).data.metrics
-        cells = [f"{m[k]:.4f}" if k in m else "–" for k in METRICS]
+        cells = [f"{m[k]:.4f}" if k in m else "–" for k in metrics]
         lines.append(f"| ({row}) | {VARIANTS[row][0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -62,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     from training.tracking import default_tracking_uri
 
     args = list(sys.argv[1:] if argv is None else argv)
+    eval_data = _pop_option(args, "--eval-data")
+    eval_steps = int(_pop_option(args, "--eval-steps") or 20)
+    eval_num = _pop_option(args, "--eval-num")
     rows = list(VARIANTS)
     if "--rows" in args:
         i = args.index("--rows")
@@ -89,10 +111,19 @@ def main(argv: list[str] | None = None) -> int:
             from training.checkpointing import latest_checkpoint, read_trainer_state
             from training.launch import run_dir
 
-            runs[r] = read_trainer_state(latest_checkpoint(run_dir(cfgs[r]))).mlflow_run_id
+            ckpt = latest_checkpoint(run_dir(cfgs[r]))
+            runs[r] = read_trainer_state(ckpt).mlflow_run_id
+            if eval_data:
+                from fdreamer.evaluate import EvalSettings, evaluate
+
+                res = evaluate(ckpt, eval_data, num=int(eval_num) if eval_num else None,
+                               settings=EvalSettings(steps=eval_steps), tracking_uri=default_tracking_uri(cfgs[r]),
+                               run_id=runs[r], out=run_dir(cfgs[r]) / "eval")
+                print(f"== Table 4 ({r}) evaluation: {res.summary['i2v']}", flush=True)
     finally:
         ray.shutdown()
-    print(table(rows, runs, default_tracking_uri(base_cfg)), flush=True)
+    metrics = METRICS + (EVAL_METRICS if eval_data else ())
+    print(table(rows, runs, default_tracking_uri(base_cfg), metrics), flush=True)
     return 0
 
 
