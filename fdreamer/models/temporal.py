@@ -6,11 +6,17 @@ sinusoidal frame position encoding, cross-attention on the motion caption's T5 t
 for Table 4 (c) — and a feed-forward). Both are residual with a zero-initialised output projection, so
 a fresh video model reproduces the image model frame by frame.
 
+``temporal.block='swap'`` replaces each :class:`TemporalTransformer` by VideoFactory's
+:class:`~fdreamer.models.swap.SwapTransformer` (numbered in walk order down → mid → up); the
+:class:`TemporalConv` layers stay.
+
 Inputs and outputs are in the spatial layers' layout ``[(b f), c, h, w]`` (frames folded into the
 batch); each layer unfolds the frame axis itself.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,7 @@ from fdreamer.models.attention import (
     layer_norm_fp32,
 )
 from fdreamer.models.config import TemporalConfig
+from fdreamer.models.swap import SwapTransformer
 
 
 def _check_frames(x: torch.Tensor, frames: int, what: str) -> None:
@@ -112,7 +119,7 @@ class TemporalTransformer(nn.Module):
 class TemporalBlock(nn.Module):
     """The temporal layers of one spatial block: ``res[j]`` after resnet j, ``attn[j]`` after transformer j."""
 
-    def __init__(self, res: list[TemporalConv], attn: list[TemporalTransformer]) -> None:
+    def __init__(self, res: list[TemporalConv], attn: list[TemporalTransformer | SwapTransformer]) -> None:
         super().__init__()
         self.res = nn.ModuleList(res)
         self.attn = nn.ModuleList(attn)
@@ -128,21 +135,33 @@ class TemporalLayers(nn.Module):
         self.up = nn.ModuleList(up)
 
 
-def _block(spatial: nn.Module, cfg: TemporalConfig, context_dim: int, backend: str) -> TemporalBlock:
+def _block(
+    spatial: nn.Module, cfg: TemporalConfig, context_dim: int, backend: str, swap_index: itertools.count
+) -> TemporalBlock:
     res = [TemporalConv(r.out_channels, r.norm2.num_groups, cfg.conv_kernel) for r in spatial.resnets]
-    attn = []
+    attn: list[TemporalTransformer | SwapTransformer] = []
     for t in getattr(spatial, "attentions", None) or []:
         heads = t.transformer_blocks[0].attn1.heads
-        attn.append(TemporalTransformer(t.in_channels, heads, context_dim, t.norm.num_groups, cfg.ff_mult, backend))
+        if cfg.block == "swap":
+            attn.append(SwapTransformer(
+                t.in_channels, heads, context_dim, t.norm.num_groups, next(swap_index), cfg.window, cfg.ff_mult, backend
+            ))
+        else:
+            attn.append(TemporalTransformer(t.in_channels, heads, context_dim, t.norm.num_groups, cfg.ff_mult, backend))
     return TemporalBlock(res, attn)
 
 
 def build_temporal_layers(
     unet: UNet2DConditionModel, cfg: TemporalConfig, context_dim: int, backend: str = "auto"
 ) -> TemporalLayers:
-    """Temporal layers for every resnet and transformer of ``unet`` (channels/heads/groups read from it)."""
+    """Temporal layers for every resnet and transformer of ``unet`` (channels/heads/groups read from it).
+
+    Swap blocks are numbered in the order the walk calls them (down, mid, up; the arguments below are
+    evaluated in that order), which fixes their query branch.
+    """
+    swap_index = itertools.count()
     return TemporalLayers(
-        [_block(b, cfg, context_dim, backend) for b in unet.down_blocks],
-        _block(unet.mid_block, cfg, context_dim, backend),
-        [_block(b, cfg, context_dim, backend) for b in unet.up_blocks],
+        [_block(b, cfg, context_dim, backend, swap_index) for b in unet.down_blocks],
+        _block(unet.mid_block, cfg, context_dim, backend, swap_index),
+        [_block(b, cfg, context_dim, backend, swap_index) for b in unet.up_blocks],
     )
