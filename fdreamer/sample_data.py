@@ -431,15 +431,23 @@ def _cli_sample_data(args: argparse.Namespace) -> int:
     verb = "already present" if summary["skipped"] else "wrote"
     count, where = summary["counts"]["clips"], summary["params"]["out_dir"]
     print(f"sample-data: {verb} {count} clips in {where} ({time.perf_counter() - started:.1f} s)")
+    if args.images:  # the clips' clean first frames as a PNG image manifest (VideoCrafter2 recipe)
+        from fdreamer.sample_images import write_sample_images
+
+        images = write_sample_images(args.dir, args.num_clips, args.seed, force=args.force)
+        verb = "already present" if images["skipped"] else "wrote"
+        print(f"sample-data: {verb} {images['counts']['images']} images, manifest {where}/images.jsonl")
     return 0
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``fdreamer sample-data DIR [--num-clips N] [--seed S] [--workers W] [--force]``."""
+    """Add ``fdreamer sample-data DIR [--num-clips N] [--seed S] [--workers W] [--force] [--images]``."""
     p = sub.add_parser("sample-data", help="write the deterministic moving-shapes sample dataset")
     p.add_argument("dir", help="output directory")
     p.add_argument("--num-clips", type=int, default=320, help="number of clips (default 320)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--force", action="store_true", help="rebuild even if already complete")
+    p.add_argument("--images", action="store_true",
+                   help="also write the clips' clean first frames as PNGs + images.jsonl (an image manifest)")
     p.set_defaults(func=_cli_sample_data)

@@ -42,9 +42,14 @@ logger = logging.getLogger(__name__)
 
 
 def record_key(rec: dict, profile: dict) -> str:
-    """Key of one manifest record under one sampling profile (the pass-1 cache key)."""
+    """Key of one manifest record under one sampling profile (the pass-1 cache key).
+
+    ``kind`` enters the key only for images, so video records keep the keys (and the ``_hashes/``
+    cache) of outputs written before image records existed.
+    """
     prof = {k: v for k, v in sorted(profile.items()) if k != "decode_timeout_s"}
-    text = json.dumps({"record": {k: rec[k] for k in sorted(rec) if k != "record_key"}, "profile": prof},
+    skip = {"record_key"} | ({"kind"} if rec.get("kind", "video") == "video" else set())
+    text = json.dumps({"record": {k: rec[k] for k in sorted(rec) if k not in skip}, "profile": prof},
                       sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()
 

@@ -4,6 +4,12 @@ Ray Data calls these through ``map_batches`` (see :mod:`pipelines.job`); they ne
 video: failures become rows with ``status="quarantined"`` plus a ``reason`` from
 :mod:`fdreamer.data.quarantine`. Tensors travel between stages as bytes + shape + dtype columns
 (:func:`fdreamer.data.schema.tensor_to_columns`), so no Ray tensor extension type is involved.
+
+Image records (``kind = image``, :mod:`fdreamer.data.images`) take the same path as 1-frame clips:
+pass 1 decodes + resizes the image (same ``size`` / ``min_side``, clip id tag ``img-<size>``), pass 2
+encodes it like a 1-frame video (latents ``[4, 1, h, w]``; first_latent, CLIP and T5 as for clips),
+writes no flow (null) and a null ``motion_score`` (no motion is measured on one frame), fps 0.
+After pass 1 an image row is recognised by ``num_frames == 1`` (video profiles need >= 2).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from fdreamer.data import dedup, flow, quarantine, schema, storage
+from fdreamer.data.images import read_image
 from fdreamer.data.manifests import read_bytes
 from fdreamer.video import (
     VideoDecodeError,
@@ -62,7 +69,18 @@ def _sampling(profile: dict) -> dict:
     return {"fps": profile["fps"]} if profile.get("fps") is not None else {"stride": profile["stride"]}
 
 
+def _is_image_row(row: dict) -> bool:
+    """A pass-1/2 row of an image record (video profiles have num_frames >= 2)."""
+    return int(row["num_frames"]) == 1
+
+
+def _image_tag(profile: dict) -> str:
+    return f"img-{profile['size']}"
+
+
 def _base_row(rec: dict, profile: dict) -> dict:
+    if rec.get("kind") == "image":
+        profile = profile | {"num_frames": 1, "tag": _image_tag(profile)}
     return {
         "clip_id": schema.make_clip_id(rec["source"], rec["video_id"], 0, profile["num_frames"], profile["tag"]),
         "source": rec["source"], "video_id": rec["video_id"], "uri": rec["uri"], "caption": rec["caption"],
@@ -73,12 +91,41 @@ def _base_row(rec: dict, profile: dict) -> dict:
     }
 
 
+def _video_rows(src: str | bytes, rec: dict, base: dict, profile: dict) -> list[dict]:
+    """Pass 1 of a video record: one row per sampled clip with its hashes (raises on a bad video)."""
+    info = probe_video(src)
+    quarantine.check_size(info, int(profile["min_side"]))
+    first = sample_frame_indices(info.num_frames, info.fps, profile["num_frames"], **_sampling(profile))
+    span = first[-1] + 1
+    starts = [k * span for k in range(profile["clips_per_video"]) if (k + 1) * span <= info.num_frames]
+    rows = []
+    for start in starts:
+        clip = read_video(src, profile["num_frames"], start_frame=start, size=profile["size"], **_sampling(profile))
+        rows.append(base | {
+            "clip_id": schema.make_clip_id(rec["source"], rec["video_id"], start, profile["num_frames"],
+                                           profile["tag"]),
+            "fps": clip.fps, "source_width": info.width, "source_height": info.height,
+            "start_frame": start, "content_hash": dedup.content_hash(clip.frames),
+            "phash": dedup.perceptual_hash(clip.frames),
+        })
+    return rows
+
+
+def _image_rows(src: str | bytes, rec: dict, base: dict, profile: dict) -> list[dict]:
+    """Pass 1 of an image record: one 1-frame row (``base`` has its id) with its hashes (raises on a bad image)."""
+    frames, info = read_image(src, profile["size"])  # [1, S, S, 3]
+    quarantine.check_size(info, int(profile["min_side"]))
+    return [base | {"source_width": info.width, "source_height": info.height,
+                    "content_hash": dedup.content_hash(frames), "phash": dedup.perceptual_hash(frames)}]
+
+
 def hash_videos(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) -> pa.Table:
     """Manifest records -> one row per sampled clip with its hashes, or one quarantine row per video.
 
     Output columns: :data:`HASH_SCHEMA` (the metadata of the schema plus ``record_key`` of the
     manifest record, ``sec_hash`` (seconds spent on the video, split over its clips), ``phash``
     (bytes), ``status``, ``reason``, ``detail``). No frames leave this stage: the table stays small.
+    Image records give one 1-frame row (module docstring).
     """
     out: list[dict] = []
     for rec in batch.to_pylist():
@@ -87,22 +134,7 @@ def hash_videos(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) 
         try:
             with _time_limit(float(profile.get("decode_timeout_s") or 0)):
                 src = _source(rec["uri"], s3_endpoint)
-                info = probe_video(src)
-                quarantine.check_size(info, int(profile["min_side"]))
-                first = sample_frame_indices(info.num_frames, info.fps, profile["num_frames"], **_sampling(profile))
-                span = first[-1] + 1
-                starts = [k * span for k in range(profile["clips_per_video"]) if (k + 1) * span <= info.num_frames]
-                rows = []
-                for start in starts:
-                    clip = read_video(src, profile["num_frames"], start_frame=start, size=profile["size"],
-                                      **_sampling(profile))
-                    rows.append(base | {
-                        "clip_id": schema.make_clip_id(rec["source"], rec["video_id"], start,
-                                                       profile["num_frames"], profile["tag"]),
-                        "fps": clip.fps, "source_width": info.width, "source_height": info.height,
-                        "start_frame": start, "content_hash": dedup.content_hash(clip.frames),
-                        "phash": dedup.perceptual_hash(clip.frames),
-                    })
+                rows = (_image_rows if rec.get("kind") == "image" else _video_rows)(src, rec, base, profile)
         except (VideoDecodeError, OSError, ValueError) as exc:
             reason = quarantine.classify(exc, int(profile["min_side"])) or "corrupt"
             rows = [base | {"status": QUARANTINED, "reason": reason, "detail": f"{type(exc).__name__}: {exc}"[:500]}]
@@ -175,9 +207,12 @@ def decode_clips(batch: pa.Table, profile: dict, s3_endpoint: str | None = None)
         t0 = time.perf_counter()
         frames = np.zeros((0, 0, 0, 3), np.uint8)
         try:
-            clip = read_video(_source(r["uri"], s3_endpoint), profile["num_frames"], start_frame=r["start_frame"],
-                              size=profile["size"], **_sampling(profile))
-            frames = clip.frames
+            if _is_image_row(r):
+                frames, _ = read_image(_source(r["uri"], s3_endpoint), profile["size"])  # [1, S, S, 3]
+            else:
+                clip = read_video(_source(r["uri"], s3_endpoint), profile["num_frames"],
+                                  start_frame=r["start_frame"], size=profile["size"], **_sampling(profile))
+                frames = clip.frames
         except Exception as exc:  # noqa: BLE001 - rare (the hash pass read it); recorded, never raised
             r.update(status=QUARANTINED, reason=quarantine.classify(exc) or "corrupt", detail=str(exc)[:500])
         r.update(schema.tensor_to_columns("frames", frames))
@@ -205,6 +240,18 @@ class EncodeClips:
             for name in empty:
                 r.update({name: None, f"{name}_shape": None, f"{name}_dtype": None})
             r["t5_length"] = 0
+        groups: dict[int, list[int]] = {}  # clips and 1-frame images are encoded in separate groups
+        for i in ok:
+            groups.setdefault(int(rows[i]["frames_shape"][0]), []).append(i)
+        for group in groups.values():
+            self._encode(rows, group)
+        sec = (time.perf_counter() - t0) / max(len(rows), 1)
+        for r in rows:
+            r["sec_encode"] = sec
+        return pa.Table.from_pylist(rows)
+
+    def _encode(self, rows: list[dict], ok: list[int]) -> None:
+        """Add the encoder columns to ``rows[i]`` for ``i in ok`` (all with the same frame count)."""
         if ok:
             frames = np.stack([schema.columns_to_tensor(rows[i], "frames") for i in ok])  # [B, T, S, S, 3]
             captions = [rows[i]["caption"] for i in ok]
@@ -223,10 +270,6 @@ class EncodeClips:
                 t5_j = t5[j].float().cpu().numpy().astype(np.float16)
                 r.update(schema.tensor_to_columns("t5", t5_j))
                 r["t5_length"] = int(t5_j.shape[0])
-        sec = (time.perf_counter() - t0) / max(len(rows), 1)
-        for r in rows:
-            r["sec_encode"] = sec
-        return pa.Table.from_pylist(rows)
 
 
 ENCODER_COMPONENTS = ("vae", "clip_text", "t5", "clip")
@@ -272,13 +315,23 @@ def add_flow(batch: pa.Table) -> pa.Table:
         r.update({"flow": None, "flow_shape": None, "flow_dtype": None, "motion_score": 0.0, "sec_flow": 0.0})
         if r["status"] != OK:
             continue
+        if _is_image_row(r):  # no flow on one frame; motion_score null = not measured
+            r["motion_score"] = None
+            continue
         frames = schema.columns_to_tensor(r, "frames")
         lat_shape = r["latents_shape"]  # [4, T, h, w]
         fl = flow.optical_flow(frames, (lat_shape[2], lat_shape[3]))
         r.update(schema.tensor_to_columns("flow", fl))
         r["motion_score"] = flow.motion_score(fl)
         r["sec_flow"] = time.perf_counter() - t0
-    return pa.Table.from_pylist(rows).drop_columns(["frames", "frames_shape", "frames_dtype"])
+    table = pa.Table.from_pylist(rows).drop_columns(["frames", "frames_shape", "frames_dtype"])
+    for name, typ in _FLOW_TYPES.items():  # typed even when every row is null (a block of only images)
+        table = table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(typ))
+    return table
+
+
+_FLOW_TYPES = {"flow": pa.binary(), "flow_shape": pa.list_(pa.int32()), "flow_dtype": pa.string(),
+               "motion_score": pa.float32()}
 
 
 WRITE_SCHEMA = pa.schema([("clip_id", pa.string()), ("uri", pa.string()), ("status", pa.string()),

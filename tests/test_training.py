@@ -208,3 +208,31 @@ def test_clear_errors(preprocessed_sample: dict, stage1: dict, tmp_path: Path) -
     _prepare_fails([*cfg, f"--data.path={old}"], "schema version 1")
     _prepare_fails([*cfg, data, f"--storage_path={stage1['run_dir'].parent}"], "pass --resume")
     _prepare_fails([*cfg, data, "--scaling.parallel=fsdp"], "needs scaling.use_gpu=true")
+
+
+@pytest.mark.slow
+def test_ablate_prints_the_six_row_table(preprocessed_sample: dict, ray_head: dict, mlflow_server: str,
+                                          tmp_path: Path) -> None:
+    """``training/ablate.py`` on tiny settings: six Ray Train runs (2 steps each, 1 worker), one MLflow run
+    per Table 4 row in one experiment, and the markdown table read back from MLflow."""
+    cmd = [sys.executable, str(REPO / "training" / "ablate.py"), "--config",
+           str(REPO / "training" / "configs" / "tiny_stage1.yaml"), f"--data.path={preprocessed_sample['output']}",
+           f"--models_dir={preprocessed_sample['models']}", f"--storage_path={tmp_path}",
+           f"--ray_address={ray_head['address']}", "--steps=2", "--checkpoint.every=2", "--scaling.num_workers=1",
+           "--global_batch=4", "--micro_batch=2", "--tracking.validate_every=2", "--tracking.sample_every=-1",
+           f"--tracking.tracking_uri={mlflow_server}", "--tracking.experiment=test-ablate"]
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=900,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| (")]
+    assert [r.split("|")[1].strip() for r in rows] == ["(a)", "(a*)", "(b)", "(c)", "(d)", "(e)"], proc.stdout[-3000:]
+    client = mlflow.tracking.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("test-ablate-table4")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["table4_row"] for r in runs) == ["a", "a*", "b", "c", "d", "e"]
+    for run in runs:  # every cell of the table is a number read back from that run
+        row = next(r for r in rows if r.split("|")[1].strip() == f"({run.data.tags['table4_row']})")
+        assert f"{run.data.metrics['val_loss']:.4f}" in row
+    by_row = {r.data.tags["table4_row"]: r for r in runs}
+    assert by_row["a"].data.params["schedule.shift"] == "False" and by_row["e"].data.params["schedule.shift"] == "True"
+    assert "l_flow" in by_row["e"].data.metrics and "l_flow" not in by_row["d"].data.metrics

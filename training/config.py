@@ -30,6 +30,16 @@ class DataConfig:
     max_heldout: int = opt(32, "at most this many held-out clips for the validation loss")
     materialize: bool = opt(False, "read + filter once into the object store and reuse it every epoch (small data sets)")
     log_order: bool = opt(False, "record every step's clip ids per rank in <run dir>/data_order/rank<r>.jsonl")
+    image_path: str | None = opt(
+        None,
+        "joint image-video training (VideoCrafter2): output folder of pipelines/preprocess.py on an IMAGE "
+        "manifest; its 1-frame rows (num_frames = 1) of `split` are the images (null: no images)",
+    )
+    image_ratio: float = opt(
+        0.0,
+        "fraction of every micro-batch that are images: micro_batch x image_ratio images + the rest video "
+        "clips (0: videos only, as before; 1: images only, e.g. VideoCrafter2 stage B); must give a whole number",
+    )
 
 
 @dataclass
@@ -56,6 +66,11 @@ class ObjectiveConfig:
     drop_both: float = opt(0.05, "probability of dropping text and image")
     timestep_sampling: Literal["uniform", "logit_normal"] = opt("uniform", "how training timesteps are drawn")
     validation_timesteps: list[int] = opt([99, 299, 499, 699, 899], "fixed timestep indices of the validation loss")
+    image_loss_weight: float = opt(
+        1.0,
+        "weight w of one image relative to one video clip in a joint micro-batch: "
+        "L = (n_v L_video + w n_i L_image) / (n_v + w n_i) (fdreamer/training.py)",
+    )
 
 
 @dataclass
@@ -141,6 +156,34 @@ class TrainConfig:
             raise ValueError("CFG dropout probabilities must be >= 0 and sum to <= 1")
         if self.model.predictnet and self.objective.gamma < 0:
             raise ValueError("objective.gamma must be >= 0")
+        self._check_images()
+
+    def _check_images(self) -> None:
+        ratio, n = self.data.image_ratio, self.micro_batch * self.data.image_ratio
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"data.image_ratio must be in [0, 1], got {ratio}")
+        if abs(n - round(n)) > 1e-9:
+            raise ValueError(f"micro_batch x data.image_ratio = {self.micro_batch} x {ratio} = {n:g} images per "
+                             "micro-batch is not a whole number; change micro_batch or data.image_ratio")
+        if self.objective.image_loss_weight <= 0:
+            raise ValueError(f"objective.image_loss_weight must be > 0, got {self.objective.image_loss_weight}")
+        if ratio == 1.0:  # images reach only the spatial layers: everything else must be frozen
+            unfrozen = [g for g in self.model.present_groups() if g != "spatial" and g not in self.model.freeze]
+            if unfrozen:
+                raise ValueError(
+                    f"data.image_ratio=1 trains on images only, which reach the spatial layers only; freeze the "
+                    f"other groups: add {unfrozen} to model.freeze "
+                    f"(e.g. model.freeze={list(self.model.freeze) + unfrozen})")
+
+    @property
+    def image_micro_batch(self) -> int:
+        """Images per worker per micro-batch (``micro_batch x data.image_ratio``)."""
+        return round(self.micro_batch * self.data.image_ratio)
+
+    @property
+    def video_micro_batch(self) -> int:
+        """Video clips per worker per micro-batch (the rest of ``micro_batch``)."""
+        return self.micro_batch - self.image_micro_batch
 
     @property
     def accumulation(self) -> int:
@@ -150,7 +193,11 @@ class TrainConfig:
     def check_ready(self) -> None:
         """Fail before Ray starts on what defaults cannot supply."""
         if not self.data.path:
-            raise ValueError("no training data: set --data.path=<output of pipelines/preprocess.py>")
+            raise ValueError("no training data: set --data.path=<output of pipelines/preprocess.py> (the video clips; "
+                             "also read for the null conditions, validation and the inference defaults)")
+        if self.data.image_ratio > 0 and not self.data.image_path:
+            raise ValueError(f"data.image_ratio={self.data.image_ratio} needs images: set --data.image_path=<output of "
+                             "pipelines/preprocess.py on an image manifest>")
 
 
 __all__ = ["CheckpointSection", "DataConfig", "ObjectiveConfig", "OptimConfig", "ScalingSection",

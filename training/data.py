@@ -3,6 +3,13 @@
 Scores are columns of the data (``motion_score``, ``split``, ``num_frames``): a stage selects rows with
 :func:`filter_rows` at read time instead of deleting anything. Order is deterministic (Ray Data
 ``preserve_order``), so a worker's data position (epoch, micro-batches consumed) reproduces exactly.
+
+Two kinds of rows (VideoCrafter2 joint training): video clips (``num_frames >= 2``, from
+``data.path``) and images (``num_frames == 1``, from ``data.image_path``). :func:`train_datasets`
+gives Ray Train one dataset per stream in use: ``train`` (the clips; the images when
+``data.image_ratio = 1``) and ``images`` (joint batches, ``0 < image_ratio < 1``). Each worker reads
+its shards with a :class:`ShardStream` that knows its position, so a resume continues both streams
+exactly.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from fdreamer.batching import FLOW_COLUMNS, TRAIN_COLUMNS, TrainBatch, to_train_batch
+from fdreamer.batching import FLOW_COLUMNS, IMAGE_COLUMNS, TRAIN_COLUMNS, TrainBatch, to_train_batch
 from fdreamer.data.schema import SCHEMA_VERSION
 from training.config import DataConfig, TrainConfig
 
 FILTER_COLUMNS = ("split", "motion_score", "num_frames", "schema_version")
+VIDEO, IMAGE = "video", "image"
 
 
 class DataError(ValueError):
@@ -39,7 +47,7 @@ def shard_files(path: str) -> list[str]:
     return files
 
 
-def check_schema(files: list[str]) -> None:
+def check_schema(files: list[str], columns: tuple[str, ...] = TRAIN_COLUMNS) -> None:
     """Fail with a precise message when the shards were written by another schema version."""
     schema = pq.read_schema(files[0])
     meta = schema.metadata or {}
@@ -49,16 +57,20 @@ def check_schema(files: list[str]) -> None:
             f"{files[0]}: schema version {version.decode() if version else 'missing'}, this code reads "
             f"version {SCHEMA_VERSION}; re-run pipelines/preprocess.py with this checkout"
         )
-    missing = [c for c in (*TRAIN_COLUMNS, *FILTER_COLUMNS) if c not in schema.names]
+    missing = [c for c in (*columns, *FILTER_COLUMNS) if c not in schema.names]
     if missing:
         raise DataError(f"{files[0]}: missing columns {missing}")
 
 
-def row_mask(table: pa.Table, cfg: DataConfig, split: str | None) -> pa.Array:
-    """Boolean mask of the rows a stage trains on (split, motion score range, frame count)."""
+def row_mask(table: pa.Table, cfg: DataConfig, split: str | None, kind: str = VIDEO) -> pa.Array:
+    """Boolean mask of the rows a stage trains on: clips (``num_frames >= 2``; split, motion score range,
+    frame count) or images (``num_frames == 1``; split only: images have no motion score)."""
     mask = pa.array(np.ones(table.num_rows, dtype=bool))
     if split is not None and "split" in table.column_names:
         mask = pc.and_(mask, pc.fill_null(pc.equal(table["split"], split), False))
+    if kind == IMAGE:
+        return pc.and_(mask, pc.fill_null(pc.equal(table["num_frames"], 1), False))
+    mask = pc.and_(mask, pc.fill_null(pc.greater_equal(table["num_frames"], 2), False))
     if cfg.min_motion_score is not None:
         mask = pc.and_(mask, pc.fill_null(pc.greater_equal(table["motion_score"], cfg.min_motion_score), False))
     if cfg.max_motion_score is not None:
@@ -68,50 +80,83 @@ def row_mask(table: pa.Table, cfg: DataConfig, split: str | None) -> pa.Array:
     return mask
 
 
-def filter_rows(batch: pa.Table, cfg: dict[str, Any], split: str | None) -> pa.Table:
+def filter_rows(batch: pa.Table, cfg: dict[str, Any], split: str | None, kind: str = VIDEO) -> pa.Table:
     """Ray Data ``map_batches`` form of :func:`row_mask` (then drops the filter-only columns)."""
-    table = batch.filter(row_mask(batch, DataConfig(**cfg), split))
+    table = batch.filter(row_mask(batch, DataConfig(**cfg), split, kind))
     return table.drop_columns([c for c in FILTER_COLUMNS if c in table.column_names])
 
 
-def columns_for(cfg: TrainConfig) -> list[str]:
+def columns_for(cfg: TrainConfig, kind: str = VIDEO) -> list[str]:
+    if kind == IMAGE:
+        return list(IMAGE_COLUMNS) + list(FILTER_COLUMNS)
     cols = list(TRAIN_COLUMNS) + list(FILTER_COLUMNS)
     if cfg.model.predictnet:
         cols += list(FLOW_COLUMNS)
     return cols
 
 
-def train_dataset(cfg: TrainConfig):  # -> ray.data.Dataset
-    """The stage's training rows as a Ray Dataset (column selection + filters; nothing loaded yet)."""
+def _path(cfg: TrainConfig, kind: str) -> str:
+    return cfg.data.image_path if kind == IMAGE else cfg.data.path
+
+
+def _files(cfg: TrainConfig, kind: str) -> list[str]:
+    files = shard_files(_path(cfg, kind))
+    check_schema(files, IMAGE_COLUMNS if kind == IMAGE else TRAIN_COLUMNS)
+    return files
+
+
+def dataset(cfg: TrainConfig, kind: str = VIDEO):  # -> ray.data.Dataset
+    """The ``kind`` rows of the stage as a Ray Dataset (column selection + filters; nothing loaded yet)."""
     import ray.data
 
-    files = shard_files(cfg.data.path)
-    check_schema(files)
-    ds = ray.data.read_parquet(files, columns=columns_for(cfg), shuffle=None)
+    ds = ray.data.read_parquet(_files(cfg, kind), columns=columns_for(cfg, kind), shuffle=None)
     ds = ds.map_batches(filter_rows, batch_format="pyarrow",
-                        fn_kwargs={"cfg": _plain(cfg.data), "split": cfg.data.split})
+                        fn_kwargs={"cfg": _plain(cfg.data), "split": cfg.data.split, "kind": kind})
     return ds.materialize() if cfg.data.materialize else ds
 
 
+def train_dataset(cfg: TrainConfig):  # -> ray.data.Dataset
+    """The primary stream (``train``): the video clips, or the images when ``data.image_ratio = 1``."""
+    return dataset(cfg, VIDEO if cfg.video_micro_batch > 0 else IMAGE)
+
+
+def train_datasets(cfg: TrainConfig) -> dict[str, Any]:
+    """Ray Train's ``datasets``: ``train`` (:func:`train_dataset`) plus ``images`` for joint batches."""
+    out = {"train": train_dataset(cfg)}
+    if cfg.video_micro_batch > 0 and cfg.image_micro_batch > 0:
+        out["images"] = dataset(cfg, IMAGE)
+    return out
+
+
+def _count(cfg: TrainConfig, kind: str) -> int:
+    table = pq.read_table(_files(cfg, kind), columns=list(FILTER_COLUMNS))
+    return int(pc.sum(row_mask(table, cfg.data, cfg.data.split, kind).cast(pa.int64())).as_py() or 0)
+
+
 def count_rows(cfg: TrainConfig) -> int:
-    """Rows the stage trains on (reads only the filter columns; plain pyarrow)."""
-    files = shard_files(cfg.data.path)
-    check_schema(files)
-    table = pq.read_table(files, columns=list(FILTER_COLUMNS))
-    return int(pc.sum(row_mask(table, cfg.data, cfg.data.split).cast(pa.int64())).as_py() or 0)
+    """Rows of the primary stream (reads only the filter columns; plain pyarrow). With joint batches it
+    also checks that every worker gets at least one optimizer step of images (DataError otherwise)."""
+    primary = VIDEO if cfg.video_micro_batch > 0 else IMAGE
+    if primary == VIDEO and cfg.image_micro_batch > 0:
+        images = _count(cfg, IMAGE)
+        need = cfg.scaling.num_workers * cfg.image_micro_batch * cfg.accumulation
+        if images < need:
+            raise DataError(f"{cfg.data.image_path}: {images} image rows (num_frames = 1, split {cfg.data.split!r}); "
+                            f"one optimizer step needs {need} (workers x images per micro-batch x accumulation)")
+    return _count(cfg, primary)
 
 
-def heldout_batch(cfg: TrainConfig) -> TrainBatch | None:
-    """The validation clips (``heldout_split`` rows, at most ``max_heldout``), decoded in memory."""
-    if cfg.data.heldout_split is None:
+def heldout_batch(cfg: TrainConfig, kind: str = VIDEO) -> TrainBatch | None:
+    """The validation rows (``heldout_split``, at most ``max_heldout``) of the clips or the images."""
+    if cfg.data.heldout_split is None or (kind == IMAGE and not cfg.data.image_path):
         return None
-    files = shard_files(cfg.data.path)
-    table = pq.read_table(files, columns=columns_for(cfg))
-    table = table.filter(row_mask(table, cfg.data, cfg.data.heldout_split))
+    table = pq.read_table(shard_files(_path(cfg, kind)), columns=columns_for(cfg, kind))
+    table = table.filter(row_mask(table, cfg.data, cfg.data.heldout_split, kind))
     if table.num_rows == 0:
         return None
     table = table.sort_by("clip_id").slice(0, cfg.data.max_heldout)
-    return to_train_batch(table.to_pydict(), with_flow=cfg.model.predictnet)
+    return to_train_batch(table.to_pydict(), with_flow=cfg.model.predictnet and kind == VIDEO, image=kind == IMAGE,
+                          **conditions_for(cfg))
 
 
 def null_conditions_file(path: str) -> Path:
@@ -132,15 +177,70 @@ def data_summary(path: str) -> dict[str, Any]:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def make_collate(with_flow: bool):
+def conditions_for(cfg: TrainConfig) -> dict[str, bool]:
+    """Which conditions the model takes (``to_train_batch`` options): no T5 tokens when the temporal
+    layers read CLIP text (Table 4 (c)), no first-frame conditions for the direct T2V model (row (b))."""
+    return {"with_t5": cfg.model.temporal_text_encoder == "t5", "with_image": cfg.model.factorized}
+
+
+def make_collate(with_flow: bool, image: bool = False, *, with_t5: bool = True, with_image: bool = True):
     """The ``iter_torch_batches(collate_fn=...)`` object: Ray's numpy columns -> :class:`TrainBatch`."""
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class TrainBatchCollate(NumpyBatchCollateFn):
         def __call__(self, batch: dict[str, np.ndarray]) -> TrainBatch:
-            return to_train_batch(batch, with_flow=with_flow)
+            return to_train_batch(batch, with_flow=with_flow and not image, image=image, with_t5=with_t5,
+                                  with_image=with_image)
 
     return TrainBatchCollate()
+
+
+class ShardStream:
+    """One worker's shard of a dataset, read epoch after epoch from a position (epoch, batches consumed).
+
+    The shuffle buffer is reseeded every epoch (``seed * 10_007 + epoch + seed_offset``) and the
+    order is deterministic, so re-creating the stream at a saved position continues it exactly.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, cfg: TrainConfig, collate: Any, *, epoch: int = 0,
+                 consumed: int = 0, seed_offset: int = 0) -> None:
+        self.shard, self.batch_size, self.cfg, self.collate = shard, batch_size, cfg, collate
+        self.epoch, self.consumed, self.seed_offset = epoch, consumed, seed_offset
+        self._it: Any = None
+
+    def start(self, epoch: int, consumed: int) -> None:
+        """(Re)start the iterator of ``epoch`` and skip its first ``consumed`` batches."""
+        self.epoch, self.consumed = epoch, consumed
+        self._it = iter(self.shard.iter_torch_batches(
+            batch_size=self.batch_size, drop_last=True, prefetch_batches=self.cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=self.cfg.seed * 10_007 + epoch + self.seed_offset, collate_fn=self.collate))
+        for _ in range(consumed):  # resume inside an epoch: skip what was used
+            next(self._it)
+
+    def next(self) -> TrainBatch | None:
+        """The next batch of the current epoch, or None when the epoch is used up (position unchanged)."""
+        if self._it is None:
+            self.start(self.epoch, self.consumed)
+        mb = next(self._it, None)
+        if mb is not None:
+            self.consumed += 1
+        return mb
+
+    def next_cycling(self) -> TrainBatch:
+        """The next batch, starting the next epoch when this one is used up (the secondary stream)."""
+        mb = self.next()
+        if mb is None:
+            if self.consumed == 0:
+                raise DataError(f"the image shard gave no batch of {self.batch_size} in epoch {self.epoch}")
+            self.start(self.epoch + 1, 0)
+            mb = self.next()
+            if mb is None:
+                raise DataError(f"the image shard gave no batch of {self.batch_size} in epoch {self.epoch}")
+        return mb
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
 
 
 def _plain(dc: Any) -> dict[str, Any]:

@@ -57,7 +57,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     def fix(p: str | None) -> str | None:
         return p if not p or "://" in p else str(Path(p).resolve())
 
-    return replace(cfg, data=replace(cfg.data, path=fix(cfg.data.path)), storage_path=fix(cfg.storage_path),
+    return replace(cfg, data=replace(cfg.data, path=fix(cfg.data.path), image_path=fix(cfg.data.image_path)),
+                   storage_path=fix(cfg.storage_path),
                    models_dir=fix(cfg.models_dir), pretrained_unet=fix(cfg.pretrained_unet))
 
 
@@ -131,7 +132,7 @@ def fit(cfg: TrainConfig) -> Any:
             name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
-        datasets={"train": tdata.train_dataset(cfg)},
+        datasets=tdata.train_datasets(cfg),  # "train" (+ "images" for joint image-video batches)
         dataset_config=dataset_config,
     )
     result = trainer.fit()

@@ -6,6 +6,13 @@ wraps the model for DDP/FSDP (``ray.train.torch.prepare_model``) and streams its
 (``ray.train.get_dataset_shard('train').iter_torch_batches``). Each optimizer step accumulates
 ``global_batch / (workers x micro_batch)`` micro-batches. Rank 0 validates, logs to MLflow and writes
 checkpoints; all ranks call ``ray.train.report`` together.
+
+Joint image-video batches (``data.image_ratio``): each micro-batch takes ``video_micro_batch`` clips
+from the ``train`` stream and ``image_micro_batch`` images from the ``images`` stream
+(:class:`~fdreamer.batching.JointBatch`). The clip stream drives the epochs as before (a partial step
+at the end of an epoch is dropped); the image stream cycles on its own, its position kept in the
+trainer state (``extra.images``) so a resume continues it exactly. With ``image_ratio = 1`` the
+``train`` stream holds the images.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Any
 import torch
 
 from fdreamer import checkpoint as fck
-from fdreamer.batching import TrainBatch, null_from_tensors
+from fdreamer.batching import JointBatch, TrainBatch, null_from_tensors
 from fdreamer.config import load_config
 from fdreamer.encoders import EncoderConfig
 from fdreamer.models import FactorizedDreamerUNet
@@ -49,6 +56,10 @@ def build_model(cfg: TrainConfig, init_from: str | None) -> FactorizedDreamerUNe
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing(True)
     return model
+
+
+def _num_samples(mb: TrainBatch | JointBatch) -> int:
+    return mb.num_samples if isinstance(mb, JointBatch) else mb.latents.shape[0]
 
 
 def _unwrap(model: torch.nn.Module) -> FactorizedDreamerUNet:
@@ -149,15 +160,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     drop = (cfg.objective.drop_text, cfg.objective.drop_image, cfg.objective.drop_both)
     gamma = cfg.objective.gamma
     with_flow = cfg.model.predictnet
-    shard = ray.train.get_dataset_shard("train")
-    collate = tdata.make_collate(with_flow)
+    n_video, n_image = cfg.video_micro_batch, cfg.image_micro_batch
+    primary = tdata.ShardStream(ray.train.get_dataset_shard("train"), n_video or n_image, cfg,
+                                tdata.make_collate(with_flow, image=n_video == 0, **tdata.conditions_for(cfg)))
+    images = None
+    if n_video and n_image:  # joint batches: a second, cycling stream of images
+        pos = state.extra.get("images", {})
+        images = tdata.ShardStream(ray.train.get_dataset_shard("images"), n_image, cfg,
+                                   tdata.make_collate(False, image=True), epoch=int(pos.get("epoch", 0)),
+                                   consumed=int(pos.get("consumed", 0)), seed_offset=5_003)
+
+    def as_micro(mb: TrainBatch) -> TrainBatch | JointBatch:
+        if images is None:
+            return mb.to(device)
+        return JointBatch(mb, images.next_cycling()).to(device)
+
     datalog = _DataLog(str(Path(config["run_dir"]) / "data_order") if cfg.data.log_order else None, rank)
 
     node = ray.get_runtime_context().get_node_id()
     nodes = [node] * world
     if world > 1:  # where every rank runs (logged: placement over the cluster's nodes is visible in MLflow)
         torch.distributed.all_gather_object(nodes, node)
-    tracker = heldout = None
+    tracker = heldout = heldout_images = None
     if rank == 0:
         from training.tracking import Tracker
 
@@ -168,6 +192,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         heldout = tdata.heldout_batch(cfg)
         if heldout is not None:
             heldout = heldout.to(device)
+        if n_image:
+            heldout_images = tdata.heldout_batch(cfg, tdata.IMAGE)
+            heldout_images = heldout_images.to(device) if heldout_images is not None else None
     encoders = load_config(EncoderConfig, data=config["encoders"]) if config.get("encoders") else EncoderConfig()
 
     def full_params() -> contextlib.AbstractContextManager:
@@ -187,6 +214,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0 and do_validate and heldout is not None:
                 val = validation_loss(_unwrap(model), schedule, heldout, cfg.objective.validation_timesteps, cfg.seed)
                 tracker.log_metrics(val, step=step)
+            if rank == 0 and do_validate and heldout_images is not None:
+                val_img = validation_loss(_unwrap(model), schedule, heldout_images,
+                                          cfg.objective.validation_timesteps, cfg.seed)
+                tracker.log_metrics(val_img, step=step)
+                val.update(val_img)
             if rank == 0 and do_samples:
                 from training.samples import log_samples
 
@@ -223,22 +255,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
     while state.step < cfg.steps:
-        it = iter(shard.iter_torch_batches(
-            batch_size=cfg.micro_batch, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, local_shuffle_seed=cfg.seed * 10_007 + state.epoch,
-            collate_fn=collate))
-        for _ in range(state.consumed):  # resume inside an epoch: skip what was used
-            next(it)
+        primary.start(state.epoch, state.consumed)
         exhausted = False
         while state.step < cfg.steps and not exhausted:
             t_wait = time.perf_counter()
-            micro: list[TrainBatch] = []
+            micro: list[TrainBatch | JointBatch] = []
             for _ in range(cfg.accumulation):
-                mb = next(it, None)
+                mb = primary.next()
                 if mb is None:
                     exhausted = True
                     break
-                micro.append(mb.to(device))
+                micro.append(as_micro(mb))
             window["wait"] += time.perf_counter() - t_wait
             if exhausted:
                 break
@@ -246,17 +273,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 group["lr"] = lr_at(state.step, cfg.optim.lr, cfg.optim.warmup_steps)
             res = optimizer_step(model, optimizer, schedule, micro, null=null, drop_probs=drop, gamma=gamma,
                                  grad_clip=cfg.optim.grad_clip, seed=cfg.seed, rank=rank, step=state.step,
-                                 no_sync=no_sync, autocast=autocast)
+                                 no_sync=no_sync, autocast=autocast, image_weight=cfg.objective.image_loss_weight)
             datalog.write(state.step, state.epoch, [i for mb in micro for i in mb.clip_ids])
             state.step += 1
             state.consumed += len(micro)
-            window["samples"] += sum(mb.latents.shape[0] for mb in micro) * world
+            if images is not None:
+                state.extra["images"] = images.position()
+            window["samples"] += sum(_num_samples(mb) for mb in micro) * world
             if ema is not None:
                 ema.update(model, state.step)
             if rank == 0 and (state.step % cfg.tracking.log_every == 0 or state.step == cfg.steps):
                 elapsed = time.perf_counter() - window["t0"]
                 tracker.log_metrics({
                     "loss": res.loss, "l_df": res.l_df, "l_flow": res.l_flow, "grad_norm": res.grad_norm,
+                    **({"l_df_video": res.l_df_video, "l_df_image": res.l_df_image} if n_image else {}),
                     "lr": optimizer.param_groups[0]["lr"], "samples_per_s": window["samples"] / max(elapsed, 1e-9),
                     "data_wait_fraction": window["wait"] / max(elapsed, 1e-9), "epoch": state.epoch,
                 }, step=state.step)
@@ -269,8 +299,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_and_report({"step": state.step, "loss": res.loss})
         if exhausted:
             if state.consumed == 0:
-                raise ValueError(f"worker {rank} got no batch in epoch {state.epoch}: the data shard has fewer "
-                                 f"rows than micro_batch x accumulation = {cfg.micro_batch * cfg.accumulation}")
+                raise ValueError(f"worker {rank} got no batch in epoch {state.epoch}: the data shard has fewer rows "
+                                 f"than {primary.batch_size} per micro-batch x accumulation {cfg.accumulation}")
             state.epoch += 1
             state.consumed = 0
     final_metrics: dict[str, Any] = {"step": state.step}

@@ -1,14 +1,20 @@
 """Read clip manifests (WebVid CSV, Pexels-style CSV, generic Parquet/JSONL) from disk or ``s3://``.
 
 Every reader returns a list of :class:`ManifestRecord` dicts with the same keys
-(``uri, caption, motion_caption, source, video_id, width, height, split, motion``). The format is detected from
-the columns:
+(``uri, caption, motion_caption, source, video_id, width, height, split, motion, kind``). The format is detected
+from the columns:
 
 - WebVid: ``videoid, contentUrl, name`` (caption = ``name``),
 - Pexels-style: ``id, url, title`` (caption = ``title``; ``width``/``height`` kept when present),
 - generic: ``path, caption[, motion_caption, clip_id, source, width, height, split, motion]``;
   ``split`` and ``motion`` are free-form metadata carried into the output columns of the same
   name (empty strings when absent, and for the WebVid/Pexels formats).
+
+``kind`` is ``video`` or ``image`` (:func:`fdreamer.data.images.record_kind`): a generic manifest's
+``kind`` column when present and non-empty (``video`` | ``image``, anything else is a ManifestError),
+else ``image`` when the path ends with .png/.jpg/.jpeg/.webp/.bmp, else ``video`` — so a manifest of
+``path, caption`` rows pointing at PNG/JPEG files is an image manifest as it is. Image records without a
+``source`` column get the source ``image``.
 
 Anything else (no caption column, unreadable file, unknown URI scheme) raises :class:`ManifestError`
 before any video is touched.
@@ -25,6 +31,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
+from fdreamer.data.images import record_kind
 
 SCHEMES = ("", "file", "s3")
 
@@ -43,6 +51,7 @@ class ManifestRecord(TypedDict):
     height: int
     split: str
     motion: str
+    kind: str  # video | image
 
 
 def _s3_client(endpoint: str | None) -> Any:
@@ -83,7 +92,8 @@ def _read_table(uri: str, s3_endpoint: str | None) -> pa.Table:
             return pq.read_table(io.BytesIO(data))
         if name.endswith((".jsonl", ".json")):
             rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
-            return pa.Table.from_pylist(rows)
+            keys = dict.fromkeys(k for r in rows for k in r)  # every key of any line (e.g. a `kind` on some rows)
+            return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
         if name.endswith(".csv"):
             opts = pacsv.ConvertOptions(strings_can_be_null=False)
             return pacsv.read_csv(io.BytesIO(data), convert_options=opts)
@@ -139,14 +149,21 @@ def read_manifest(uri: str, s3_endpoint: str | None = None) -> list[ManifestReco
         else:
             uri_, cap = r["path"], r["caption"]
             vid = r.get("clip_id") or r.get("id") or Path(str(uri_)).stem
-            src, mcap = r.get("source") or "generic", r.get("motion_caption") or ""
+            src, mcap = r.get("source"), r.get("motion_caption") or ""
         if cap is None:
             raise ManifestError(f"{uri}: row {i} has no caption")
+        try:
+            kind = record_kind(str(uri_), r.get("kind") if fmt == "generic" else None)
+        except ValueError as exc:
+            raise ManifestError(f"{uri}: row {i}: {exc}") from exc
+        if fmt == "generic":
+            src = src or ("image" if kind == "image" else "generic")
         out.append(ManifestRecord(
             uri=str(uri_), caption=str(cap), motion_caption=str(mcap), source=str(src),
             video_id=str(vid), width=_int(r.get("width")), height=_int(r.get("height")),
             split=_str(r.get("split")) if fmt == "generic" else "",
             motion=_str(r.get("motion")) if fmt == "generic" else "",
+            kind=kind,
         ))
     return out
 

@@ -12,6 +12,9 @@ too_short      fewer source frames than the sampling profile needs
 too_small      the source is smaller than the minimum side
 decode_timeout decoding took longer than the per-clip limit
 ============== =============================================================
+
+Image records (:mod:`fdreamer.data.images`) use the same codes: ``not_a_video`` then means the bytes
+are no known image format either; ``corrupt`` a known image format that fails to decode.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def classify(error: BaseException | VideoInfo, min_side: int = 0) -> str | None:
     """The reason code of an exception, or of a probe result (``too_small`` or None when fine)."""
     if isinstance(error, VideoInfo):
         return "too_small" if min(error.width, error.height) < min_side else None
+    if getattr(error, "reason", None) in REASONS:  # errors that know their reason (image records)
+        return str(error.reason)
     if isinstance(error, TooSmallError):
         return "too_small"
     if isinstance(error, TimeoutError):

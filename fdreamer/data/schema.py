@@ -35,7 +35,12 @@ Metadata columns are listed in :data:`METADATA_FIELDS`. ``clip_id`` is determini
 present (the sample data's ``manifest.jsonl`` has ``split`` = train | heldout and the commanded
 ``motion``), else the empty string; the pipeline never interprets them.
 
-Schema versions: 1 = the first release; 2 adds ``clip_text_tokens``, ``split`` and ``motion``.
+Image rows (an image manifest, :mod:`fdreamer.data.images`) use the same schema as 1-frame clips:
+``num_frames`` = 1 (video profiles need >= 2, so this identifies them), ``latents`` ``[4, 1, h, w]``,
+``flow`` / ``flow_shape`` / ``flow_dtype`` null, ``motion_score`` null (not measured), ``fps`` 0.
+
+Schema versions: 1 = the first release; 2 adds ``clip_text_tokens``, ``split`` and ``motion`` (image
+rows need no new version: every value fits the v2 types).
 
 Beside the shards, a job writes ``null_conditions.safetensors`` (the encodings of the empty
 caption, for classifier-free guidance; :func:`read_null_conditions`) and ``summary.json``

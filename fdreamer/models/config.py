@@ -86,12 +86,23 @@ class TemporalConfig:
 
     ff_mult: int = opt(4, "hidden width of the temporal feed-forward, as a multiple of the channels")
     conv_kernel: int = opt(3, "frames covered by each temporal convolution (odd)")
+    block: Literal["factorized", "swap"] = opt(
+        "factorized",
+        "layer after each spatial transformer: 'factorized' = frame self-attention + motion-caption "
+        "cross-attention (paper); 'swap' = VideoFactory's swapped spatial/temporal cross-attention in 3-D "
+        "windows, query alternating by block (fdreamer.models.swap)",
+    )
+    window: int = opt(4, "block='swap' only: spatial side of the 3-D windows (all frames x window x window)")
 
     def __post_init__(self) -> None:
         if self.ff_mult < 1:
             raise ValueError(f"temporal.ff_mult must be >= 1, got {self.ff_mult}")
         if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
             raise ValueError(f"temporal.conv_kernel must be a positive odd number, got {self.conv_kernel}")
+        if self.block not in ("factorized", "swap"):
+            raise ValueError(f"temporal.block must be 'factorized' or 'swap', got {self.block!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"temporal.window must be an integer >= 1, got {self.window!r}")
 
 
 @dataclass
@@ -117,6 +128,17 @@ class ModelConfig:
     paca: PacaConfig = nested(PacaConfig, "pixel-aware cross-attention (Eq. 3)")
     temporal: TemporalConfig = nested(TemporalConfig, "temporal layers")
     flow_channels: int = opt(2, "channels of the PredictNet output per consecutive frame pair (dx, dy)")
+    fps_conditioning: bool = opt(
+        False,
+        "VideoCrafter-style fps conditioning: a sinusoidal embedding of the clip's frames per second through "
+        "a small MLP (last layer zero-initialised) added to the timestep embedding; parameters fps_embedding.* "
+        "(group temporal); not applied when the temporal layers are bypassed (images). false = no such module",
+    )
+    fps_default: float | None = opt(
+        None,
+        "fps_conditioning only: the fps a forward call that passes none is conditioned on (e.g. inference code "
+        "that does not pass fps yet); null = such a call raises. Training always passes each clip's fps",
+    )
     freeze: list[str] = opt(
         [],
         "parameter groups to freeze, among spatial, temporal, adapter, paca, predictnet (e.g. [spatial] "
@@ -137,6 +159,8 @@ class ModelConfig:
         for name in ("t5_dim", "image_embed_dim", "flow_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fps_default is not None and not self.fps_default > 0:
+            raise ValueError(f"fps_default must be > 0 (or null), got {self.fps_default}")
         unknown = [g for g in self.freeze if g not in GROUPS]
         if unknown:
             raise ValueError(f"freeze: unknown group(s) {unknown}; groups are {list(GROUPS)}")

@@ -4,7 +4,8 @@ Groups are decided by parameter name (the model's module layout is fixed):
 
 - ``unet.*``: the SD spatial UNet -> ``spatial``, except the adapter's ``....processor.to_k_adp`` /
   ``to_v_adp`` which live in the spatial cross-attention layers -> ``adapter``;
-- ``image_proj.*`` -> ``adapter``; ``temporal.*`` -> ``temporal``; ``paca.*`` -> ``paca``;
+- ``image_proj.*`` -> ``adapter``; ``temporal.*`` and ``fps_embedding.*`` (the optional fps
+  conditioning, video-only like the temporal layers) -> ``temporal``; ``paca.*`` -> ``paca``;
 - ``predictnet.*`` (its copied up path included) -> ``predictnet``.
 """
 
@@ -16,7 +17,8 @@ from torch import nn
 
 from fdreamer.models.config import GROUPS
 
-_TOP_LEVEL = {"temporal": "temporal", "image_proj": "adapter", "paca": "paca", "predictnet": "predictnet"}
+_TOP_LEVEL = {"temporal": "temporal", "fps_embedding": "temporal", "image_proj": "adapter", "paca": "paca",
+              "predictnet": "predictnet"}
 
 
 def group_of(name: str) -> str:

@@ -10,6 +10,10 @@ followed by its temporal layer:
 - Transformer (spatial self-attn, cross-attn with the Eq. 2 adapter) -> :class:`TemporalTransformer`
 
 With gradient checkpointing each such unit is recomputed in backward.
+
+``StepContext.temporal = False`` bypasses every temporal layer (the image path of joint image-video
+training): the units then run the spatial layer (and PACA, when features are given) only — the
+temporal modules are not called, so they neither change the output nor enter the autograd graph.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ class StepContext:
     frames: int
     emb: torch.Tensor  # time embedding [(b f), E]
     spatial_context: torch.Tensor  # CLIP text tokens (+ adapter image tokens) [(b f), L, D]
-    temporal_context: torch.Tensor  # T5 (or CLIP) tokens [b, L_t, D_t]
+    temporal_context: torch.Tensor | None  # T5 (or CLIP) tokens [b, L_t, D_t]; None when temporal=False
     temporal_mask: torch.Tensor | None  # bool [b, L_t], True = real token
     paca_features: list[torch.Tensor] | None  # per up block [b, c_i, h_i, w_i]
     forward_upsample_size: bool  # latent size not a multiple of 2**num_upsamplers
     checkpoint: bool
+    temporal: bool = True  # False: skip every temporal layer (images / per-frame spatial UNet)
 
 
 def _call(ctx: StepContext, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
@@ -45,32 +50,33 @@ def _call(ctx: StepContext, fn: Callable[..., torch.Tensor], *args: Any) -> torc
 
 
 def _resnet_unit(
-    resnet: nn.Module, tconv: nn.Module, paca: nn.Module | None, h: torch.Tensor, emb: torch.Tensor,
+    resnet: nn.Module, tconv: nn.Module | None, paca: nn.Module | None, h: torch.Tensor, emb: torch.Tensor,
     frames: int, y_feat: torch.Tensor | None,
 ) -> torch.Tensor:
     h = resnet(h, emb)
     if paca is not None:
         h = paca(h, frames, y_feat)  # Eq. 3
-    return tconv(h, frames)
+    return h if tconv is None else tconv(h, frames)  # None: temporal layers bypassed
 
 
 def _attn_unit(
-    attn: nn.Module, tattn: nn.Module, h: torch.Tensor, spatial_ctx: torch.Tensor, temporal_ctx: torch.Tensor,
-    temporal_mask: torch.Tensor | None, frames: int,
+    attn: nn.Module, tattn: nn.Module | None, h: torch.Tensor, spatial_ctx: torch.Tensor,
+    temporal_ctx: torch.Tensor | None, temporal_mask: torch.Tensor | None, frames: int,
 ) -> torch.Tensor:
     h = attn(h, encoder_hidden_states=spatial_ctx, return_dict=False)[0]  # Eq. 1 / Eq. 2
-    return tattn(h, frames, temporal_ctx, temporal_mask)
+    return h if tattn is None else tattn(h, frames, temporal_ctx, temporal_mask)  # None: bypassed
 
 
 def _resnet(ctx: StepContext, resnet: nn.Module, tconv: nn.Module, h: torch.Tensor,
             paca: nn.Module | None = None, y_feat: torch.Tensor | None = None) -> torch.Tensor:
-    return _call(ctx, partial(_resnet_unit, resnet, tconv, paca), h, ctx.emb, ctx.frames, y_feat)
+    tconv_or_none = tconv if ctx.temporal else None
+    return _call(ctx, partial(_resnet_unit, resnet, tconv_or_none, paca), h, ctx.emb, ctx.frames, y_feat)
 
 
 def _attn(ctx: StepContext, attn: nn.Module, tattn: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return _call(
-        ctx, partial(_attn_unit, attn, tattn), h, ctx.spatial_context, ctx.temporal_context,
-        ctx.temporal_mask, ctx.frames,
+        ctx, partial(_attn_unit, attn, tattn if ctx.temporal else None), h, ctx.spatial_context,
+        ctx.temporal_context, ctx.temporal_mask, ctx.frames,
     )
 
 

@@ -7,10 +7,18 @@ batch for every spatial layer (``'b c f h w -> (b f) c h w'``) and inserting aft
 - temporal layers (:mod:`~fdreamer.models.temporal`), cross-attending to T5 (or CLIP) motion tokens;
 - the T2I adapter, Eq. 2 (:mod:`~fdreamer.models.adapter`), in every spatial cross-attention;
 - PACA, Eq. 3 (:mod:`~fdreamer.models.paca`), after every up-block ResNet;
-- optionally the PredictNet, Eq. 4 (:mod:`~fdreamer.models.predictnet`), on the same skip features.
+- optionally the PredictNet, Eq. 4 (:mod:`~fdreamer.models.predictnet`), on the same skip features;
+- optionally an fps embedding added to the timestep embedding (:mod:`~fdreamer.models.fps`,
+  ``fps_conditioning``; VideoCrafter).
 
 All new output projections start at zero (with the preset init choices), so a freshly built model
 reproduces the image UNet frame by frame.
+
+``forward(..., temporal=False)`` is the image path of joint image-video training (VideoCrafter2):
+every temporal layer and the fps embedding are skipped (not run on T=1: not called at all), each
+frame goes through the spatial layers alone, and the image conditions become optional — without them
+the adapter branch gets zero image tokens (bias-free keys/values of zeros: it adds exactly 0, Eq. 1)
+and PACA is skipped, i.e. the spatial UNet as the T2I step of the pipeline computes it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from fdreamer.models.adapter import (
 )
 from fdreamer.models.attention import check_backend
 from fdreamer.models.config import ModelConfig, preset_model_config, preset_unet_config
+from fdreamer.models.fps import FpsEmbedding, fps_tensor
 from fdreamer.models.paca import Paca
 from fdreamer.models.params import apply_freeze
 from fdreamer.models.predictnet import PredictNet
@@ -96,6 +105,10 @@ class FactorizedDreamerUNet(nn.Module):
                 )
                 self.paca = Paca(unet, cfg.paca.init, cfg.attention_backend)
             self.predictnet: PredictNet | None = None
+            self.fps_embedding: FpsEmbedding | None = None
+            if cfg.fps_conditioning:  # sinusoid width = time_proj's, output = the time embedding's width
+                self.fps_embedding = FpsEmbedding(unet.config.block_out_channels[0],
+                                                  unet.time_embedding.linear_2.out_features)
         self.to(ref.dtype)
         if cfg.predictnet:
             self.attach_predictnet()
@@ -193,6 +206,7 @@ class FactorizedDreamerUNet(nn.Module):
     def _check_inputs(
         self, sample: torch.Tensor, text_tokens: torch.Tensor, image_embed: torch.Tensor | None,
         first_frame: torch.Tensor | None, t5_tokens: torch.Tensor | None, t5_mask: torch.Tensor | None,
+        temporal: bool = True,
     ) -> None:
         c_in = self.unet.config.in_channels
         if sample.ndim != 5 or sample.shape[1] != c_in or not sample.is_floating_point():
@@ -203,7 +217,10 @@ class FactorizedDreamerUNet(nn.Module):
             raise ValueError(f"text_tokens must be [{b}, L, {d}] (CLIP text hidden states), got {tuple(text_tokens.shape)}")
         if self.cfg.factorized:
             if image_embed is None or first_frame is None:
-                raise ValueError("factorized model needs image_embed and first_frame (null_conditions() gives nulls)")
+                if temporal or image_embed is not None or first_frame is not None:
+                    raise ValueError("factorized model needs image_embed and first_frame (null_conditions() gives "
+                                     "nulls); only the image path (temporal=False) may leave out both")
+                return self._check_t5(b, t5_tokens, t5_mask, temporal)
             if image_embed.shape != (b, self.cfg.image_embed_dim):
                 raise ValueError(f"image_embed must be [{b}, {self.cfg.image_embed_dim}], got {tuple(image_embed.shape)}")
             if first_frame.shape != (b, self.unet.config.out_channels, h, w):
@@ -212,6 +229,13 @@ class FactorizedDreamerUNet(nn.Module):
                 )
         elif image_embed is not None or first_frame is not None:
             raise ValueError("factorized=False (direct T2V): the model has no adapter/PACA; pass no image_embed/first_frame")
+        self._check_t5(b, t5_tokens, t5_mask, temporal)
+
+    def _check_t5(self, b: int, t5_tokens: torch.Tensor | None, t5_mask: torch.Tensor | None, temporal: bool) -> None:
+        if not temporal and t5_tokens is None:
+            if t5_mask is not None:
+                raise ValueError("t5_mask given without t5_tokens")
+            return  # the image path runs no temporal cross-attention
         if self.cfg.temporal_text_encoder == "clip":
             if t5_tokens is not None or t5_mask is not None:
                 raise ValueError("temporal_text_encoder='clip': the temporal layers read text_tokens; pass no t5_tokens")
@@ -237,6 +261,8 @@ class FactorizedDreamerUNet(nn.Module):
         t5_mask: torch.Tensor | None = None,
         *,
         return_flow: bool | None = None,
+        temporal: bool = True,
+        fps: torch.Tensor | float | None = None,
     ) -> FactorizedDreamerOutput:
         """Predict ε (or v) for noisy video latents; optionally the PredictNet's flow (Eq. 4).
 
@@ -248,11 +274,20 @@ class FactorizedDreamerUNet(nn.Module):
             first_frame: VAE latent of the conditioning frame ``[B, C, h, w]`` (PACA, Eq. 3).
             t5_tokens, t5_mask: motion caption ``[B, L, D_t5]`` + bool ``[B, L]`` (True = real token;
                 None = all real) for the temporal cross-attention; ``temporal_text_encoder='t5'`` only.
-            return_flow: None = flow when the PredictNet exists and the model is training.
+            return_flow: None = flow when the PredictNet exists, the model is training and ``temporal``.
+            temporal: False = the image path: every frame through the spatial layers only (temporal layers
+                and fps embedding not called; image conditions and T5 tokens optional, see the module doc).
+            fps: frames per second, a number or float ``[B]`` (``fps_conditioning`` models; None ->
+                ``cfg.fps_default``); ignored by models without fps conditioning and on the image path.
         """
-        self._check_inputs(sample, text_tokens, image_embed, first_frame, t5_tokens, t5_mask)
+        self._check_inputs(sample, text_tokens, image_embed, first_frame, t5_tokens, t5_mask, temporal)
         b, _, frames, h, w = sample.shape
-        want_flow = (self.predictnet is not None and self.training) if return_flow is None else return_flow
+        if return_flow is None:
+            want_flow = self.predictnet is not None and self.training and temporal
+        else:
+            want_flow = return_flow
+        if want_flow and not temporal:
+            raise ValueError("return_flow=True needs the temporal layers (temporal=True): images have no flow")
         if want_flow and self.predictnet is None:
             raise ValueError("return_flow=True but the model has no PredictNet (predictnet=False)")
         if want_flow and frames < 2:
@@ -262,18 +297,26 @@ class FactorizedDreamerUNet(nn.Module):
 
         ts = self._timesteps(timestep, b, sample.device)
         ts = repeat(ts, "b -> (b f)", f=frames)
-        emb = unet.time_embedding(unet.time_proj(ts).to(dtype))
+        emb = unet.time_embedding(unet.time_proj(ts).to(dtype))  # [(b f), E]
+        if self.fps_embedding is not None and temporal:  # VideoCrafter: emb += MLP(sinusoid(fps))
+            fps_t = fps_tensor(fps, b, self.cfg.fps_default, sample.device)  # [b]
+            fps_emb = self.fps_embedding(unet.time_proj(fps_t).to(dtype))  # [b, E]
+            emb = emb + repeat(fps_emb, "b e -> (b f) e", f=frames)
 
         spatial_ctx = text_tokens.to(dtype)
         paca_feats = None
         if self.image_proj is not None and self.paca is not None:
-            image_tokens = self.image_proj(image_embed.to(dtype))  # [b, N, D]
+            if image_embed is not None:
+                image_tokens = self.image_proj(image_embed.to(dtype))  # [b, N, D]
+                paca_feats = self.paca.features(first_frame.to(dtype))
+            else:  # image path without image condition: zero tokens -> the adapter branch adds exactly 0
+                image_tokens = spatial_ctx.new_zeros(b, self.cfg.adapter.num_tokens, spatial_ctx.shape[2])
             spatial_ctx = torch.cat([spatial_ctx, image_tokens], dim=1)  # text then image tokens (Eq. 2)
-            paca_feats = self.paca.features(first_frame.to(dtype))
-        if self.cfg.temporal_text_encoder == "t5":
+        temporal_ctx = temporal_mask = None  # the image path (temporal=False) runs no layer that reads them
+        if temporal and self.cfg.temporal_text_encoder == "t5":
             temporal_ctx, temporal_mask = t5_tokens.to(dtype), t5_mask
-        else:
-            temporal_ctx, temporal_mask = text_tokens.to(dtype), None
+        elif temporal:
+            temporal_ctx = text_tokens.to(dtype)
         ctx = StepContext(
             frames=frames,
             emb=emb,
@@ -283,6 +326,7 @@ class FactorizedDreamerUNet(nn.Module):
             paca_features=paca_feats,
             forward_upsample_size=any(s % 2**unet.num_upsamplers for s in (h, w)),
             checkpoint=self.gradient_checkpointing,
+            temporal=temporal,
         )
 
         x = unet.conv_in(rearrange(sample, "b c f h w -> (b f) c h w"))

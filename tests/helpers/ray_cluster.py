@@ -63,9 +63,14 @@ def running_ray_head(workdir: Path, num_cpus: int = 2, timeout_s: float = 60.0) 
                                             "metrics-export-port", "runtime-env-agent-port",
                                             "ray-client-server-port", "node-manager-port", "object-manager-port")}
     previous = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.is_file() else None
+    # Its own Ray temp dir (short: it holds Unix sockets): `ray job submit` drivers are pointed at the
+    # cluster recorded in the head's temp dir, and with the shared /tmp/ray that is whichever cluster on
+    # the machine ran `ray start` last — another test session's, which may stop mid-job.
+    temp_dir = tempfile.mkdtemp(prefix="fdray-", dir="/tmp")
     log = (workdir / "head.log").open("w")
     head = subprocess.Popen(
         [RAY_BIN, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+         f"--temp-dir={temp_dir}",
          "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", *(f"--{flag}={p}" for flag, p in fixed.items())],
         env=subprocess_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"), stdout=log, stderr=subprocess.STDOUT,
@@ -99,3 +104,4 @@ def running_ray_head(workdir: Path, num_cpus: int = 2, timeout_s: float = 60.0) 
                 CURRENT_CLUSTER.unlink()
             else:
                 CURRENT_CLUSTER.write_text(previous)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,140 @@
+"""Three systems, one data set, one budget: ``python training/compare.py --config training/configs/tiny_learn.yaml
+--image-path DIR --eval-data DIR [--systems fd,swap,vc2] [--vc2-stage-b-steps N] [--eval-steps 20] [--eval-num N]
+[--key=value ...]``.
+
+Trains, on the same preprocessed clips with the same seed, optimizer steps and micro-batch size:
+
+    fd     Factorized-Dreamer (the base config as given)
+    swap   VideoFactory's swapped spatiotemporal attention     model.temporal.block=swap
+    vc2    VideoCrafter2's recipe: stage A = spatial + temporal on joint image-video micro-batches
+           (data.image_ratio=0.5: half of every micro-batch are 1-frame images, temporal layers bypassed),
+           then stage B = spatial-only fine-tune on the high-quality images (temporal, adapter, PACA frozen,
+           data.image_ratio=1) for ``--vc2-stage-b-steps`` of the same total step budget
+
+then evaluates each final checkpoint with :func:`fdreamer.evaluate.evaluate` (image-to-video on the held-out
+first frames + motion captions, text-to-video on the held-out captions), logs the metrics to each system's
+MLflow run (one experiment ``<tracking.experiment>-compare``, runs tagged ``system``) and prints a markdown
+table read back from MLflow: FC, PC, warping error, direction accuracy, frame-0 PSNR.
+
+``--image-path`` is the preprocessed image manifest (``fdreamer sample-data DIR --images`` then
+``pipelines/preprocess.py`` on ``DIR/images.jsonl``); ``--eval-data`` the ``fdreamer sample-data`` folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.ablate import _pop_option  # noqa: E402
+
+SYSTEMS: dict[str, str] = {
+    "fd": "Factorized-Dreamer",
+    "swap": "VideoFactory swap attention",
+    "vc2": "VideoCrafter2 recipe (A: joint image-video, B: spatial-only on images)",
+}
+#: (column header, MLflow metric) of the printed table.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("I2V dir. acc.", "eval_i2v_direction_accuracy"), ("I2V FC", "eval_i2v_fc"),
+    ("I2V warp err.", "eval_i2v_warping_error"), ("I2V PSNR f0", "eval_i2v_psnr0"),
+    ("T2V dir. acc.", "eval_t2v_direction_accuracy"), ("T2V FC", "eval_t2v_fc"), ("T2V PC", "eval_t2v_pc"),
+    ("T2V warp err.", "eval_t2v_warping_error"), ("val_loss", "val_loss"),
+)
+
+
+def system_args(system: str, base: list[str], experiment: str, *, image_path: str | None, steps: int,
+                stage_b_steps: int, run_root: Path | None) -> list[list[str]]:
+    """The ``training/run.py`` argument lists of one system (two stages for vc2), after the user's overrides."""
+    tags = f"--tracking.tags={{system: '{system}', system_label: '{SYSTEMS[system]}'}}"
+    common = [*base, f"--tracking.experiment={experiment}", tags]
+    if system == "fd":
+        return [[*common, "--name=compare_fd", "--tracking.run_name=compare-fd"]]
+    if system == "swap":
+        return [[*common, "--model.temporal.block=swap", "--name=compare_swap", "--tracking.run_name=compare-swap"]]
+    if system != "vc2":
+        raise ValueError(f"unknown system {system!r}; systems are {list(SYSTEMS)}")
+    if not image_path:
+        raise ValueError("the vc2 system needs --image-path (preprocessed image manifest)")
+    if not 0 < stage_b_steps < steps:
+        raise ValueError(f"--vc2-stage-b-steps must be in (0, {steps}), got {stage_b_steps}")
+    a = [*common, f"--data.image_path={image_path}", "--data.image_ratio=0.5", "--stage=vc2_stageA",
+         f"--steps={steps - stage_b_steps}", "--name=compare_vc2_A", "--tracking.run_name=compare-vc2-A"]
+    b = [*common, f"--data.image_path={image_path}", "--data.image_ratio=1.0", "--stage=vc2_stageB",
+         "--model.freeze=[temporal,adapter,paca]", f"--steps={stage_b_steps}",
+         f"--init_from={run_root / 'compare_vc2_A' if run_root else 'compare_vc2_A'}", "--name=compare_vc2_B",
+         "--tracking.run_name=compare-vc2-B"]
+    return [a, b]
+
+
+def table(runs: dict[str, str], tracking_uri: str) -> str:
+    """Markdown table of each system's MLflow metrics."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    lines = ["| system | " + " | ".join(h for h, _ in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for system, run_id in runs.items():
+        m = client.get_run(run_id).data.metrics
+        cells = [f"{m[k]:.4f}" if k in m else "–" for _, k in COLUMNS]
+        lines.append(f"| {SYSTEMS[system]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from cluster.connect import init_ray
+    from fdreamer.config import ConfigError, parse_cli
+    from training.checkpointing import latest_checkpoint, read_trainer_state
+    from training.config import TrainConfig
+    from training.launch import fit, prepare, run_dir
+    from training.tracking import default_tracking_uri
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    eval_data = _pop_option(args, "--eval-data")
+    image_path = _pop_option(args, "--image-path")
+    eval_steps = int(_pop_option(args, "--eval-steps") or 20)
+    eval_num = _pop_option(args, "--eval-num")
+    systems = [s.strip() for s in (_pop_option(args, "--systems") or ",".join(SYSTEMS)).split(",")]
+    stage_b = _pop_option(args, "--vc2-stage-b-steps")
+    try:
+        base_cfg, _ = parse_cli(TrainConfig, args, prog="training/compare.py")
+        if image_path:
+            image_path = str(Path(image_path).resolve()) if "://" not in image_path else image_path
+        stage_b_steps = int(stage_b) if stage_b else max(1, base_cfg.steps // 4)
+        experiment = f"{base_cfg.tracking.experiment}-compare"
+        root = Path(base_cfg.storage_path).resolve() if "://" not in base_cfg.storage_path else None
+        plans = {s: system_args(s, args, experiment, image_path=image_path, steps=base_cfg.steps,
+                                stage_b_steps=stage_b_steps, run_root=root) for s in systems}
+        cfgs = {s: [parse_cli(TrainConfig, a)[0] for a in plan] for s, plan in plans.items()}
+        for stages in cfgs.values():
+            prepare(stages[0])  # later stages are checked when their previous stage exists
+    except (ConfigError, ValueError, FileExistsError) as exc:
+        print(f"compare: {exc}", file=sys.stderr)
+        return 2
+    init_ray(base_cfg.ray_address)
+    runs: dict[str, str] = {}
+    try:
+        for s in systems:
+            for i, cfg in enumerate(cfgs[s]):
+                print(f"== {SYSTEMS[s]}: {cfg.name} ({cfg.steps} steps)", flush=True)
+                if i > 0:
+                    prepare(cfg)
+                fit(cfg)
+            ckpt = latest_checkpoint(run_dir(cfgs[s][-1]))
+            runs[s] = read_trainer_state(ckpt).mlflow_run_id
+            if eval_data:
+                from fdreamer.evaluate import EvalSettings, evaluate
+
+                res = evaluate(ckpt, eval_data, modes=("i2v", "t2v"), num=int(eval_num) if eval_num else None,
+                               settings=EvalSettings(steps=eval_steps), tracking_uri=default_tracking_uri(cfgs[s][-1]),
+                               run_id=runs[s], out=run_dir(cfgs[s][-1]) / "eval")
+                print(f"== {SYSTEMS[s]} evaluation: {res.summary}", flush=True)
+    finally:
+        ray.shutdown()
+    print(table(runs, default_tracking_uri(base_cfg)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
