@@ -99,6 +99,18 @@ def _init_model_thread(num_threads: int) -> None:
     torch.set_flush_denormal(False)
 
 
+#: Defaults of both model deployments (serving/config.yaml overrides them per deployment).
+MODEL_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
+    "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
+    "max_ongoing_requests": 8,
+    "max_queued_requests": 64,
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+    "health_check_period_s": 10,
+    "health_check_timeout_s": 30,
+    "graceful_shutdown_wait_loop_s": 2,
+}
+
+
 class _ModelReplica:
     """What both model deployments share: settings, store, pipeline, metrics, shutdown."""
 
@@ -148,17 +160,7 @@ class _ModelReplica:
                 logger.exception("marking job %s failed on shutdown", job_id)
 
 
-@serve.deployment(
-    name="TextToImage",
-    ray_actor_options={"num_cpus": 0.5, "num_gpus": 0},
-    max_ongoing_requests=8,
-    max_queued_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_wait_loop_s=2,
-    graceful_shutdown_timeout_s=30,
-)
+@serve.deployment(name="TextToImage", graceful_shutdown_timeout_s=30, **MODEL_DEPLOYMENT_DEFAULTS)
 class TextToImage(_ModelReplica):
     """The T2I step of text-to-video: a uint8 ``[H, W, 3]`` first frame per job."""
 
@@ -217,17 +219,7 @@ def _run_grouped(jobs: list[dict[str, Any]], run) -> list[Any]:
     return out
 
 
-@serve.deployment(
-    name="VideoModel",
-    ray_actor_options={"num_cpus": 0.5, "num_gpus": 0},
-    max_ongoing_requests=8,
-    max_queued_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_wait_loop_s=2,
-    graceful_shutdown_timeout_s=60,
-)
+@serve.deployment(name="VideoModel", graceful_shutdown_timeout_s=60, **MODEL_DEPLOYMENT_DEFAULTS)
 class VideoModel(_ModelReplica):
     """Runs jobs: T2I (through the ``TextToImage`` handle) when no image is given, then image-to-video."""
 
