@@ -46,14 +46,14 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 def system_args(system: str, base: list[str], experiment: str, *, image_path: str | None, steps: int,
                 stage_b_steps: int, run_root: Path | None) -> list[list[str]]:
     """The ``training/run.py`` argument lists of one system (two stages for vc2), after the user's overrides."""
+    if system not in SYSTEMS:
+        raise ValueError(f"unknown system {system!r}; systems are {list(SYSTEMS)}")
     tags = f"--tracking.tags={{system: '{system}', system_label: '{SYSTEMS[system]}'}}"
     common = [*base, f"--tracking.experiment={experiment}", tags]
     if system == "fd":
         return [[*common, "--name=compare_fd", "--tracking.run_name=compare-fd"]]
     if system == "swap":
         return [[*common, "--model.temporal.block=swap", "--name=compare_swap", "--tracking.run_name=compare-swap"]]
-    if system != "vc2":
-        raise ValueError(f"unknown system {system!r}; systems are {list(SYSTEMS)}")
     if not image_path:
         raise ValueError("the vc2 system needs --image-path (preprocessed image manifest)")
     if not 0 < stage_b_steps < steps:

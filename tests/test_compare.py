@@ -1,0 +1,67 @@
+"""``training/compare.py``: the three systems' run configurations and the table read back from MLflow.
+
+The trainings themselves are the same ``training.launch.fit`` that tests/test_training.py and
+tests/test_vc2.py run; here: that each system's arguments resolve to the configuration the recipe names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from helpers.ray_cluster import REPO
+
+from fdreamer.config import parse_cli
+from training.compare import SYSTEMS, system_args, table
+from training.config import TrainConfig
+
+BASE = ["--config", str(REPO / "training" / "configs" / "tiny_learn.yaml"), "--steps=40"]
+
+
+def _cfgs(system: str, tmp_path: Path, **kw) -> list[TrainConfig]:
+    opts = {"image_path": str(tmp_path / "images"), "steps": 40, "stage_b_steps": 10, "run_root": tmp_path}
+    opts.update(kw)
+    return [parse_cli(TrainConfig, a)[0] for a in system_args(system, BASE, "exp-compare", **opts)]
+
+
+def test_fd_and_swap_differ_only_in_the_temporal_block(tmp_path: Path) -> None:
+    (fd,), (swap,) = _cfgs("fd", tmp_path), _cfgs("swap", tmp_path)
+    assert fd.model.temporal.block == "factorized" and swap.model.temporal.block == "swap"
+    assert (fd.steps, fd.micro_batch, fd.seed, fd.optim.lr) == (swap.steps, swap.micro_batch, swap.seed, swap.optim.lr)
+    assert fd.name != swap.name and fd.tracking.experiment == swap.tracking.experiment == "exp-compare"
+    assert fd.tracking.tags["system"] == "fd" and swap.tracking.tags["system"] == "swap"
+
+
+def test_vc2_is_joint_stage_a_then_spatial_only_stage_b_within_the_same_budget(tmp_path: Path) -> None:
+    a, b = _cfgs("vc2", tmp_path)
+    assert a.steps + b.steps == 40 and b.steps == 10
+    assert a.data.image_ratio == 0.5 and a.data.image_path == str(tmp_path / "images") and not a.model.freeze
+    assert a.image_micro_batch > 0 and a.video_micro_batch > 0
+    assert b.data.image_ratio == 1.0 and set(b.model.freeze) == {"temporal", "adapter", "paca"}
+    assert b.init_from == str(tmp_path / a.name) and b.micro_batch == a.micro_batch
+
+
+def test_bad_systems_and_budgets_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown system"):
+        system_args("vc3", BASE, "e", image_path="x", steps=40, stage_b_steps=10, run_root=None)
+    with pytest.raises(ValueError, match="needs --image-path"):
+        system_args("vc2", BASE, "e", image_path=None, steps=40, stage_b_steps=10, run_root=None)
+    with pytest.raises(ValueError, match="vc2-stage-b-steps"):
+        system_args("vc2", BASE, "e", image_path="x", steps=40, stage_b_steps=40, run_root=None)
+
+
+def test_table_reads_each_systems_metrics_back(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=str(tmp_path / "art"))
+    runs = {}
+    for i, system in enumerate(SYSTEMS):
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "eval_i2v_direction_accuracy", 0.125 * (i + 1))
+        client.log_metric(run.info.run_id, "eval_t2v_pc", 0.3 + i)
+        runs[system] = run.info.run_id
+    lines = table(runs, uri).splitlines()
+    assert len(lines) == 2 + len(SYSTEMS) and lines[0].startswith("| system | I2V dir. acc.")
+    assert lines[2].startswith(f"| {SYSTEMS['fd']} | 0.1250 |") and "| 2.3000 |" in lines[4]
+    assert lines[3].count("–") == len(lines[3].split("|")) - 5  # metrics a run lacks show as –
