@@ -32,6 +32,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
+
+from cluster.mlflow_server import free_port, start_mlflow_server, stop_mlflow_server  # noqa: E402
+
 RUNTIME_ENV = {"working_dir": ".", "excludes": [".git/", ".venv/", "runs/", "data/", "models/", "mlruns/",
                                                   "**/__pycache__/", "*.mp4", "*.parquet"]}
 
@@ -49,14 +52,6 @@ def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
 def env() -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout_s: float, what: str) -> None:
@@ -137,15 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         timings["inputs_s"] = time.monotonic() - t
 
         t = step("2/7 MLflow server (sqlite)")
-        mport = free_port()
-        mlflow_uri = f"http://127.0.0.1:{mport}"
-        (work / "mlflow").mkdir(exist_ok=True)
-        mlflow_log = (work / "mlflow" / "server.log").open("w")
-        mlflow_proc = subprocess.Popen(
-            [BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow' / 'mlflow.db'}",
-             "--artifacts-destination", str(work / "mlflow" / "artifacts"), "--host", "127.0.0.1", "--port",
-             str(mport), "--workers", "1"], stdout=mlflow_log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_http(f"{mlflow_uri}/health", 120, "mlflow server")
+        mlflow_proc, mlflow_uri = start_mlflow_server(work / "mlflow")
         timings["mlflow_s"] = time.monotonic() - t
 
         t = step("3/7 local 2-node Ray cluster")
@@ -227,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                                cwd=REPO, timeout=120)
             subprocess.run([REPO / "cluster" / "local.sh", "down"], env=env(), check=False, cwd=REPO, timeout=120)
             if mlflow_proc is not None and not args.keep_mlflow:
-                os.killpg(mlflow_proc.pid, 15)
-                mlflow_proc.wait(30)
+                stop_mlflow_server(mlflow_proc)
     if mlflow_proc is not None:
         result["mlflow_pid"] = mlflow_proc.pid
     result["timings_s"] = {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.monotonic() - t_all, 1)}

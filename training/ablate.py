@@ -58,17 +58,45 @@ def _pop_option(args: list[str], name: str) -> str | None:
     return None
 
 
-def table(rows: list[str], runs: dict[str, str], tracking_uri: str, metrics: tuple[str, ...] = METRICS) -> str:
-    """Markdown table of the final metrics of each variant's MLflow run."""
+def metrics_table(labels: dict[str, str], runs: dict[str, str], tracking_uri: str,
+                  columns: tuple[tuple[str, str], ...], first: str = "row") -> str:
+    """Markdown table, one line per ``labels`` entry (``key -> label``): the final value of each column's
+    MLflow metric (``(header, metric)``) in run ``runs[key]``, ``–`` where the run has none."""
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri)
-    lines = ["| row | variant | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for row in rows:
-        m = client.get_run(runs[row]).data.metrics
-        cells = [f"{m[k]:.4f}" if k in m else "–" for k in metrics]
-        lines.append(f"| ({row}) | {VARIANTS[row][0]} | " + " | ".join(cells) + " |")
+    lead = "|---" * (first.count("|") + 1) + "|"  # `first` may hold several label columns ("row | variant")
+    lines = [f"| {first} | " + " | ".join(h for h, _ in columns) + " |", lead + "---|" * len(columns)]
+    for key, label in labels.items():
+        m = client.get_run(runs[key]).data.metrics
+        cells = [f"{m[k]:.4f}" if k in m else "–" for _, k in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table(rows: list[str], runs: dict[str, str], tracking_uri: str, metrics: tuple[str, ...] = METRICS) -> str:
+    """Markdown table of the final metrics of each variant's MLflow run."""
+    labels = {r: f"({r}) | {VARIANTS[r][0]}" for r in rows}
+    return metrics_table(labels, runs, tracking_uri, tuple((m, m) for m in metrics), first="row | variant")
+
+
+def evaluate_final(cfg, eval_data: str | None, *, modes: tuple[str, ...] = ("i2v",), eval_steps: int = 20,
+                   eval_num: int | None = None) -> tuple[str, dict | None]:
+    """The MLflow run id of ``cfg``'s run (from its latest checkpoint) and, when ``eval_data`` is given,
+    the :func:`fdreamer.evaluate.evaluate` summary of that checkpoint, logged to the same run."""
+    from training.checkpointing import latest_checkpoint, read_trainer_state
+    from training.launch import run_dir
+    from training.tracking import default_tracking_uri
+
+    ckpt = latest_checkpoint(run_dir(cfg))
+    run_id = read_trainer_state(ckpt).mlflow_run_id
+    if not eval_data:
+        return run_id, None
+    from fdreamer.evaluate import EvalSettings, evaluate
+
+    res = evaluate(ckpt, eval_data, modes=modes, num=eval_num, settings=EvalSettings(steps=eval_steps),
+                   tracking_uri=default_tracking_uri(cfg), run_id=run_id, out=run_dir(cfg) / "eval")
+    return run_id, res.summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,18 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"== Table 4 ({r}): {VARIANTS[r][0]}", flush=True)
             fit(cfgs[r])
-            from training.checkpointing import latest_checkpoint, read_trainer_state
-            from training.launch import run_dir
-
-            ckpt = latest_checkpoint(run_dir(cfgs[r]))
-            runs[r] = read_trainer_state(ckpt).mlflow_run_id
-            if eval_data:
-                from fdreamer.evaluate import EvalSettings, evaluate
-
-                res = evaluate(ckpt, eval_data, num=int(eval_num) if eval_num else None,
-                               settings=EvalSettings(steps=eval_steps), tracking_uri=default_tracking_uri(cfgs[r]),
-                               run_id=runs[r], out=run_dir(cfgs[r]) / "eval")
-                print(f"== Table 4 ({r}) evaluation: {res.summary['i2v']}", flush=True)
+            runs[r], summary = evaluate_final(cfgs[r], eval_data, eval_steps=eval_steps,
+                                              eval_num=int(eval_num) if eval_num else None)
+            if summary is not None:
+                print(f"== Table 4 ({r}) evaluation: {summary['i2v']}", flush=True)
     finally:
         ray.shutdown()
     metrics = METRICS + (EVAL_METRICS if eval_data else ())

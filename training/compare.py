@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.ablate import _pop_option  # noqa: E402
+from training.ablate import _pop_option, evaluate_final, metrics_table  # noqa: E402
 
 SYSTEMS: dict[str, str] = {
     "fd": "Factorized-Dreamer",
@@ -69,15 +69,7 @@ def system_args(system: str, base: list[str], experiment: str, *, image_path: st
 
 def table(runs: dict[str, str], tracking_uri: str) -> str:
     """Markdown table of each system's MLflow metrics."""
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(tracking_uri)
-    lines = ["| system | " + " | ".join(h for h, _ in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-    for system, run_id in runs.items():
-        m = client.get_run(run_id).data.metrics
-        cells = [f"{m[k]:.4f}" if k in m else "–" for _, k in COLUMNS]
-        lines.append(f"| {SYSTEMS[system]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return metrics_table({s: SYSTEMS[s] for s in runs}, runs, tracking_uri, COLUMNS, first="system")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from cluster.connect import init_ray
     from fdreamer.config import ConfigError, parse_cli
-    from training.checkpointing import latest_checkpoint, read_trainer_state
     from training.config import TrainConfig
-    from training.launch import fit, prepare, run_dir
+    from training.launch import fit, prepare
     from training.tracking import default_tracking_uri
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -121,15 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                 if i > 0:
                     prepare(cfg)
                 fit(cfg)
-            ckpt = latest_checkpoint(run_dir(cfgs[s][-1]))
-            runs[s] = read_trainer_state(ckpt).mlflow_run_id
-            if eval_data:
-                from fdreamer.evaluate import EvalSettings, evaluate
-
-                res = evaluate(ckpt, eval_data, modes=("i2v", "t2v"), num=int(eval_num) if eval_num else None,
-                               settings=EvalSettings(steps=eval_steps), tracking_uri=default_tracking_uri(cfgs[s][-1]),
-                               run_id=runs[s], out=run_dir(cfgs[s][-1]) / "eval")
-                print(f"== {SYSTEMS[s]} evaluation: {res.summary}", flush=True)
+            runs[s], summary = evaluate_final(cfgs[s][-1], eval_data, modes=("i2v", "t2v"), eval_steps=eval_steps,
+                                              eval_num=int(eval_num) if eval_num else None)
+            if summary is not None:
+                print(f"== {SYSTEMS[s]} evaluation: {summary}", flush=True)
     finally:
         ray.shutdown()
     print(table(runs, default_tracking_uri(base_cfg)), flush=True)

@@ -138,3 +138,42 @@ class MultiHeadAttention(nn.Module):
             attn_mask = rearrange(mask, "n l -> n 1 1 l")
         out = attention(q, k, v, attn_mask, self.attention_backend)
         return self.to_out(rearrange(out, "n h l d -> n l (h d)"))
+
+
+class CaptionTail(nn.Module):
+    """Base of the temporal blocks (:class:`~fdreamer.models.temporal.TemporalTransformer`,
+    :class:`~fdreamer.models.swap.SwapTransformer`): their shared input checks and their shared tail,
+    cross-attention on the motion caption + feed-forward + zero-initialised ``proj_out``.
+
+    A subclass builds its own layers first, then calls :meth:`init_caption_tail` (so the random
+    initialisation order, and the attribute names ``norm2, cross_attn, norm3, ff, proj_out`` of the
+    state dict, are those of a block that wrote them out itself).
+    """
+
+    def init_caption_tail(self, channels: int, heads: int, context_dim: int, ff_mult: int, backend: str) -> None:
+        self.context_dim = context_dim
+        self.norm2 = nn.LayerNorm(channels)
+        self.cross_attn = MultiHeadAttention(channels, heads, context_dim=context_dim, backend=backend)
+        self.norm3 = nn.LayerNorm(channels)
+        self.ff = nn.Sequential(
+            nn.Linear(channels, channels * ff_mult), nn.GELU(), nn.Linear(channels * ff_mult, channels)
+        )
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def check_inputs(self, x: torch.Tensor, frames: int, context: torch.Tensor) -> int:
+        """Validate ``x`` [(b f), c, h, w] and ``context`` [b, L, context_dim]; return ``b``."""
+        if x.ndim != 4 or frames < 1 or x.shape[0] % frames != 0:
+            raise ValueError(f"{type(self).__name__}: expected [(b f), c, h, w] with f={frames}, got {tuple(x.shape)}")
+        b = x.shape[0] // frames
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
+            raise ValueError(f"temporal context must be [{b}, L, {self.context_dim}], got {tuple(context.shape)}")
+        return b
+
+    def caption_tail(self, tokens: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``tokens`` [b, N, c] (every query of one sample) -> ``proj_out(u + FF(u))`` with
+        ``u = tokens + CrossAttn(tokens <- context)``, [b, N, c]; ``mask`` bool [b, L] (True = token)."""
+        u = tokens + self.cross_attn(layer_norm_fp32(tokens, self.norm2), context, mask)
+        u = u + self.ff(layer_norm_fp32(u, self.norm3))
+        return self.proj_out(u)

@@ -48,6 +48,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from fdreamer.models.attention import (
+    CaptionTail,
     MultiHeadAttention,
     frame_position_encoding,
     group_norm_fp32,
@@ -150,7 +151,7 @@ class FrameSelfAttention(nn.Module):
         return rearrange(seq, "(b h w) f c -> b f h w c", b=b, h=h, w=w)
 
 
-class SwapTransformer(nn.Module):
+class SwapTransformer(CaptionTail):
     """Residual swap block: branches, swapped window cross-attention, text cross-attention, FF.
 
     ``index`` is the block's global position among the swap blocks (walk order down → mid → up); it
@@ -162,22 +163,13 @@ class SwapTransformer(nn.Module):
         ff_mult: int = 4, backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.context_dim = context_dim
         self.index = index
         self.query_branch = query_branch(index)
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)  # output = the spatial branch s
         self.temporal_branch = FrameSelfAttention(channels, heads, backend)  # output = the temporal branch t
         self.swap_attn = WindowCrossAttention(channels, heads, window, backend)
-        self.norm2 = nn.LayerNorm(channels)
-        self.cross_attn = MultiHeadAttention(channels, heads, context_dim=context_dim, backend=backend)
-        self.norm3 = nn.LayerNorm(channels)
-        self.ff = nn.Sequential(
-            nn.Linear(channels, channels * ff_mult), nn.GELU(), nn.Linear(channels * ff_mult, channels)
-        )
-        self.proj_out = nn.Linear(channels, channels)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        self.init_caption_tail(channels, heads, context_dim, ff_mult, backend)  # text cross-attn, FF, proj_out
 
     def extra_repr(self) -> str:
         return f"index={self.index}, query_branch={self.query_branch!r}, window={self.swap_attn.window}"
@@ -186,13 +178,7 @@ class SwapTransformer(nn.Module):
         self, x: torch.Tensor, frames: int, context: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``x`` [(b f), c, h, w]; ``context`` [b, L, context_dim]; ``mask`` bool [b, L] (True = token)."""
-        if x.ndim != 4 or frames < 1 or x.shape[0] % frames != 0:
-            raise ValueError(f"SwapTransformer: expected [(b f), c, h, w] with f={frames}, got {tuple(x.shape)}")
-        b = x.shape[0] // frames
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
-            raise ValueError(
-                f"temporal context must be [{b}, L, {self.context_dim}], got {tuple(context.shape)}"
-            )
+        self.check_inputs(x, frames, context)
         _, _, hh, ww = x.shape
         # GroupNorm statistics over all frames of a clip, as the factorized block
         h = group_norm_fp32(rearrange(x, "(b f) c h w -> b c f h w", f=frames), self.norm)
@@ -201,7 +187,5 @@ class SwapTransformer(nn.Module):
         q, kv = (s, t) if self.query_branch == "spatial" else (t, s)
         u = q + self.swap_attn(q, kv)  # [b, f, h, w, c]
         uq = rearrange(u, "b f h w c -> b (f h w) c")  # every query of one sample vs its text tokens
-        uq = uq + self.cross_attn(layer_norm_fp32(uq, self.norm2), context, mask)
-        uq = uq + self.ff(layer_norm_fp32(uq, self.norm3))
-        out = self.proj_out(uq)  # [b, (f h w), c]
+        out = self.caption_tail(uq, context, mask)  # [b, (f h w), c]
         return x + rearrange(out, "b (f h w) c -> (b f) c h w", f=frames, h=hh, w=ww)

@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from fdreamer.models.attention import (
+    CaptionTail,
     MultiHeadAttention,
     frame_position_encoding,
     group_norm_fp32,
@@ -32,11 +33,6 @@ from fdreamer.models.attention import (
 )
 from fdreamer.models.config import TemporalConfig
 from fdreamer.models.swap import SwapTransformer
-
-
-def _check_frames(x: torch.Tensor, frames: int, what: str) -> None:
-    if x.ndim != 4 or frames < 1 or x.shape[0] % frames != 0:
-        raise ValueError(f"{what}: expected [(b f), c, h, w] with f={frames}, got {tuple(x.shape)}")
 
 
 class TemporalConv(nn.Module):
@@ -57,14 +53,15 @@ class TemporalConv(nn.Module):
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         """``x`` [(b f), c, h, w] -> same shape."""
-        _check_frames(x, frames, "TemporalConv")
+        if x.ndim != 4 or frames < 1 or x.shape[0] % frames != 0:
+            raise ValueError(f"TemporalConv: expected [(b f), c, h, w] with f={frames}, got {tuple(x.shape)}")
         h = rearrange(x, "(b f) c h w -> b c f h w", f=frames)
         h = self.conv1(F.silu(group_norm_fp32(h, self.norm1)))
         h = self.conv2(F.silu(group_norm_fp32(h, self.norm2)))
         return x + rearrange(h, "b c f h w -> (b f) c h w")
 
 
-class TemporalTransformer(nn.Module):
+class TemporalTransformer(CaptionTail):
     """Residual temporal transformer: frame self-attention, text cross-attention, feed-forward.
 
     The cross-attention has no interaction between queries, so instead of repeating the text tokens for
@@ -76,32 +73,18 @@ class TemporalTransformer(nn.Module):
         self, channels: int, heads: int, context_dim: int, groups: int, ff_mult: int = 4, backend: str = "auto"
     ) -> None:
         super().__init__()
-        self.context_dim = context_dim
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.norm1 = nn.LayerNorm(channels)
         self.self_attn = MultiHeadAttention(channels, heads, backend=backend)
-        self.norm2 = nn.LayerNorm(channels)
-        self.cross_attn = MultiHeadAttention(channels, heads, context_dim=context_dim, backend=backend)
-        self.norm3 = nn.LayerNorm(channels)
-        self.ff = nn.Sequential(
-            nn.Linear(channels, channels * ff_mult), nn.GELU(), nn.Linear(channels * ff_mult, channels)
-        )
-        self.proj_out = nn.Linear(channels, channels)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        self.init_caption_tail(channels, heads, context_dim, ff_mult, backend)
 
     def forward(
         self, x: torch.Tensor, frames: int, context: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``x`` [(b f), c, h, w]; ``context`` [b, L, context_dim]; ``mask`` bool [b, L] (True = token)."""
-        _check_frames(x, frames, "TemporalTransformer")
+        b = self.check_inputs(x, frames, context)
         _, _, hh, ww = x.shape
-        b = x.shape[0] // frames
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
-            raise ValueError(
-                f"temporal context must be [{b}, L, {self.context_dim}], got {tuple(context.shape)}"
-            )
         # GroupNorm statistics over all frames of a clip (as AnimateDiff), keeping inter-frame differences
         h = group_norm_fp32(rearrange(x, "(b f) c h w -> b c f h w", f=frames), self.norm)
         h = rearrange(h, "b c f h w -> (b h w) f c")
@@ -109,11 +92,8 @@ class TemporalTransformer(nn.Module):
         pe = frame_position_encoding(frames, h.shape[-1], h.device, h.dtype)  # [f, c]
         h = h + self.self_attn(layer_norm_fp32(h, self.norm1) + pe)
         hq = rearrange(h, "(b hw) f c -> b (hw f) c", b=b)  # a view: every query of one sample
-        hq = hq + self.cross_attn(layer_norm_fp32(hq, self.norm2), context, mask)
-        h = rearrange(hq, "b (hw f) c -> (b hw) f c", f=frames)
-        h = h + self.ff(layer_norm_fp32(h, self.norm3))
-        h = self.proj_out(h)
-        return x + rearrange(h, "(b h w) f c -> (b f) c h w", h=hh, w=ww)
+        out = self.caption_tail(hq, context, mask)  # [b, (h w f), c]
+        return x + rearrange(out, "b (h w f) c -> (b f) c h w", h=hh, w=ww, f=frames)
 
 
 class TemporalBlock(nn.Module):
