@@ -23,14 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CURRENT_CLUSTER = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+from cluster.mlflow_server import free_port  # noqa: E402  (re-exported for the tests)
+
 RAY_BIN = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
