@@ -24,7 +24,7 @@ main-job: setup
 	$(BIN)/python cluster/main_job.py
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from helpers.ray_cluster import subprocess_env
 
 from fdreamer.checkpoint import save_model
@@ -35,7 +36,8 @@ from fdreamer.models import (
     PacaConfig,
 )
 from fdreamer.sample_data import write_sample_data
-from fdreamer.schedule import ScheduleConfig
+from fdreamer.models.conditions import Conditions
+from fdreamer.schedule import NoiseSchedule, ScheduleConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULE = ScheduleConfig(num_frames=8, height=64, width=64, shift_scale=0.5)
@@ -136,6 +138,30 @@ def test_cli_prints_table_and_json_over_ray_data(checkpoint: Path, sample: Path,
     assert any(line.startswith("| i2v | 2 |") for line in lines)
     local = evaluate(checkpoint, sample, num=2, split=None, settings=FAST, log=False)  # same seeds in-process: same videos
     assert out["i2v_fc"] == pytest.approx(local.summary["i2v"]["fc"], abs=1e-4)
+
+
+def test_caption_probe_hand_computed_ranks_and_fixed_noise_losses() -> None:
+    """The issue-8 caption probe (tests/bench/bench_caption_use.py, used by bench_caption_learning.py):
+    ranks/gap from hand-made losses; losses are a function of the conditions alone (fixed noise)."""
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    from bench_caption_use import caption_losses, rank_stats
+
+    # true caption = column 0: clip 0 has the lowest loss there (rank 0), clip 1 the highest (rank 2)
+    stats = rank_stats(torch.tensor([[0.1, 0.2, 0.3], [0.3, 0.1, 0.2]]), [0, 0])
+    assert stats == pytest.approx({"true_rank_mean": 1.0, "true_best_fraction": 0.5, "chance_rank": 1.0,
+                                   "gap_mean": 0.0}, abs=1e-6)  # gaps (0.25 - 0.1) and (0.15 - 0.3)
+    torch.manual_seed(0)
+    model = FactorizedDreamerUNet.from_preset("tiny", ModelConfig.tiny(), seed=0).eval()
+    b = 2
+    base = Conditions(text_tokens=torch.randn(b, 77, 32), image_embed=torch.randn(b, 32),
+                      first_frame=torch.randn(b, 4, 16, 16), t5_tokens=torch.randn(b, 5, 64),
+                      t5_mask=torch.ones(b, 5, dtype=torch.bool))
+    other = Conditions(**{**base.as_kwargs(), "text_tokens": torch.randn(b, 77, 32)})
+    x0, noise = torch.randn(b, 4, 8, 16, 16), torch.randn(b, 4, 8, 16, 16)
+    losses = caption_losses(model, NoiseSchedule(SCHEDULE), x0, noise, [base, other, base], (300, 900))
+    assert losses.shape == (b, 3) and bool((losses > 0).all())
+    assert torch.equal(losses[:, 0], losses[:, 2])  # the same conditions, the same loss
+    assert not torch.allclose(losses[:, 0], losses[:, 1])  # the spatial cross-attention reads the caption
 
 
 def test_cli_errors_are_one_line(sample: Path, tmp_path: Path) -> None:
