@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,16 +48,9 @@ def init_ray(configured: str | None, **kwargs) -> str:
     """``ray.init`` on :func:`cluster_address` with the repo on the workers' PYTHONPATH; returns the address."""
     import ray
 
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     runtime_env = kwargs.pop("runtime_env", {})
-    runtime_env.setdefault("env_vars", {}).setdefault("PYTHONPATH", pythonpath)
     address = cluster_address(configured)
     extra = {"include_dashboard": False} if address == "local" else {}
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=kwargs.pop("log_to_driver", True), **extra, **kwargs)
     return address
 
-
-def ensure_repo_on_path() -> None:
-    """``python training/run.py`` puts training/, not the repo, on sys.path."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
 from cluster.mlflow_server import free_port, start_mlflow_server, stop_mlflow_server  # noqa: E402
@@ -174,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         app["args"].update(checkpoint=str(ckpt), store=str(work / "serving-jobs"))
         # serve deploy takes only remote working_dir URIs: on this machine the checkout is shared by both
         # nodes, so the replicas import it through PYTHONPATH (a real cluster bakes it into the image)
-        app.setdefault("runtime_env", {}).setdefault("env_vars", {})["PYTHONPATH"] = str(REPO)
         serve_cfg = work / "serve.yaml"
         serve_cfg.write_text(yaml.safe_dump(cfg, sort_keys=False))
         run([BIN / "serve", "deploy", serve_cfg, "--address", dashboard], env=env(), timeout=300)

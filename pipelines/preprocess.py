@@ -8,11 +8,6 @@ this machine when it is still reachable) and starts a local one when none runs; 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python pipelines/preprocess.py` puts pipelines/, not the repo, on the path
-    sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:

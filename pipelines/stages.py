@@ -30,7 +30,7 @@ import pyarrow as pa
 from fdreamer.data import dedup, flow, quarantine, schema, storage
 from fdreamer.data.images import read_image
 from fdreamer.data.manifests import read_bytes
-from fdreamer.video import (
+from fdreamer.data.video import (
     VideoDecodeError,
     probe_video,
     read_video,

@@ -270,7 +270,7 @@ class Api:
 
     def _check(self, req: VideoCreate, has_image: bool, info: dict[str, Any]) -> dict[str, Any]:
         """Resolved parameters, or ApiError(422) naming the field."""
-        from fdreamer.request import VideoRequest
+        from fdreamer.inference.request import VideoRequest
 
         lim, d = self._limits(info), info["defaults"]
         if len(req.prompt) > lim["max_prompt_chars"] or len(req.negative_prompt) > lim["max_prompt_chars"]:

@@ -8,7 +8,7 @@ I2V seed, the T2I output is already at the output size).
 
 Progress and cancellation go through the store (:mod:`serving.jobs`): the step callback writes
 ``progress`` every ``progress_interval_s`` and returns False (which cancels, see
-:func:`fdreamer.sampling.notify`) once ``cancel/<id>`` exists, whichever replica the DELETE reached.
+:func:`fdreamer.inference.sampling.notify`) once ``cancel/<id>`` exists, whichever replica the DELETE reached.
 
 Batching: ``@serve.batch`` collects concurrent calls (``batching.max_batch_size``, ``batch_wait_timeout_s``);
 a batch is split by *shape key* (mode, frames, height, width, steps, sampler) and each group runs on
@@ -54,11 +54,11 @@ def shape_key(job: dict[str, Any]) -> tuple:
 
 
 def load_pipeline(settings: Settings, checkpoint: str):
-    """The :class:`~fdreamer.pipeline.VideoPipeline` of ``checkpoint`` (folder, run folder or runs:/<id>)."""
+    """The :class:`~fdreamer.inference.pipeline.VideoPipeline` of ``checkpoint`` (folder, run folder or runs:/<id>)."""
     import torch
 
     from fdreamer.encoders import DTYPES
-    from fdreamer.pipeline import VideoPipeline
+    from fdreamer.inference.pipeline import VideoPipeline
     from training.checkpointing import resolve_init
 
     if settings.device == "cpu":
@@ -179,7 +179,7 @@ class TextToImage(_ModelReplica):
         return await self._in_thread(_run_grouped, jobs, self._run_one)
 
     def _run_one(self, job: dict[str, Any]) -> dict[str, Any]:
-        from fdreamer.sampling import GenerationCancelled
+        from fdreamer.inference.sampling import GenerationCancelled
 
         p, job_id = job["params"], job["id"]
         self._active.add(job_id)
@@ -272,7 +272,7 @@ class VideoModel(_ModelReplica):
 
     def _finish(self, job: dict[str, Any]) -> dict[str, Any]:
         """I2V on the first frame, mp4 to the store, final record; never raises."""
-        from fdreamer.pipeline import GenerationCancelled, VideoRequest, save_video
+        from fdreamer.inference.pipeline import GenerationCancelled, VideoRequest, save_video
 
         job_id, p, first = job["id"], job["params"], job["_first"]
         self._active.add(job_id)

@@ -17,7 +17,7 @@ DEFAULT_STORE = "runs/serving/jobs"
 
 @dataclass
 class Limits:
-    """Request limits; model limits (:attr:`fdreamer.pipeline.VideoPipeline.limits`) apply on top
+    """Request limits; model limits (:attr:`fdreamer.inference.pipeline.VideoPipeline.limits`) apply on top
     (the smaller wins)."""
 
     max_num_frames: int = 64

@@ -25,7 +25,7 @@ from helpers.datasets import preprocess_sample
 from helpers.mlflow_server import running_mlflow_server
 from helpers.ray_cluster import running_ray_head
 
-from fdreamer import tiny_models as tm
+from fdreamer.toy import tiny_models as tm
 
 
 def make_untrained_tiny_models(out: Path, **kwargs: object) -> dict:

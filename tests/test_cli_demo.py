@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 
-from fdreamer.video import probe_video, read_video
+from fdreamer.data.video import probe_video, read_video
 
 
 def run(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "fdreamer.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "fdreamer.cli.main", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_help_lists_every_subcommand():

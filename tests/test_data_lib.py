@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from fdreamer.data import dedup, flow, manifests, quarantine, schema, storage
-from fdreamer.sample_data import write_sample_data
-from fdreamer.video import VideoDecodeError, probe_video, read_video, write_video
+from fdreamer.toy.sample_data import write_sample_data
+from fdreamer.data.video import VideoDecodeError, probe_video, read_video, write_video
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fdreamer import tiny_models as tm
+from fdreamer.toy import tiny_models as tm
 from fdreamer.encoders import COMPONENTS, EncoderConfig, FrozenEncoders
 
 SHORT, LONG = "a red circle", "a small blue square slides slowly to the left over a textured background"

@@ -1,4 +1,4 @@
-"""``fdreamer evaluate`` (fdreamer/evaluate.py) and the learning benchmark (tests/bench/bench_learning.py).
+"""``fdreamer evaluate`` (fdreamer/eval/evaluate.py) and the learning benchmark (tests/bench/bench_learning.py).
 
 Plumbing runs on a tiny checkpoint with random weights (the numbers mean nothing there); the learning
 benchmark test trains the tiny model briefly on the ``ray_head`` cluster and checks the benchmark's
@@ -21,7 +21,7 @@ from helpers.ray_cluster import subprocess_env
 
 from fdreamer.checkpoint import save_model
 from fdreamer.encoders import EncoderConfig
-from fdreamer.evaluate import (
+from fdreamer.eval.evaluate import (
     EvalSettings,
     build_prompts,
     evaluate,
@@ -35,7 +35,7 @@ from fdreamer.models import (
     ModelConfig,
     PacaConfig,
 )
-from fdreamer.sample_data import write_sample_data
+from fdreamer.toy.sample_data import write_sample_data
 from fdreamer.models.conditions import Conditions
 from fdreamer.schedule import NoiseSchedule, ScheduleConfig
 
@@ -127,7 +127,7 @@ def test_seeds_make_evaluation_repeatable(checkpoint: Path, sample: Path) -> Non
 
 def test_cli_prints_table_and_json_over_ray_data(checkpoint: Path, sample: Path, ray_head: dict, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "fdreamer.cli", "evaluate", "--checkpoint", str(checkpoint.parent), "--data", str(sample),
+        [sys.executable, "-m", "fdreamer.cli.main", "evaluate", "--checkpoint", str(checkpoint.parent), "--data", str(sample),
          "--split", "all", "--num", "2", "--steps", "2", "--no-log", "--out", str(tmp_path / "o"), "--ray-address", ray_head["address"],
          "--concurrency", "2"],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
@@ -165,7 +165,7 @@ def test_caption_probe_hand_computed_ranks_and_fixed_noise_losses() -> None:
 
 
 def test_cli_errors_are_one_line(sample: Path, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fdreamer.cli", "evaluate", "--checkpoint", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "fdreamer.cli.main", "evaluate", "--checkpoint", str(tmp_path),
                            "--data", str(sample), "--ray-address", "none"],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "not a checkpoint" in proc.stderr

@@ -1,4 +1,4 @@
-"""fdreamer.metrics: hand-computed values for FC/PC, Fréchet distance, flow metrics and direction accuracy."""
+"""fdreamer.eval.metrics: hand-computed values for FC/PC, Fréchet distance, flow metrics and direction accuracy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fdreamer.encoders import EncoderConfig, FrozenEncoders
-from fdreamer.metrics import (
+from fdreamer.eval.metrics import (
     UNKNOWN,
     ClipCallables,
     I3DFeatureExtractor,
@@ -29,7 +29,7 @@ from fdreamer.metrics import (
     video_frechet_distance,
     warping_error,
 )
-from fdreamer.sample_data import COLORS, MOTIONS, make_specs, render_clip
+from fdreamer.toy.sample_data import COLORS, MOTIONS, make_specs, render_clip
 
 # ------------------------------------------------------------------------------------ helpers
 

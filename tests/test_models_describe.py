@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from fdreamer import cli
-from fdreamer.describe import COMPONENTS
+from fdreamer.cli import main as cli
+from fdreamer.cli.describe import COMPONENTS
 from fdreamer.models import (
     SD15_UNET_CONFIG,
     SD15_UNET_PARAMETERS,
@@ -17,7 +17,7 @@ from fdreamer.models import (
     ModelConfig,
     count_parameters,
 )
-from fdreamer.tiny_models import TINY_UNET_CONFIG
+from fdreamer.toy.tiny_models import TINY_UNET_CONFIG
 
 
 def _describe_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:

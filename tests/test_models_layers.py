@@ -11,10 +11,8 @@ from fdreamer.models import (
     ModelConfig,
     PacaConfig,
     TemporalConfig,
-    diffusion_loss,
-    flow_loss,
-    total_loss,
 )
+from fdreamer.train.losses import diffusion_loss, flow_loss, total_loss
 from fdreamer.models.adapter import (
     AdapterAttnProcessor,
     ImageProjection,

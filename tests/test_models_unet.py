@@ -10,9 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from einops import rearrange, repeat
 
-from fdreamer import (
-    tiny_models as tm,  # tiny_dir: session fixture in conftest.py (make_tiny_models)
-)
+from fdreamer.toy import tiny_models as tm  # tiny_dir: session fixture in conftest.py (make_tiny_models)
 from fdreamer.models import (
     AdapterConfig,
     FactorizedDreamerUNet,

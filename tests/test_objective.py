@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fdreamer.models import Conditions, FactorizedDreamerUNet, ModelConfig, null_conditions
-from fdreamer.objective import diffusion_objective, sample_timesteps
+from fdreamer.train.objective import diffusion_objective, sample_timesteps
 from fdreamer.schedule import NoiseSchedule, ScheduleConfig
 
 B, T, HW = 2, 4, 8

@@ -1,4 +1,4 @@
-"""The inference pipeline (fdreamer/pipeline.py, sampling.py, request.py) and ``fdreamer generate``, on a
+"""The inference pipeline (fdreamer/inference/pipeline.py, sampling.py, request.py) and ``fdreamer generate``, on a
 tiny checkpoint with random weights (small sizes and 2 steps: the numbers are not meant to look good)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from fdreamer.checkpoint import save_model
-from fdreamer.cli import main as cli_main
+from fdreamer.cli.main import main as cli_main
 from fdreamer.encoders import EncoderConfig, FrozenEncoders
 from fdreamer.models import (
     AdapterConfig,
@@ -24,14 +24,14 @@ from fdreamer.models import (
     PacaConfig,
 )
 from fdreamer.models.adapter import AdapterAttnProcessor
-from fdreamer.pipeline import (
+from fdreamer.inference.pipeline import (
     GenerationCancelled,
     VideoPipeline,
     VideoRequest,
     VideoResult,
     save_video,
 )
-from fdreamer.sampling import combine_guidance, guided_prediction, rescale_noise_cfg
+from fdreamer.inference.sampling import combine_guidance, guided_prediction, rescale_noise_cfg
 from fdreamer.schedule import ScheduleConfig
 
 PROMPT = "a red ball bounces left"

@@ -26,8 +26,8 @@ from helpers.ray_cluster import RAY_BIN, free_port, subprocess_env
 
 from fdreamer.data import schema
 from fdreamer.data.manifests import read_manifest
-from fdreamer.sample_data import write_sample_data
-from fdreamer.video import read_video, write_video
+from fdreamer.toy.sample_data import write_sample_data
+from fdreamer.data.video import read_video, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLIPS = 24

@@ -1,4 +1,4 @@
-"""Tests for fdreamer.sample_data: determinism, balance, manifests, idempotence, motion."""
+"""Tests for fdreamer.toy.sample_data: determinism, balance, manifests, idempotence, motion."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fdreamer.sample_data import (
+from fdreamer.toy.sample_data import (
     COLORS,
     MOTION_PHRASES,
     MOTIONS,
@@ -25,7 +25,7 @@ from fdreamer.sample_data import (
     shape_state,
     write_sample_data,
 )
-from fdreamer.video import encode_video, probe_video, read_video
+from fdreamer.data.video import encode_video, probe_video, read_video
 
 MANIFEST_KEYS = {
     "path", "caption", "motion_caption", "clip_id", "source", "motion", "subject_shape",

@@ -222,7 +222,7 @@ def test_t2v_and_i2v_produce_the_requested_mp4s(server: dict, tmp_path: Path) ->
 
 
 def test_same_seed_same_video_and_equal_to_the_pipeline(server: dict, tmp_path: Path) -> None:
-    from fdreamer.pipeline import VideoPipeline, VideoRequest, save_video
+    from fdreamer.inference.pipeline import VideoPipeline, VideoRequest, save_video
 
     url = server["url"]
     body = {"prompt": "a blue square slides", "seed": 1234, "guidance_scale": 3.0, **SMALL}

@@ -28,7 +28,7 @@ from fdreamer.models.swap import (
     window_position_encoding,
 )
 from fdreamer.models.temporal import TemporalTransformer
-from fdreamer.tiny_models import TINY_UNET_CONFIG
+from fdreamer.toy.tiny_models import TINY_UNET_CONFIG
 
 B, T, HW, L5 = 2, 3, 16, 5
 

@@ -1,4 +1,4 @@
-"""Tests of ``fdreamer.tiny_models``: layouts, offline tokenizers, determinism, idempotence, CLI."""
+"""Tests of ``fdreamer.toy.tiny_models``: layouts, offline tokenizers, determinism, idempotence, CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdreamer import tiny_models as tm
+from fdreamer.toy import tiny_models as tm
 
 from conftest import make_untrained_tiny_models as _make
 
@@ -155,7 +155,7 @@ def test_missing_vae_asset(no_asset: Path, tmp_path: Path) -> None:
 def test_trained_vae_asset_is_copied(tiny_dir: Path, tmp_path: Path) -> None:
     from diffusers import AutoencoderKL
 
-    from fdreamer.vae_train import TINY_VAE_CONFIG
+    from fdreamer.toy.vae_train import TINY_VAE_CONFIG
 
     asset = tmp_path / "tiny_vae"
     torch.manual_seed(123)

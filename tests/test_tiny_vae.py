@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fdreamer.encoders import load_vae
-from fdreamer.sample_data import write_sample_data
-from fdreamer.tiny_models import TINY_VAE_ASSET_DIR
-from fdreamer.vae_train import PSNR_TARGET_DB, TINY_VAE_CONFIG, load_frames, psnr_uint8, reconstruct, vae_psnr
+from fdreamer.toy.sample_data import write_sample_data
+from fdreamer.toy.tiny_models import TINY_VAE_ASSET_DIR
+from fdreamer.toy.vae_train import PSNR_TARGET_DB, TINY_VAE_CONFIG, load_frames, psnr_uint8, reconstruct, vae_psnr
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_psnr_is_not_trivially_high(sample_dir):
 
 def test_vae_psnr_command_prints_json(sample_dir):
     out = subprocess.run(
-        [sys.executable, "-m", "fdreamer.cli", "vae-psnr", "--vae", str(TINY_VAE_ASSET_DIR), "--data", str(sample_dir)],
+        [sys.executable, "-m", "fdreamer.cli.main", "vae-psnr", "--vae", str(TINY_VAE_ASSET_DIR), "--data", str(sample_dir)],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr

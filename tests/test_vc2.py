@@ -20,12 +20,12 @@ from diffusers import UNet2DConditionModel
 from helpers.datasets import preprocess_cmd
 from helpers.ray_cluster import REPO, subprocess_env
 
-from fdreamer.batching import JointBatch, TrainBatch
+from fdreamer.data.batching import JointBatch, TrainBatch
 from fdreamer.models import FactorizedDreamerUNet, ModelConfig
 from fdreamer.models.conditions import Conditions
 from fdreamer.models.params import parameter_groups
 from fdreamer.schedule import NoiseSchedule, ScheduleConfig
-from fdreamer.training import joint_objective, make_optimizer, optimizer_step, step_generator
+from fdreamer.train.step import joint_objective, make_optimizer, optimizer_step, step_generator
 
 H = W = 16  # tiny latents
 
@@ -146,7 +146,7 @@ def test_fps_conditioned_checkpoint_is_served_by_the_pipeline(tiny_dir: Path, tm
     """The pipeline passes no fps yet: an fps-conditioned checkpoint samples with ``model.fps_default``."""
     from fdreamer.checkpoint import save_model
     from fdreamer.encoders import EncoderConfig
-    from fdreamer.pipeline import VideoPipeline, VideoRequest
+    from fdreamer.inference.pipeline import VideoPipeline, VideoRequest
 
     model = _model(fps_conditioning=True, fps_default=6.0)
     ckpt = save_model(tmp_path / "ckpt", model, _schedule().cfg, EncoderConfig.tiny(tiny_dir),
@@ -282,7 +282,7 @@ def test_image_stream_cycles_epochs_and_resumes_exactly() -> None:
 def images(preprocessed_sample: dict, ray_head: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """12 clean first frames of the sample clips (``write_sample_images``) + one truncated PNG, by
     extension only (no ``kind`` column), through ``pipelines/preprocess.py`` with the sample's models."""
-    from fdreamer.sample_images import write_sample_images
+    from fdreamer.toy.sample_images import write_sample_images
 
     root = tmp_path_factory.mktemp("vc2-images")
     write_sample_images(root, 12)

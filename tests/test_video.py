@@ -1,4 +1,4 @@
-"""Tests for fdreamer.video: probe, sampling, resize/crop, decode backends and H.264 encoding."""
+"""Tests for fdreamer.data.video: probe, sampling, resize/crop, decode backends and H.264 encoding."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fdreamer import video
-from fdreamer.video import (
+from fdreamer.data import video
+from fdreamer.data.video import (
     VideoDecodeError,
     encode_video,
     probe_video,
@@ -211,7 +211,7 @@ def test_auto_falls_back_to_pyav(monkeypatch, caplog, mp4_24fps: Path) -> None:
         raise VideoDecodeError(f"{name}: simulated decord failure")
 
     monkeypatch.setattr(video, "_decode_decord", broken)
-    with caplog.at_level(logging.DEBUG, logger="fdreamer.video"):
+    with caplog.at_level(logging.DEBUG, logger="fdreamer.data.video"):
         clip = read_video(mp4_24fps, 4, backend="auto")
     assert clip.frames.shape == (4, 96, 128, 3)
     assert "falling back to PyAV" in caplog.text

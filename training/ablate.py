@@ -1,7 +1,7 @@
 """Table 4 ablations: ``python training/ablate.py --config training/configs/tiny_stage1.yaml [--rows a,e] [--key=value ...]``.
 
 With ``--eval-data DIR`` (a ``fdreamer sample-data`` folder; ``--eval-steps S``, ``--eval-num N``) each
-variant's final checkpoint is also evaluated by ``fdreamer.evaluate`` (image-to-video on the held-out
+variant's final checkpoint is also evaluated by ``fdreamer.eval.evaluate`` (image-to-video on the held-out
 first frames + motion captions; direct T2V for row (b)) and the table gains FC, warping error and
 motion-direction accuracy, all read back from the variant's MLflow run.
 
@@ -20,9 +20,7 @@ table of their final metrics pulled back from MLflow:
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "a": ("original SD schedule", ["--schedule.shift=false", "--schedule.rescale=false", "--model.predictnet=true"]),
@@ -83,7 +81,7 @@ def table(rows: list[str], runs: dict[str, str], tracking_uri: str, metrics: tup
 def evaluate_final(cfg, eval_data: str | None, *, modes: tuple[str, ...] = ("i2v",), eval_steps: int = 20,
                    eval_num: int | None = None) -> tuple[str, dict | None]:
     """The MLflow run id of ``cfg``'s run (from its latest checkpoint) and, when ``eval_data`` is given,
-    the :func:`fdreamer.evaluate.evaluate` summary of that checkpoint, logged to the same run."""
+    the :func:`fdreamer.eval.evaluate.evaluate` summary of that checkpoint, logged to the same run."""
     from training.checkpointing import latest_checkpoint, read_trainer_state
     from training.launch import run_dir
     from training.tracking import default_tracking_uri
@@ -92,7 +90,7 @@ def evaluate_final(cfg, eval_data: str | None, *, modes: tuple[str, ...] = ("i2v
     run_id = read_trainer_state(ckpt).mlflow_run_id
     if not eval_data:
         return run_id, None
-    from fdreamer.evaluate import EvalSettings, evaluate
+    from fdreamer.eval.evaluate import EvalSettings, evaluate
 
     res = evaluate(ckpt, eval_data, modes=modes, num=eval_num, settings=EvalSettings(steps=eval_steps),
                    tracking_uri=default_tracking_uri(cfg), run_id=run_id, out=run_dir(cfg) / "eval")

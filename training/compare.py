@@ -11,7 +11,7 @@ Trains, on the same preprocessed clips with the same seed, optimizer steps and m
            then stage B = spatial-only fine-tune on the high-quality images (temporal, adapter, PACA frozen,
            data.image_ratio=1) for ``--vc2-stage-b-steps`` of the same total step budget
 
-then evaluates each final checkpoint with :func:`fdreamer.evaluate.evaluate` (image-to-video on the held-out
+then evaluates each final checkpoint with :func:`fdreamer.eval.evaluate.evaluate` (image-to-video on the held-out
 first frames + motion captions, text-to-video on the held-out captions), logs the metrics to each system's
 MLflow run (one experiment ``<tracking.experiment>-compare``, runs tagged ``system``) and prints a markdown
 table read back from MLflow: FC, PC, warping error, direction accuracy, frame-0 PSNR.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.ablate import _pop_option, evaluate_final, metrics_table  # noqa: E402
 

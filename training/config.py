@@ -69,7 +69,7 @@ class ObjectiveConfig:
     image_loss_weight: float = opt(
         1.0,
         "weight w of one image relative to one video clip in a joint micro-batch: "
-        "L = (n_v L_video + w n_i L_image) / (n_v + w n_i) (fdreamer/training.py)",
+        "L = (n_v L_video + w n_i L_image) / (n_v + w n_i) (fdreamer/train/step.py)",
     )
 
 

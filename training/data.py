@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from fdreamer.batching import FLOW_COLUMNS, IMAGE_COLUMNS, TRAIN_COLUMNS, TrainBatch, to_train_batch
+from fdreamer.data.batching import FLOW_COLUMNS, IMAGE_COLUMNS, TRAIN_COLUMNS, TrainBatch, to_train_batch
 from fdreamer.data.schema import SCHEMA_VERSION
 from training.config import DataConfig, TrainConfig
 

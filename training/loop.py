@@ -9,7 +9,7 @@ checkpoints; all ranks call ``ray.train.report`` together.
 
 Joint image-video batches (``data.image_ratio``): each micro-batch takes ``video_micro_batch`` clips
 from the ``train`` stream and ``image_micro_batch`` images from the ``images`` stream
-(:class:`~fdreamer.batching.JointBatch`). The clip stream drives the epochs as before (a partial step
+(:class:`~fdreamer.data.batching.JointBatch`). The clip stream drives the epochs as before (a partial step
 at the end of an epoch is dropped); the image stream cycles on its own, its position kept in the
 trainer state (``extra.images``) so a resume continues it exactly. With ``image_ratio = 1`` the
 ``train`` stream holds the images.
@@ -28,12 +28,12 @@ from typing import Any
 import torch
 
 from fdreamer import checkpoint as fck
-from fdreamer.batching import JointBatch, TrainBatch, null_from_tensors
+from fdreamer.data.batching import JointBatch, TrainBatch, null_from_tensors
 from fdreamer.config import load_config
 from fdreamer.encoders import EncoderConfig
 from fdreamer.models import FactorizedDreamerUNet
 from fdreamer.schedule import NoiseSchedule
-from fdreamer.training import (
+from fdreamer.train.step import (
     EMA,
     lr_at,
     make_optimizer,

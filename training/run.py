@@ -8,9 +8,6 @@ configuration / data / checkpoint error, printed as one line before any worker s
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `python training/run.py`
 
 
 def main(argv: list[str] | None = None) -> int:

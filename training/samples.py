@@ -1,6 +1,6 @@
 """Sample videos during training (rank 0): fixed held-out first frames + captions -> mp4 in MLflow.
 
-The same :class:`fdreamer.pipeline.VideoPipeline` as the server (image-to-video with the training
+The same :class:`fdreamer.inference.pipeline.VideoPipeline` as the server (image-to-video with the training
 schedule), fixed seeds, so videos logged at different steps (or by different runs) are comparable.
 The conditioning image is the held-out clip's first frame as the VAE sees it (its stored latent,
 decoded): no video is read in the training loop.
@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from fdreamer.batching import decode_tensor_column
+from fdreamer.data.batching import decode_tensor_column
 from training import data as tdata
 from training.config import TrainConfig
 
@@ -62,7 +62,7 @@ def log_samples(tracker: Any, model: torch.nn.Module, cfg: TrainConfig, encoders
 @torch.no_grad()
 def render_samples(tracker: Any, model: torch.nn.Module, cfg: TrainConfig, encoders_cfg: Any, heldout: Any, step: int) -> list[Path]:
     """Render ``tracking.num_samples`` image-to-video samples and log them under ``samples/``."""
-    from fdreamer.pipeline import VideoPipeline, VideoRequest, save_video
+    from fdreamer.inference.pipeline import VideoPipeline, VideoRequest, save_video
 
     prompts = sample_prompts(cfg, cfg.tracking.num_samples)
     if not prompts or encoders_cfg.vae is None:

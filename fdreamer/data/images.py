@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from fdreamer.video import VideoDecodeError, VideoInfo, resize_center_crop
+from fdreamer.data.video import VideoDecodeError, VideoInfo, resize_center_crop
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 KINDS: tuple[str, ...] = ("video", "image")

@@ -19,7 +19,7 @@ are no known image format either; ``corrupt`` a known image format that fails to
 
 from __future__ import annotations
 
-from fdreamer.video import VideoDecodeError, VideoInfo
+from fdreamer.data.video import VideoDecodeError, VideoInfo
 
 REASONS: tuple[str, ...] = ("missing", "zero_byte", "not_a_video", "corrupt", "too_short", "too_small", "decode_timeout")
 

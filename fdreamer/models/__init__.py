@@ -27,12 +27,6 @@ from fdreamer.models.config import (
     preset_model_config,
     preset_unet_config,
 )
-from fdreamer.models.losses import (
-    FLOW_LOSS_WEIGHT,
-    diffusion_loss,
-    flow_loss,
-    total_loss,
-)
 from fdreamer.models.params import (
     apply_freeze,
     count_parameters,
@@ -43,7 +37,6 @@ from fdreamer.models.params import (
 from fdreamer.models.unet import FactorizedDreamerOutput, FactorizedDreamerUNet
 
 __all__ = [
-    "FLOW_LOSS_WEIGHT",
     "GROUPS",
     "PRESETS",
     "SD15_UNET_CONFIG",
@@ -57,15 +50,12 @@ __all__ = [
     "TemporalConfig",
     "apply_freeze",
     "count_parameters",
-    "diffusion_loss",
     "drop_conditions",
-    "flow_loss",
     "group_of",
     "null_conditions",
     "parameter_groups",
     "preset_model_config",
     "preset_unet_config",
     "sample_drop_masks",
-    "total_loss",
     "trainable_parameters",
 ]

@@ -184,7 +184,7 @@ class ModelConfig:
 
     @classmethod
     def tiny(cls, **overrides: Any) -> ModelConfig:
-        """Preset for ``fdreamer.tiny_models``: T5 d_model 64, CLIP image projection 32."""
+        """Preset for ``fdreamer.toy.tiny_models``: T5 d_model 64, CLIP image projection 32."""
         return cls(**{"t5_dim": 64, "image_embed_dim": 32, **overrides})
 
     @classmethod
@@ -200,7 +200,7 @@ class ModelConfig:
 def preset_unet_config(name: str) -> dict[str, Any]:
     """The ``UNet2DConditionModel`` kwargs of preset ``name`` ('tiny' or 'sd15')."""
     if name == "tiny":
-        from fdreamer.tiny_models import TINY_UNET_CONFIG
+        from fdreamer.toy.tiny_models import TINY_UNET_CONFIG
 
         return dict(TINY_UNET_CONFIG)
     if name == "sd15":

@@ -5,7 +5,7 @@ processors, temporal layers and PACA layers — initialised from the current wei
 mid-block output and skip features as the UNet. Its ``conv_norm_out`` is copied; ``conv_out`` is
 replaced by a head that looks at each consecutive pair of frames and predicts 2 flow channels per pair
 at latent resolution: ``[B, 2, T-1, h, w]``. It is trained with ``L_flow`` (Eq. 4,
-:func:`fdreamer.models.losses.flow_loss`) and never runs at inference.
+:func:`fdreamer.train.losses.flow_loss`) and never runs at inference.
 """
 
 from __future__ import annotations

@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from bench_caption_use import caption_losses, rank_stats
 
-    from fdreamer.batching import null_from_tensors, pad_tokens, to_train_batch
+    from fdreamer.data.batching import null_from_tensors, pad_tokens, to_train_batch
     from fdreamer.config import load_config
     from fdreamer.encoders import EncoderConfig, FrozenEncoders
     from fdreamer.models.conditions import Conditions
     from fdreamer.models.unet import FactorizedDreamerUNet
-    from fdreamer.sample_data import MOTION_PHRASES, MOTIONS
+    from fdreamer.toy.sample_data import MOTION_PHRASES, MOTIONS
     from fdreamer.schedule import NoiseSchedule
-    from fdreamer.training import EMA, lr_at, optimizer_step
+    from fdreamer.train.step import EMA, lr_at, optimizer_step
     from training import data as tdata
     from training.config import TrainConfig
 

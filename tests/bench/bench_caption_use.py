@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fdreamer.evaluate import build_prompts, resolve_checkpoint
-    from fdreamer.pipeline import VideoPipeline
-    from fdreamer.sample_data import MOTION_PHRASES, MOTIONS
+    from fdreamer.eval.evaluate import build_prompts, resolve_checkpoint
+    from fdreamer.inference.pipeline import VideoPipeline
+    from fdreamer.toy.sample_data import MOTION_PHRASES, MOTIONS
 
     ckpt, _ = resolve_checkpoint(args.checkpoint)
     pipe = VideoPipeline.from_checkpoint(ckpt, use_ema=True)

@@ -7,7 +7,7 @@
    make-tiny-models`` (the committed trained tiny VAE);
 2. ``pipelines/preprocess.py`` with ``pipelines/configs/tiny.yaml`` (8 x 64 x 64);
 3. ``training/run.py --config training/configs/tiny_learn.yaml`` (any extra ``--key=value`` is passed on);
-4. ``fdreamer.evaluate`` image-to-video on the held-out clips: their first frame + motion caption, which
+4. ``fdreamer.eval.evaluate`` image-to-video on the held-out clips: their first frame + motion caption, which
    the model never saw together; motion-direction accuracy (target >= 0.9, chance 1/8), FC, PC,
    frame-0 PSNR vs the conditioning image, warping error, and the same on the real clips (ceiling).
 
@@ -48,15 +48,15 @@ def _run(cmd: list[str], log: Path) -> float:
 def run_benchmark(work: Path, *, num_clips: int, config: str, steps: int | None, eval_steps: int,
                   ray_address: str, extra: list[str], num_eval: int | None = None, seed: int = 0,
                   image_guidance_scale: float = 1.5, guidance_scale: float = 7.5) -> dict:
-    from fdreamer.evaluate import EvalSettings, evaluate
+    from fdreamer.eval.evaluate import EvalSettings, evaluate
 
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     t: dict[str, float] = {}
     sample, models, pre, storage = work / "sample", work / "models", work / "pre", work / "train"
-    t["sample_data_s"] = _run([py, "-m", "fdreamer.cli", "sample-data", str(sample), "--num-clips", str(num_clips)],
+    t["sample_data_s"] = _run([py, "-m", "fdreamer.cli.main", "sample-data", str(sample), "--num-clips", str(num_clips)],
                               work / "sample.log")
-    t["tiny_models_s"] = _run([py, "-m", "fdreamer.cli", "make-tiny-models", str(models)], work / "models.log")
+    t["tiny_models_s"] = _run([py, "-m", "fdreamer.cli.main", "make-tiny-models", str(models)], work / "models.log")
     t["preprocess_s"] = _run([py, "pipelines/preprocess.py", "--config", "pipelines/configs/tiny.yaml",
                               f"--inputs=[{sample / 'manifest.jsonl'}]", f"--output={pre}", f"--models_dir={models}",
                               f"--ray_address={ray_address}"], work / "preprocess.log")

@@ -173,8 +173,8 @@ def main() -> int:
 
     import torch
 
-    from fdreamer.sample_data import write_sample_data
-    from fdreamer.tiny_models import make_tiny_models
+    from fdreamer.toy.sample_data import write_sample_data
+    from fdreamer.toy.tiny_models import make_tiny_models
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:

@@ -34,7 +34,7 @@ REQUEST = {"prompt": "a red ball bounces", "num_frames": 4, "height": 32, "width
 
 
 def _checkpoint(tmp: Path) -> Path:
-    from fdreamer import tiny_models as tm
+    from fdreamer.toy import tiny_models as tm
     from fdreamer.checkpoint import save_model
     from fdreamer.encoders import EncoderConfig
     from fdreamer.models import FactorizedDreamerUNet
@@ -52,7 +52,7 @@ def _checkpoint(tmp: Path) -> Path:
 def _direct(ckpt: Path, reps: int) -> float:
     import torch
 
-    from fdreamer.pipeline import VideoPipeline, VideoRequest
+    from fdreamer.inference.pipeline import VideoPipeline, VideoRequest
 
     torch.set_num_threads(1)
     pipe = VideoPipeline.from_checkpoint(ckpt)

@@ -2,7 +2,7 @@
 
     python tests/bench/bench_train.py [--steps 20] [--quick] [--data DIR]
 
-1. ``bare``: one process, the tiny model, ``fdreamer.training.optimizer_step`` on micro-batches already
+1. ``bare``: one process, the tiny model, ``fdreamer.train.step.optimizer_step`` on micro-batches already
    in memory (same shapes as the tiny stage: micro-batch 2 x 8 frames x 16x16 latents, accumulation 2).
 2. ``ray_train``: the same function and in-memory batches inside a 1-worker ``TorchTrainer`` on a local
    Ray (what Ray Train itself adds: worker process, report/barrier every ``--report-every`` steps).
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))
 def _batches(seed: int = 0, n: int = 2):
     import torch
 
-    from fdreamer.batching import TrainBatch
+    from fdreamer.data.batching import TrainBatch
     from fdreamer.models.conditions import Conditions
 
     g = torch.Generator().manual_seed(seed)
@@ -50,7 +50,7 @@ def _step_times(steps: int, report_every: int = 0) -> list[float]:
 
     from fdreamer.models import FactorizedDreamerUNet, ModelConfig
     from fdreamer.schedule import NoiseSchedule, ScheduleConfig
-    from fdreamer.training import make_optimizer, optimizer_step
+    from fdreamer.train.step import make_optimizer, optimizer_step
 
     torch.set_num_threads(1)
     model = FactorizedDreamerUNet.from_preset("tiny", ModelConfig.tiny(), seed=0)

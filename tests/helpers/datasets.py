@@ -2,8 +2,8 @@
 
     data = preprocess_sample(workdir, ray_address)   # {"output", "models", "sample", "summary"}
 
-Writes ``num_clips`` sample clips (:func:`fdreamer.sample_data.write_sample_data`), the tiny models
-with the committed trained VAE (:func:`fdreamer.tiny_models.make_tiny_models`, seed 0) and runs
+Writes ``num_clips`` sample clips (:func:`fdreamer.toy.sample_data.write_sample_data`), the tiny models
+with the committed trained VAE (:func:`fdreamer.toy.tiny_models.make_tiny_models`, seed 0) and runs
 ``pipelines/preprocess.py`` with ``pipelines/configs/tiny.yaml`` on the sample's ``manifest.jsonl``
 (so the ``split`` and ``motion`` columns are filled: both ``train`` and ``heldout`` rows exist) as a
 subprocess against the given Ray cluster. Output layout: ``<output>/shards/part-*.parquet``,
@@ -35,8 +35,8 @@ def preprocess_sample(workdir: Path, ray_address: str, num_clips: int = 32, time
     """Sample clips + tiny models (trained VAE) + one preprocessing run; see the module docstring."""
     import warnings
 
-    from fdreamer.sample_data import write_sample_data
-    from fdreamer.tiny_models import make_tiny_models
+    from fdreamer.toy.sample_data import write_sample_data
+    from fdreamer.toy.tiny_models import make_tiny_models
 
     workdir = Path(workdir)
     sample, models, output = workdir / "sample", workdir / "models", workdir / "preprocessed"

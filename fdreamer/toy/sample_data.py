@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fdreamer.video import write_video
+from fdreamer.data.video import write_video
 
 logger = logging.getLogger(__name__)
 
@@ -432,7 +432,7 @@ def _cli_sample_data(args: argparse.Namespace) -> int:
     count, where = summary["counts"]["clips"], summary["params"]["out_dir"]
     print(f"sample-data: {verb} {count} clips in {where} ({time.perf_counter() - started:.1f} s)")
     if args.images:  # the clips' clean first frames as a PNG image manifest (VideoCrafter2 recipe)
-        from fdreamer.sample_images import write_sample_images
+        from fdreamer.toy.sample_images import write_sample_images
 
         images = write_sample_images(args.dir, args.num_clips, args.seed, force=args.force)
         verb = "already present" if images["skipped"] else "wrote"

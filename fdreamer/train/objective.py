@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fdreamer.models.conditions import Conditions, drop_conditions, sample_drop_masks
-from fdreamer.models.losses import FLOW_LOSS_WEIGHT, diffusion_loss, flow_loss, total_loss
+from fdreamer.train.losses import FLOW_LOSS_WEIGHT, diffusion_loss, flow_loss, total_loss
 from fdreamer.schedule import NoiseSchedule
 
 

@@ -5,7 +5,7 @@ synthetic moving-shapes data.
 All video inputs are uint8 numpy ``[T, H, W, 3]`` RGB.
 """
 
-from fdreamer.metrics.clip_scores import (
+from fdreamer.eval.metrics.clip_scores import (
     PAIR_MODES,
     ClipCallables,
     ClipEncoder,
@@ -17,13 +17,13 @@ from fdreamer.metrics.clip_scores import (
     prompt_consistency,
     text_embedding,
 )
-from fdreamer.metrics.direction import (
+from fdreamer.eval.metrics.direction import (
     UNKNOWN,
     classify_motion,
     direction_accuracy,
     track_subject,
 )
-from fdreamer.metrics.frechet import (
+from fdreamer.eval.metrics.frechet import (
     I3DFeatureExtractor,
     PixelFlowFeatures,
     VideoFeatureExtractor,
@@ -32,7 +32,7 @@ from fdreamer.metrics.frechet import (
     frechet_distance_from_stats,
     video_frechet_distance,
 )
-from fdreamer.metrics.motion import (
+from fdreamer.eval.metrics.motion import (
     dis_flow,
     mean_flow_magnitude,
     motion_metrics,

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from fdreamer.metrics._validate import check_video
+from fdreamer.eval.metrics._validate import check_video
 
 PAIR_MODES = ("consecutive", "all")
 

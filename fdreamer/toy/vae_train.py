@@ -4,8 +4,8 @@ The tiny preset needs a VAE whose decode(encode(x)) is a picture, not noise, or 
 judged. This trains a ~0.95M-parameter diffusers ``AutoencoderKL`` (downsampling factor 4, 4 latent
 channels like SD) on frames of the sample clips' *train* split and reports PSNR on the *heldout* split.
 
-    fdreamer train-tiny-vae --data data/sample --out fdreamer/assets/tiny_vae   # ~10 min on 2 cores
-    fdreamer vae-psnr --vae fdreamer/assets/tiny_vae --data data/sample
+    fdreamer train-tiny-vae --data data/sample --out fdreamer/toy/assets/tiny_vae   # ~10 min on 2 cores
+    fdreamer vae-psnr --vae fdreamer/toy/assets/tiny_vae --data data/sample
 
 After training, ``scaling_factor`` in the saved config is set to 1/std of the training latents (as SD's
 0.18215 was chosen), so the diffusion model sees unit-variance latents.
@@ -41,7 +41,7 @@ PSNR_TARGET_DB = 24.0
 
 def load_frames(data_dir: str | Path, split: str, *, frames_per_clip: int = 4, size: int = FRAME_SIZE) -> np.ndarray:
     """uint8 frames [N, size, size, 3] from the clips of one split of a sample-data folder."""
-    from fdreamer.video import read_video
+    from fdreamer.data.video import read_video
 
     manifest = Path(data_dir) / "manifest.jsonl"
     if not manifest.is_file():

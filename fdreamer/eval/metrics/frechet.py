@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 import torch
 
-from fdreamer.metrics._validate import check_videos
-from fdreamer.metrics.motion import dis_flow
+from fdreamer.eval.metrics._validate import check_videos
+from fdreamer.eval.metrics.motion import dis_flow
 
 METHODS = ("auto", "scipy", "eigh")
 

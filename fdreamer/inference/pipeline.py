@@ -10,7 +10,7 @@ call :class:`VideoPipeline`::
 - **I2V**: the conditioning image is resized and centre-cropped to ``height``×``width``; its CLIP image
   embedding feeds the adapter (Eq. 2) and its VAE latent PACA (Eq. 3). The prompt's CLIP tokens go to
   the spatial cross-attention, its T5 tokens (+ mask) to the temporal layers (CLIP tokens when
-  ``temporal_text_encoder='clip'``). Guidance with separate text/image scales: :mod:`fdreamer.sampling`.
+  ``temporal_text_encoder='clip'``). Guidance with separate text/image scales: :mod:`fdreamer.inference.sampling`.
 - **T2V** with a factorized model: first a text-to-image step, then I2V on its output. The T2I model is
   a diffusers ``StableDiffusionPipeline`` loaded from ``t2i_path`` (a local SD folder), or — with none
   given — the checkpoint's own spatial UNet run as an image model: a ``UNet2DConditionModel`` that
@@ -41,8 +41,8 @@ import torch
 
 from fdreamer.encoders import DTYPES, EncoderConfig, FrozenEncoders
 from fdreamer.models.conditions import Conditions, null_conditions
-from fdreamer.request import MAX_SEED, SAMPLERS, VideoRequest, VideoResult, save_video
-from fdreamer.sampling import GenerationCancelled, StepCallback, denoise, notify
+from fdreamer.inference.request import MAX_SEED, SAMPLERS, VideoRequest, VideoResult, save_video
+from fdreamer.inference.sampling import GenerationCancelled, StepCallback, denoise, notify
 from fdreamer.schedule import NoiseSchedule, ScheduleConfig
 
 DEFAULT_FPS = 8.0
@@ -255,7 +255,7 @@ class VideoPipeline:
     @staticmethod
     def prepare_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
         """uint8 ``[H, W, 3]`` resized (shorter side covers) and centre-cropped to ``height``×``width``."""
-        from fdreamer.video import resize_center_crop
+        from fdreamer.data.video import resize_center_crop
 
         if image.shape[:2] == (height, width):
             return np.ascontiguousarray(image)

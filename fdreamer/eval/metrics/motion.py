@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from fdreamer.metrics._validate import check_video
+from fdreamer.eval.metrics._validate import check_video
 
 
 def dis_flow(video: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """What a video generation is asked for and what it returns (:class:`VideoRequest`, :class:`VideoResult`),
-and :func:`save_video`. Re-exported by :mod:`fdreamer.pipeline`; no torch needed here.
+and :func:`save_video`. Re-exported by :mod:`fdreamer.inference.pipeline`; no torch needed here.
 
 :meth:`VideoRequest.check` (run by ``__post_init__``) validates what does not depend on the model, with
-diffusers ``check_inputs``-style messages naming the field; :meth:`fdreamer.pipeline.VideoPipeline.check_request`
+diffusers ``check_inputs``-style messages naming the field; :meth:`fdreamer.inference.pipeline.VideoPipeline.check_request`
 adds the checkpoint's limits (frames, size multiples, steps, whether images are accepted).
 """
 
@@ -117,12 +117,12 @@ def video_format(path: str | Path, format: str | None = None) -> str:
 
 
 def save_video(result: VideoResult, path: str | Path, format: str | None = None) -> Path:
-    """Write ``result`` to ``path``: mp4 (H.264, :func:`fdreamer.video.write_video`), or animated GIF /
+    """Write ``result`` to ``path``: mp4 (H.264, :func:`fdreamer.data.video.write_video`), or animated GIF /
     WebP via PIL (looping). ``format`` None takes the file extension."""
     fmt = video_format(path, format)
     path = Path(path)
     if fmt == "mp4":
-        from fdreamer.video import write_video
+        from fdreamer.data.video import write_video
 
         return write_video(path, result.frames, result.fps)
     from PIL import Image

@@ -12,14 +12,14 @@ import sys
 
 # Modules that contribute subcommands, in the order they appear in --help.
 _COMMAND_MODULES = (
-    "fdreamer.demo",
-    "fdreamer.sample_data",
-    "fdreamer.tiny_models",
-    "fdreamer.vae_train",
+    "fdreamer.cli.demo",
+    "fdreamer.toy.sample_data",
+    "fdreamer.toy.tiny_models",
+    "fdreamer.toy.vae_train",
     "fdreamer.schedule",
-    "fdreamer.describe",
-    "fdreamer.generate",
-    "fdreamer.evaluate",
+    "fdreamer.cli.describe",
+    "fdreamer.cli.generate",
+    "fdreamer.eval.evaluate",
 )
 
 

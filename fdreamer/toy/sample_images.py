@@ -24,7 +24,7 @@ from typing import Any
 
 import cv2
 
-from fdreamer.sample_data import FORMAT_VERSION, _atomic_write_text, make_specs, render_clip
+from fdreamer.toy.sample_data import FORMAT_VERSION, _atomic_write_text, make_specs, render_clip
 
 
 def write_sample_images(
@@ -33,7 +33,7 @@ def write_sample_images(
 ) -> dict[str, Any]:
     """Write ``images/<clip_id>.png`` and ``images.jsonl`` (then ``images/_DONE.json``); idempotent.
 
-    The arguments are those of :func:`fdreamer.sample_data.write_sample_data` (the start position of a
+    The arguments are those of :func:`fdreamer.toy.sample_data.write_sample_data` (the start position of a
     moving subject depends on the clip length, so they must match for image i to be clip i's frame 0).
     """
     out = Path(out_dir).resolve()

@@ -1,9 +1,9 @@
 """Motion-direction classification of the subject in (generated) synthetic "moving shapes" videos.
 
-Given a video and the commanded subject's colour (a name of :data:`fdreamer.sample_data.COLORS`,
+Given a video and the commanded subject's colour (a name of :data:`fdreamer.toy.sample_data.COLORS`,
 as in the manifest's ``subject_color``, or an RGB triple), the subject is segmented in every frame,
 its centroid / area / orientation / shape tracked, and the motion classified as one of
-:data:`fdreamer.sample_data.MOTIONS` (left, right, up, down, grow, shrink, rotate, still).
+:data:`fdreamer.toy.sample_data.MOTIONS` (left, right, up, down, grow, shrink, rotate, still).
 
 Segmentation (per frame, float RGB ``p``, subject colour ``c``):
 
@@ -50,8 +50,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fdreamer.metrics._validate import check_video
-from fdreamer.sample_data import COLORS, MOTIONS
+from fdreamer.eval.metrics._validate import check_video
+from fdreamer.toy.sample_data import COLORS, MOTIONS
 
 UNKNOWN = "unknown"
 BG_SIGMA = 0.12  # local-background blur, fraction of the short side

@@ -44,13 +44,13 @@ def _read_image(path: str) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fdreamer.pipeline import (
+    from fdreamer.inference.pipeline import (
         GenerationCancelled,
         VideoPipeline,
         VideoRequest,
         save_video,
     )
-    from fdreamer.request import video_format
+    from fdreamer.inference.request import video_format
 
     try:
         video_format(args.out)  # fail before loading anything

@@ -9,7 +9,7 @@ so the same seed always gives the same bytes.
 
 Layout written under ``DIR``::
 
-    vae/           diffusers AutoencoderKL (trained weights from fdreamer/assets/tiny_vae/)
+    vae/           diffusers AutoencoderKL (trained weights from fdreamer/toy/assets/tiny_vae/)
     unet/          diffusers UNet2DConditionModel (SD layout, random init)
     text_encoder/  transformers CLIPTextModel (SD's text encoder slot)
     tokenizer/     CLIPTokenizer (tokenizer.json + vocab.json + merges.txt)
@@ -255,7 +255,7 @@ def _tiny_vae(seed: int, allow_untrained_vae: bool, asset_dir: Path) -> tuple[An
     """The trained tiny VAE from ``asset_dir`` or (if allowed) a seeded random one."""
     from diffusers import AutoencoderKL
 
-    from fdreamer.vae_train import TINY_VAE_CONFIG
+    from fdreamer.toy.vae_train import TINY_VAE_CONFIG
 
     if (asset_dir / "config.json").is_file():
         if not (asset_dir / _VAE_WEIGHTS).is_file():
@@ -278,7 +278,7 @@ def build_tiny_models(
 ) -> TinyModels:
     """Build every tiny model in memory, each component seeded with ``seed`` + a fixed offset.
 
-    The VAE is the trained one from ``vae_asset_dir`` (default ``fdreamer/assets/tiny_vae``); if
+    The VAE is the trained one from ``vae_asset_dir`` (default ``fdreamer/toy/assets/tiny_vae``); if
     that is missing, :class:`FileNotFoundError` unless ``allow_untrained_vae`` (then a warning and
     a random VAE with ``TINY_VAE_CONFIG``).
     """
@@ -430,6 +430,6 @@ def register_cli(sub: Any) -> None:
     p.add_argument(
         "--allow-untrained-vae",
         action="store_true",
-        help="write a random VAE if fdreamer/assets/tiny_vae/ is missing instead of failing",
+        help="write a random VAE if fdreamer/toy/assets/tiny_vae/ is missing instead of failing",
     )
     p.set_defaults(func=_cmd_make_tiny_models)

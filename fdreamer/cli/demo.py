@@ -21,11 +21,11 @@ def run_demo(data_dir: Path, models_dir: Path, out_dir: Path, num_clips: int = 3
     import numpy as np
 
     from fdreamer.encoders import EncoderConfig, FrozenEncoders
-    from fdreamer.sample_data import write_sample_data
+    from fdreamer.toy.sample_data import write_sample_data
     from fdreamer.schedule import ScheduleConfig, plot_figure5, summary
-    from fdreamer.tiny_models import make_tiny_models
-    from fdreamer.vae_train import vae_psnr
-    from fdreamer.video import read_video, write_video
+    from fdreamer.toy.tiny_models import make_tiny_models
+    from fdreamer.toy.vae_train import vae_psnr
+    from fdreamer.data.video import read_video, write_video
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {}

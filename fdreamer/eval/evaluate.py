@@ -5,18 +5,18 @@
 
 Prompt set (default: the ``heldout`` split of a ``fdreamer sample-data`` folder, sorted by clip id):
 
-- **I2V**: each clip's frame 0, decoded with :func:`fdreamer.video.read_video` at the checkpoint's
+- **I2V**: each clip's frame 0, decoded with :func:`fdreamer.data.video.read_video` at the checkpoint's
   size and fps (as the preprocessing saw it), + the clip's *motion caption*;
 - **T2V**: the clip's full caption (text-to-image, then image-to-video; direct T2V for a
   ``factorized=False`` model).
 
-Prompt ``i`` is generated with seed ``--seed + i`` through :class:`fdreamer.pipeline.VideoPipeline`,
+Prompt ``i`` is generated with seed ``--seed + i`` through :class:`fdreamer.inference.pipeline.VideoPipeline`,
 the server's pipeline. Per video: CLIP FC / PC (the checkpoint's own CLIP encoders: the tiny CLIP in
 CI), mean flow magnitude and warping error (DIS flow), the motion class of the commanded shape
-(:func:`fdreamer.metrics.classify_motion` against the manifest's ``motion`` and ``subject_color``)
+(:func:`fdreamer.eval.metrics.classify_motion` against the manifest's ``motion`` and ``subject_color``)
 and the PSNR of generated frame 0 vs the conditioning image (I2V) or the T2I image (T2V). Per mode:
 the means, the direction accuracy and a Fréchet distance to the real clips with
-:class:`~fdreamer.metrics.PixelFlowFeatures` (``method="eigh"``; *not* FVD: a weight-free CI feature).
+:class:`~fdreamer.eval.metrics.PixelFlowFeatures` (``method="eigh"``; *not* FVD: a weight-free CI feature).
 
 Results: a table and one JSON line on stdout, ``results.jsonl`` (one line per video), ``summary.json``
 and the first ``--save-videos`` mp4s per mode under ``--out``. Metrics are logged as
@@ -148,7 +148,7 @@ def build_prompts(data_dir: str | Path, *, modes: tuple[str, ...] = ("i2v",), sp
     """
     if i2v_prompt not in ("motion_caption", "caption"):
         raise ValueError(f"i2v_prompt must be 'motion_caption' or 'caption', got {i2v_prompt!r}")
-    from fdreamer.video import read_video
+    from fdreamer.data.video import read_video
 
     rows = sorted((r for r in read_manifest(data_dir) if split is None or r.get("split") == split),
                   key=lambda r: r["clip_id"])
@@ -181,7 +181,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def score_video(frames: np.ndarray, item: dict[str, Any], reference: np.ndarray, clip_encoder: Any,
                 pair_mode: str = "consecutive") -> dict[str, Any]:
     """Per-video metrics (see the module docstring); ``reference`` is the frame-0 target image."""
-    from fdreamer.metrics import classify_motion, clip_scores, motion_metrics
+    from fdreamer.eval.metrics import classify_motion, clip_scores, motion_metrics
 
     out: dict[str, Any] = dict(clip_scores(frames, item["prompt"], clip_encoder, pair_mode=pair_mode))
     out.update(motion_metrics(frames))
@@ -199,7 +199,7 @@ class GenerateAndScore:
     def __init__(self, checkpoint: str, settings: dict[str, Any] | None = None, torch_threads: int | None = None) -> None:
         import torch
 
-        from fdreamer.pipeline import VideoPipeline
+        from fdreamer.inference.pipeline import VideoPipeline
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -207,7 +207,7 @@ class GenerateAndScore:
         self.pipe = VideoPipeline.from_checkpoint(checkpoint, use_ema=self.settings.use_ema)
 
     def generate(self, item: dict[str, Any]) -> dict[str, Any]:
-        from fdreamer.request import VideoRequest
+        from fdreamer.inference.request import VideoRequest
 
         s = self.settings
         image = item.get("image")
@@ -285,7 +285,7 @@ def _run_ray(checkpoint: Path, items: list[dict[str, Any]], settings: EvalSettin
 
 def summarize(rows: list[dict[str, Any]], videos: list[np.ndarray], real: list[np.ndarray]) -> dict[str, dict[str, float]]:
     """Per-mode means + direction accuracy + Fréchet distance (PixelFlowFeatures) to the real clips."""
-    from fdreamer.metrics import PixelFlowFeatures, frechet_distance
+    from fdreamer.eval.metrics import PixelFlowFeatures, frechet_distance
 
     feats = PixelFlowFeatures()
     real_f = feats(real)
@@ -305,7 +305,7 @@ def summarize(rows: list[dict[str, Any]], videos: list[np.ndarray], real: list[n
 
 def reference_summary(real: list[np.ndarray], items: list[dict[str, Any]]) -> dict[str, float]:
     """The metrics on the *real* clips: the classifier's accuracy there is the ceiling of the score."""
-    from fdreamer.metrics import classify_motion, motion_metrics
+    from fdreamer.eval.metrics import classify_motion, motion_metrics
 
     first = {it["clip_id"]: it for it in items}
     rows = list(first.values())
@@ -383,7 +383,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, modes: tuple[str, ...]
 
 
 def write_outputs(out: Path, result: EvalResult, videos: list[np.ndarray], save_videos: int) -> list[Path]:
-    from fdreamer.video import write_video
+    from fdreamer.data.video import write_video
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.jsonl", out / "summary.json"]

@@ -5,7 +5,7 @@ The Ray Train loop (``training/loop.py``) and the overhead benchmark's bare PyTo
 loading. Randomness (timesteps, noise, CFG dropout) is drawn from generators seeded by
 ``(seed, rank, step, micro-batch)``: a resumed run draws the same numbers without storing RNG state.
 
-Joint image-video micro-batches (:class:`~fdreamer.batching.JointBatch`, VideoCrafter2): the video
+Joint image-video micro-batches (:class:`~fdreamer.data.batching.JointBatch`, VideoCrafter2): the video
 clips go through the model as usual; the 1-frame images through ``model(..., temporal=False)`` with
 their text condition only (CFG text dropout as for videos), with noise/timesteps from a second
 generator. The two losses are combined as a weighted mean over samples,
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fdreamer.batching import JointBatch, TrainBatch
+from fdreamer.data.batching import JointBatch, TrainBatch
 from fdreamer.models.conditions import Conditions, null_conditions
-from fdreamer.objective import ObjectiveOutput, diffusion_objective
+from fdreamer.train.objective import ObjectiveOutput, diffusion_objective
 from fdreamer.schedule import NoiseSchedule
 
 
@@ -119,7 +119,7 @@ def part_objective(
     generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
     with_flow: bool = True,
 ) -> ObjectiveOutput:
-    """:func:`~fdreamer.objective.diffusion_objective` of one part: videos with their fps, images with
+    """:func:`~fdreamer.train.objective.diffusion_objective` of one part: videos with their fps, images with
     ``temporal=False`` (switches bound to the model call; the objective itself is unchanged).
     ``with_flow=False`` ignores the part's flow targets (validation: L_DF only)."""
     call = model
