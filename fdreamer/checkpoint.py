@@ -60,6 +60,55 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def latest_checkpoint(run_dir: str | Path, *, requires: str | None = None) -> Path | None:
+    """The checkpoint folder with the highest ``step`` (its ``fdreamer_checkpoint.json``) anywhere under
+    ``run_dir``, or None. Ties go to the later folder name. ``requires``: a file the folder must also hold
+    (training resume needs ``trainer_state.json``)."""
+    best: tuple[int, str, Path] | None = None
+    for meta_file in Path(run_dir).glob("**/" + META):
+        folder = meta_file.parent
+        if requires and not (folder / requires).is_file():
+            continue
+        try:
+            step = int(read_meta(folder).get("step") or 0)
+        except (CheckpointError, ValueError):
+            continue  # a half-written or foreign folder is not a candidate
+        key = (step, folder.name, folder)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
+
+
+def resolve_checkpoint(spec: str | Path, tracking_uri: str | None = None, *,
+                       requires: str | None = None) -> tuple[Path, str | None]:
+    """The one checkpoint resolver (training's ``init_from``, evaluation, serving, ``fdreamer generate``).
+
+    ``spec``: a checkpoint folder; a run folder (its checkpoint with the highest step,
+    :func:`latest_checkpoint`); or ``runs:/<mlflow run id>`` (the run's ``fdreamer.checkpoint`` tag when it
+    names a reachable folder, else its logged ``checkpoint`` artifact, downloaded).
+    Returns (local checkpoint folder, MLflow run id or None); CheckpointError when nothing matches.
+    """
+    spec = str(spec)
+    if spec.startswith("runs:/"):
+        import mlflow
+
+        run_id = spec[len("runs:/"):].strip("/")
+        client = mlflow.tracking.MlflowClient(tracking_uri)
+        tagged = client.get_run(run_id).data.tags.get("fdreamer.checkpoint")
+        if tagged and is_checkpoint(tagged):
+            return Path(tagged), run_id
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", tracking_uri=tracking_uri)
+        return Path(local), run_id
+    path = Path(spec)
+    if not is_checkpoint(path) and path.is_dir():
+        path = latest_checkpoint(path, requires=requires) or path
+    if not is_checkpoint(path):
+        raise CheckpointError(f"{spec}: not a checkpoint folder, a run folder with checkpoints, or runs:/<run id>")
+    state = path / "trainer_state.json"
+    run_id = json.loads(state.read_text()).get("mlflow_run_id") if state.is_file() else None
+    return path, run_id
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of the parameters with ``requires_grad`` (the EMA and optimizer cover these)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -185,6 +234,8 @@ def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.de
 
 
 __all__ = [
+    "latest_checkpoint",
+    "resolve_checkpoint",
     "CheckpointError", "LoadedModel", "build_empty", "is_checkpoint", "load_model", "load_weights_into",
     "read_meta", "save_model", "state_mismatch", "trainable_state",
 ]

@@ -59,11 +59,11 @@ def load_pipeline(settings: Settings, checkpoint: str):
 
     from fdreamer.encoders import DTYPES
     from fdreamer.inference.pipeline import VideoPipeline
-    from training.checkpointing import resolve_init
+    from fdreamer.checkpoint import resolve_checkpoint
 
     if settings.device == "cpu":
         torch.set_num_threads(max(1, settings.torch_threads))
-    path = resolve_init(checkpoint, settings.tracking_uri)
+    path, _ = resolve_checkpoint(checkpoint, settings.tracking_uri)
     dtype = DTYPES[settings.dtype] if settings.dtype else None
     pipe = VideoPipeline.from_checkpoint(path, device=settings.device, dtype=dtype, t2i_path=settings.t2i_path)
     return pipe, Path(path)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers.ray_cluster import subprocess_env
 
-from fdreamer.checkpoint import save_model
+from fdreamer.checkpoint import resolve_checkpoint, save_model
 from fdreamer.encoders import EncoderConfig
 from fdreamer.eval.evaluate import (
     EvalSettings,
@@ -27,7 +27,6 @@ from fdreamer.eval.evaluate import (
     evaluate,
     format_table,
     psnr,
-    resolve_checkpoint,
 )
 from fdreamer.models import (
     AdapterConfig,

@@ -74,45 +74,9 @@ def checkpoint_config(path: Path) -> TrainConfig:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step under a Ray Train run folder (or None)."""
-    best: tuple[int, Path] | None = None
-    for meta in run_dir.glob("**/" + fck.META):
-        folder = meta.parent
-        if not (folder / "trainer_state.json").is_file():
-            continue
-        step = read_trainer_state(folder).step
-        if best is None or step > best[0]:
-            best = (step, folder)
-    return best[1] if best else None
-
-
-def resolve_init(spec: str, tracking_uri: str | None) -> Path:
-    """``init_from`` -> a local checkpoint folder.
-
-    Accepts a checkpoint folder, a run folder (its latest checkpoint), or ``runs:/<mlflow run id>``
-    (the run's ``fdreamer.checkpoint`` tag, else its logged ``checkpoint`` artifact, downloaded).
-    """
-    if spec.startswith("runs:/"):
-        import mlflow
-
-        run_id = spec[len("runs:/"):].strip("/")
-        client = mlflow.tracking.MlflowClient(tracking_uri)
-        run = client.get_run(run_id)
-        tagged = run.data.tags.get("fdreamer.checkpoint")
-        if tagged and fck.is_checkpoint(tagged):
-            return Path(tagged)
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", tracking_uri=tracking_uri)
-        return Path(local)
-    p = Path(spec)
-    if fck.is_checkpoint(p):
-        return p
-    if p.is_dir():
-        found = latest_checkpoint(p)
-        if found is not None:
-            return found
-    raise fck.CheckpointError(f"init_from {spec!r}: not a checkpoint folder, a run folder with checkpoints, "
-                              "or runs:/<mlflow run id>")
+    """The resumable checkpoint (one with ``trainer_state.json``) with the highest step under a run folder."""
+    return fck.latest_checkpoint(run_dir, requires="trainer_state.json")
 
 
 __all__ = ["TrainerState", "checkpoint_config", "latest_checkpoint", "load_optimizer_state", "read_trainer_state",
-           "resolve_init", "restore_rng", "save_training_checkpoint"]
+           "restore_rng", "save_training_checkpoint"]

@@ -77,7 +77,7 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
             f"(micro_batch {cfg.micro_batch} x accumulation {cfg.accumulation})")
     init = None
     if cfg.init_from:
-        init = ck.resolve_init(cfg.init_from, cfg.tracking.tracking_uri)
+        init, _ = fck.resolve_checkpoint(cfg.init_from, cfg.tracking.tracking_uri)
         check_init_compatible(cfg, init)
     out = run_dir(cfg)
     if not cfg.resume and ck.latest_checkpoint(out) is not None:

@@ -82,38 +82,6 @@ class EvalResult:
 # ----------------------------------------------------------------------------------- checkpoints
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
-    from fdreamer.checkpoint import is_checkpoint
-
-    found = sorted(p for p in folder.glob("checkpoint_step_*") if is_checkpoint(p))
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(spec: str, tracking_uri: str | None = None) -> tuple[Path, str | None]:
-    """``spec`` (a checkpoint folder, a training run folder -> its latest checkpoint, or
-    ``runs:/<mlflow run id>``) -> (local checkpoint folder, MLflow run id or None)."""
-    from fdreamer.checkpoint import CheckpointError, is_checkpoint
-
-    if spec.startswith("runs:/"):
-        import mlflow
-
-        run_id = spec[len("runs:/"):].strip("/")
-        client = mlflow.tracking.MlflowClient(tracking_uri)
-        tagged = client.get_run(run_id).data.tags.get("fdreamer.checkpoint")
-        if tagged and is_checkpoint(tagged):
-            return Path(tagged), run_id
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", tracking_uri=tracking_uri)
-        return Path(local), run_id
-    path = Path(spec)
-    if not is_checkpoint(path) and path.is_dir():
-        path = _latest_checkpoint(path) or path
-    if not is_checkpoint(path):
-        raise CheckpointError(f"{spec}: not a checkpoint folder, a run folder with checkpoints, or runs:/<run id>")
-    state = path / "trainer_state.json"
-    run_id = json.loads(state.read_text()).get("mlflow_run_id") if state.is_file() else None
-    return path, run_id
-
-
 def default_tracking_uri(checkpoint: Path) -> str | None:
     """``MLFLOW_TRACKING_URI``, else the training default: ``<storage_path>/mlflow.db`` two levels up."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -340,7 +308,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, modes: tuple[str, ...]
              save_videos: int = 4, i2v_prompt: str = "motion_caption") -> EvalResult:
     """Generate and score (module docstring); ``ray_address`` None = in-process, else a Ray address or
     "auto" (:func:`cluster.connect.cluster_address`)."""
-    from fdreamer.checkpoint import read_meta
+    from fdreamer.checkpoint import read_meta, resolve_checkpoint
     from fdreamer.config import load_config
     from fdreamer.schedule import ScheduleConfig
 
@@ -473,4 +441,4 @@ def register_cli(sub: Any) -> None:
 
 
 __all__ = ["EvalResult", "EvalSettings", "GenerateAndScore", "build_prompts", "evaluate", "format_table",
-           "log_to_mlflow", "psnr", "resolve_checkpoint", "score_video", "summarize"]
+           "log_to_mlflow", "psnr", "score_video", "summarize"]

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fdreamer.eval.evaluate import build_prompts, resolve_checkpoint
+    from fdreamer.checkpoint import resolve_checkpoint
+    from fdreamer.eval.evaluate import build_prompts
     from fdreamer.inference.pipeline import VideoPipeline
     from fdreamer.toy.sample_data import MOTION_PHRASES, MOTIONS
 
