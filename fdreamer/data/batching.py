@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fdreamer.data.schema import decode_tensor
 from fdreamer.models.conditions import Conditions
 
 #: Columns the training loop reads (column selection at read time); ``flow`` only when it is used.
@@ -93,16 +94,9 @@ def _column(batch: Mapping[str, Any], name: str) -> Sequence[Any]:
 
 
 def decode_tensor_column(batch: Mapping[str, Any], name: str) -> list[np.ndarray]:
-    """Every row's ``name`` tensor as a numpy array (bytes + shape + dtype columns)."""
+    """Every row's ``name`` tensor as a numpy array (bytes + shape + dtype columns, :func:`schema.decode_tensor`)."""
     data, shapes, dtypes = (_column(batch, n) for n in (name, f"{name}_shape", f"{name}_dtype"))
-    out = []
-    for raw, shape, dtype in zip(data, shapes, dtypes, strict=True):
-        shape = tuple(int(s) for s in shape)
-        arr = np.frombuffer(raw, dtype=np.dtype(dtype))
-        if arr.size != int(np.prod(shape)):
-            raise ValueError(f"{name}: {arr.size} values do not fill shape {list(shape)}")
-        out.append(arr.reshape(shape))
-    return out
+    return [decode_tensor(raw, shape, dtype, name) for raw, shape, dtype in zip(data, shapes, dtypes, strict=True)]
 
 
 def stack_column(batch: Mapping[str, Any], name: str) -> torch.Tensor:
@@ -114,18 +108,20 @@ def stack_column(batch: Mapping[str, Any], name: str) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays).astype(np.float32))
 
 
-def pad_tokens(seqs: Sequence[np.ndarray], min_length: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad ``[L_i, D]`` sequences to ``[B, max L, D]`` float32 plus a bool mask ``[B, max L]``."""
+def pad_tokens(seqs: Sequence[np.ndarray | torch.Tensor], min_length: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one T5 padding helper: right-pad ``[L_i, D]`` sequences to ``[B, max L, D]`` plus a bool mask
+    ``[B, max L]``. numpy inputs give float32 on the CPU; tensors keep the first one's dtype and device."""
     if not seqs:
         raise ValueError("pad_tokens: no sequences")
     dims = {s.shape[1] for s in seqs}
     if len(dims) != 1:
         raise ValueError(f"token widths differ: {sorted(dims)}")
-    length = max(min_length, max(s.shape[0] for s in seqs))
-    tokens = torch.zeros(len(seqs), length, dims.pop())
-    mask = torch.zeros(len(seqs), length, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        tokens[i, : s.shape[0]] = torch.from_numpy(s.astype(np.float32))
+    ts = [s if isinstance(s, torch.Tensor) else torch.from_numpy(np.asarray(s, dtype=np.float32)) for s in seqs]
+    length = max(min_length, max(s.shape[0] for s in ts))
+    tokens = ts[0].new_zeros(len(ts), length, dims.pop())
+    mask = torch.zeros(len(ts), length, dtype=torch.bool, device=ts[0].device)
+    for i, s in enumerate(ts):
+        tokens[i, : s.shape[0]] = s
         mask[i, : s.shape[0]] = True
     return tokens, mask
 

@@ -125,17 +125,21 @@ def tensor_to_columns(prefix: str, array: np.ndarray) -> dict[str, Any]:
     return {prefix: arr.tobytes(), f"{prefix}_shape": [int(s) for s in arr.shape], f"{prefix}_dtype": arr.dtype.name}
 
 
+def decode_tensor(data: bytes, shape: Any, dtype: Any, name: str = "tensor") -> np.ndarray:
+    """The one decoder of a tensor column value (raw bytes + shape + dtype; :func:`tensor_to_columns`)."""
+    shape = tuple(int(s) for s in shape)
+    arr = np.frombuffer(data, dtype=np.dtype(dtype))
+    if arr.size != int(np.prod(shape)):
+        raise SchemaError(f"{name}: {arr.size} values do not fill shape {list(shape)}")
+    return arr.reshape(shape)
+
+
 def columns_to_tensor(row: Mapping[str, Any], prefix: str) -> np.ndarray:
     """Inverse of :func:`tensor_to_columns` for a row (dict, pandas Series or pyarrow row dict)."""
     for key in (prefix, f"{prefix}_shape", f"{prefix}_dtype"):
         if key not in row:
             raise SchemaError(f"row has no column {key!r}")
-    data, shape, dtype = row[prefix], row[f"{prefix}_shape"], row[f"{prefix}_dtype"]
-    shape = tuple(int(s) for s in shape)
-    arr = np.frombuffer(data, dtype=np.dtype(dtype))
-    if arr.size != int(np.prod(shape)):
-        raise SchemaError(f"{prefix}: {arr.size} values do not fill shape {list(shape)}")
-    return arr.reshape(shape)
+    return decode_tensor(row[prefix], row[f"{prefix}_shape"], row[f"{prefix}_dtype"], prefix)
 
 
 def check_row(row: Mapping[str, Any]) -> None:

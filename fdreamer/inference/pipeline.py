@@ -39,9 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fdreamer.data.batching import pad_tokens
 from fdreamer.encoders import DTYPES, EncoderConfig, FrozenEncoders
 from fdreamer.models.conditions import Conditions, null_conditions
-from fdreamer.inference.request import MAX_SEED, SAMPLERS, VideoRequest, VideoResult, save_video
+from fdreamer.inference.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_STEPS,
+                                        MAX_SEED, SAMPLERS, VideoRequest, VideoResult, save_video)
 from fdreamer.inference.sampling import GenerationCancelled, StepCallback, denoise, notify
 from fdreamer.schedule import NoiseSchedule, ScheduleConfig
 
@@ -79,19 +81,6 @@ def _merge_defaults(base: dict[str, Any], given: dict[str, Any] | None) -> dict[
     if not (math.isfinite(out["fps"]) and out["fps"] > 0):
         raise ValueError(f"defaults: fps must be > 0, got {out['fps']}")
     return out
-
-
-def _pad_t5(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two unpadded T5 sequences ``[L_i, D]`` -> both ``[1, L, D]`` with bool masks ``[1, L]``."""
-    length = max(a.shape[0], b.shape[0])
-
-    def pad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = torch.zeros(1, length, dtype=torch.bool, device=x.device)
-        mask[0, : x.shape[0]] = True
-        return torch.cat([x, x.new_zeros(length - x.shape[0], x.shape[1])])[None], mask
-
-    (ta, ma), (tb, mb) = pad(a), pad(b)
-    return ta, ma, tb, mb
 
 
 def _shared_unet2d(video_unet: torch.nn.Module) -> torch.nn.Module:
@@ -323,7 +312,8 @@ class VideoPipeline:
         t5 = t5_mask = t5_null = t5_null_mask = None
         if cfg.temporal_text_encoder == "t5":
             a, b = enc.encode_t5_unpadded([prompt, negative_prompt])
-            t5, t5_mask, t5_null, t5_null_mask = _pad_t5(a.to(dev, dtype), b.to(dev, dtype))
+            tokens, masks = pad_tokens([a.to(dev, dtype), b.to(dev, dtype)])  # [2, L, D], [2, L]
+            t5, t5_null, t5_mask, t5_null_mask = tokens[:1], tokens[1:], masks[:1], masks[1:]
         image_embed = first_latent = None
         if cfg.factorized:
             if image is None:
@@ -338,7 +328,7 @@ class VideoPipeline:
 
     def video_latents(self, image: np.ndarray | None, prompt: str, *, negative_prompt: str = "", num_frames: int,
                       height: int, width: int, num_inference_steps: int, guidance_scale: float,
-                      image_guidance_scale: float = 1.5, guidance_rescale: float = 0.0, sampler: str = "ddim",
+                      image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE, guidance_rescale: float = 0.0, sampler: str = "ddim",
                       seed: int, callback: StepCallback | None = None) -> torch.Tensor:
         """Sample the video latents ``[1, C, T, h, w]`` (float32) conditioned on ``image`` (already
         ``height``×``width``; None for the direct T2V model)."""
@@ -355,7 +345,7 @@ class VideoPipeline:
 
     def image_to_video(self, image: np.ndarray, prompt: str, *, negative_prompt: str = "",
                        num_frames: int | None = None, height: int | None = None, width: int | None = None,
-                       num_inference_steps: int = 25, guidance_scale: float = 7.5, image_guidance_scale: float = 1.5,
+                       num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE_SCALE, image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
                        guidance_rescale: float = 0.0, sampler: str = "ddim", seed: int | None = None,
                        callback: StepCallback | None = None) -> np.ndarray:
         """uint8 frames ``[T, H, W, 3]`` animating ``image`` (validated like a :class:`VideoRequest`)."""

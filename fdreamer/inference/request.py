@@ -31,6 +31,13 @@ def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
+
+# The sampling defaults, defined once (the server, `fdreamer generate`, evaluation and the pipeline read these).
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE_SCALE = 7.5  # text CFG
+DEFAULT_IMAGE_GUIDANCE_SCALE = 1.5
+
+
 @dataclass
 class VideoRequest:
     """One generation. ``image`` None = text-to-video; None sizes/frames/fps take the pipeline's defaults;
@@ -43,9 +50,9 @@ class VideoRequest:
     height: int | None = None
     width: int | None = None
     fps: float | None = None
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5  # text CFG
-    image_guidance_scale: float = 1.5
+    num_inference_steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # text CFG
+    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE
     guidance_rescale: float = 0.0
     sampler: str = "ddim"
     seed: int | None = None
