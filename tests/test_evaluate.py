@@ -17,10 +17,10 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from helpers.checkpoints import tiny_checkpoint, tiny_schedule
 from helpers.ray_cluster import subprocess_env
 
-from fdreamer.checkpoint import resolve_checkpoint, save_model
-from fdreamer.encoders import EncoderConfig
+from fdreamer.checkpoint import resolve_checkpoint
 from fdreamer.eval.evaluate import (
     EvalSettings,
     build_prompts,
@@ -29,17 +29,15 @@ from fdreamer.eval.evaluate import (
     psnr,
 )
 from fdreamer.models import (
-    AdapterConfig,
     FactorizedDreamerUNet,
     ModelConfig,
-    PacaConfig,
 )
 from fdreamer.toy.sample_data import write_sample_data
 from fdreamer.models.conditions import Conditions
-from fdreamer.schedule import NoiseSchedule, ScheduleConfig
+from fdreamer.schedule import NoiseSchedule
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEDULE = ScheduleConfig(num_frames=8, height=64, width=64, shift_scale=0.5)
+SCHEDULE = tiny_schedule()
 META = {"num_frames": 8, "size": 64, "fps": 6, "preset": "tiny"}
 FAST = EvalSettings(steps=2)
 
@@ -53,10 +51,8 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = ModelConfig.tiny(adapter=AdapterConfig(token_init="default"), paca=PacaConfig(init="default"))
-    model = FactorizedDreamerUNet.from_preset("tiny", cfg, seed=0)
     run = tmp_path_factory.mktemp("train") / "tiny_run"
-    return save_model(run / "checkpoint_step_00000005", model, SCHEDULE, EncoderConfig.tiny(tiny_dir), meta=META)
+    return tiny_checkpoint(run / "checkpoint_step_00000005", tiny_dir, conditioned=True, meta={"step": 5})
 
 
 def test_psnr_values() -> None:

@@ -11,17 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.checkpoints import tiny_checkpoint, tiny_schedule
 from PIL import Image
 
-from fdreamer.checkpoint import save_model
 from fdreamer.cli.main import main as cli_main
 from fdreamer.encoders import EncoderConfig, FrozenEncoders
 from fdreamer.models import (
-    AdapterConfig,
     Conditions,
     FactorizedDreamerUNet,
     ModelConfig,
-    PacaConfig,
 )
 from fdreamer.models.adapter import AdapterAttnProcessor
 from fdreamer.inference.pipeline import (
@@ -32,20 +30,16 @@ from fdreamer.inference.pipeline import (
     save_video,
 )
 from fdreamer.inference.sampling import combine_guidance, guided_prediction, rescale_noise_cfg
-from fdreamer.schedule import ScheduleConfig
 
 PROMPT = "a red ball bounces left"
-SCHEDULE = ScheduleConfig(num_frames=8, height=64, width=64, shift_scale=0.5)  # Eq. 5 gives s > 1 for 8x64x64
+SCHEDULE = tiny_schedule()
 META = {"num_frames": 8, "size": 64, "fps": 6, "preset": "tiny"}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # non-zero init of the adapter tokens and PACA (presets start them at 0): the image conditions matter
-    cfg = ModelConfig.tiny(adapter=AdapterConfig(token_init="default"), paca=PacaConfig(init="default"))
-    model = FactorizedDreamerUNet.from_preset("tiny", cfg, seed=0)
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    return save_model(out, model, SCHEDULE, EncoderConfig.tiny(tiny_dir), meta=META)
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", tiny_dir, conditioned=True)
 
 
 @pytest.fixture(scope="module")

@@ -144,13 +144,12 @@ def test_fps_conditioning_off_unchanged_on_zero_init_then_learns() -> None:
 
 def test_fps_conditioned_checkpoint_is_served_by_the_pipeline(tiny_dir: Path, tmp_path: Path) -> None:
     """The pipeline passes no fps yet: an fps-conditioned checkpoint samples with ``model.fps_default``."""
-    from fdreamer.checkpoint import save_model
-    from fdreamer.encoders import EncoderConfig
+    from helpers.checkpoints import tiny_checkpoint
+
     from fdreamer.inference.pipeline import VideoPipeline, VideoRequest
 
-    model = _model(fps_conditioning=True, fps_default=6.0)
-    ckpt = save_model(tmp_path / "ckpt", model, _schedule().cfg, EncoderConfig.tiny(tiny_dir),
-                      meta={"num_frames": 8, "size": 64, "fps": 6, "preset": "tiny"})
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", tiny_dir, model=_model(fps_conditioning=True, fps_default=6.0),
+                           schedule=_schedule().cfg)
     pipe = VideoPipeline.from_checkpoint(ckpt)
     assert pipe.model.cfg.fps_conditioning and pipe.model.fps_embedding is not None
     out = pipe(VideoRequest(prompt="a red circle slides to the left", num_frames=3, height=32, width=32,

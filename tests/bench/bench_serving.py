@@ -35,18 +35,12 @@ REQUEST = {"prompt": "a red ball bounces", "num_frames": 4, "height": 32, "width
 
 def _checkpoint(tmp: Path) -> Path:
     from fdreamer.toy import tiny_models as tm
-    from fdreamer.checkpoint import save_model
-    from fdreamer.encoders import EncoderConfig
-    from fdreamer.models import FactorizedDreamerUNet
-    from fdreamer.schedule import ScheduleConfig
+    from helpers.checkpoints import tiny_checkpoint, tiny_schedule
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tm.make_tiny_models(tmp / "models", seed=0, allow_untrained_vae=True, vae_asset_dir=tmp / "no-asset")
-    model = FactorizedDreamerUNet.from_preset("tiny", seed=0)
-    schedule = ScheduleConfig(num_frames=8, height=64, width=64, shift_scale=0.5, prediction_type="v_prediction")
-    return save_model(tmp / "ckpt", model, schedule, EncoderConfig.tiny(tmp / "models"),
-                      meta={"num_frames": 8, "size": 64, "fps": 6, "preset": "tiny"})
+    return tiny_checkpoint(tmp / "ckpt", tmp / "models", schedule=tiny_schedule(prediction_type="v_prediction"))
 
 
 def _direct(ckpt: Path, reps: int) -> float:
