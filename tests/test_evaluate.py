@@ -120,11 +120,11 @@ def test_seeds_make_evaluation_repeatable(checkpoint: Path, sample: Path) -> Non
     assert a.rows[0]["fc"] == b.rows[0]["fc"] and a.rows[0]["psnr0"] == b.rows[0]["psnr0"]
 
 
-def test_cli_prints_table_and_json_over_ray_data(checkpoint: Path, sample: Path, ray_head: dict, tmp_path: Path) -> None:
+def test_ray_job_prints_table_and_json_over_ray_data(checkpoint: Path, sample: Path, ray_head: dict, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "fdreamer.cli.main", "evaluate", "--checkpoint", str(checkpoint.parent), "--data", str(sample),
-         "--split", "all", "--num", "2", "--steps", "2", "--no-log", "--out", str(tmp_path / "o"), "--ray-address", ray_head["address"],
-         "--concurrency", "2"],
+        [sys.executable, "training/evaluate_job.py", "--checkpoint", str(checkpoint.parent), "--data", str(sample),
+         "--split", "all", "--num", "2", "--sampling.steps", "2", "--log=false", "--out", str(tmp_path / "o"),
+         "--ray_address", ray_head["address"], "--concurrency", "2"],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -161,9 +161,24 @@ def test_caption_probe_hand_computed_ranks_and_fixed_noise_losses() -> None:
 
 def test_cli_errors_are_one_line(sample: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "fdreamer.cli.main", "evaluate", "--checkpoint", str(tmp_path),
-                           "--data", str(sample), "--ray-address", "none"],
+                           "--data", str(sample)],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "not a checkpoint" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_cli_in_process_config_style(checkpoint: Path, sample: Path, tmp_path: Path, capsys) -> None:
+    """``fdreamer evaluate`` takes the config-style options (hyphens or underscores, bare bool flags)."""
+    from fdreamer.cli.main import main as cli_main
+
+    rc = cli_main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(sample), "--num", "1",
+                   "--sampling.steps=2", "--log=false", "--save-videos", "0", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["i2v_n"] == 1 and (tmp_path / "o" / "summary.json").is_file()
+    assert not list((tmp_path / "o").glob("*.mp4"))  # --save-videos 0
+    assert cli_main(["evaluate", "--checkpoint", str(checkpoint), "--sampling.stepz=2"]) == 2
+    assert "did you mean 'sampling.steps'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

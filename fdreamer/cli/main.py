@@ -19,7 +19,7 @@ _COMMAND_MODULES = (
     "fdreamer.schedule",
     "fdreamer.cli.describe",
     "fdreamer.cli.generate",
-    "fdreamer.eval.evaluate",
+    "fdreamer.cli.evaluate",
 )
 
 
@@ -32,7 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and not argv[0].startswith("-"):
+        subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        chosen = subcommands.get(argv[0])
+        command = chosen.get_default("config_command") if chosen is not None else None
+        if command is not None:  # config-style: fdreamer.config.parse_cli reads the rest
+            from fdreamer.cli.config_command import run_command
+
+            cls, run = command
+            return run_command(cls, run, argv[1:], prog=f"fdreamer {argv[0]}")
+    args = parser.parse_args(argv)
     rc = args.func(args)
     return int(rc or 0)
 

@@ -1,7 +1,7 @@
-"""``fdreamer evaluate``: generate a fixed prompt set with a checkpoint and score it (issue 8).
+"""Evaluation: generate a fixed prompt set with a checkpoint and score it (``fdreamer evaluate``).
 
     fdreamer evaluate --checkpoint runs/train/tiny_learn [--data data/sample] [--mode i2v|t2v|both]
-                      [--num N] [--steps 20] [--seed 0] [--out runs/eval/x] [--tracking-uri URI]
+                      [--num N] [--sampling.steps 20] [--seed 0] [--out runs/eval/x] [--tracking_uri URI]
 
 Prompt set (default: the ``heldout`` split of a ``fdreamer sample-data`` folder, sorted by clip id):
 
@@ -24,24 +24,25 @@ and the first ``--save-videos`` mp4s per mode under ``--out``. Metrics are logge
 ``--run-id``) when a tracking URI is known (``--tracking-uri``, ``MLFLOW_TRACKING_URI``, or the
 training default ``sqlite:///<storage_path>/mlflow.db`` next to the run folder).
 
-Ray: with ``--ray-address`` (or a cluster that :func:`cluster.connect.cluster_address` finds) the
-prompts go through ``ray.data.from_items(...).map_batches(GenerateAndScore, concurrency=k)``: actors
-that load the pipeline once; ``--ray-address none`` forces in-process evaluation.
+Where the generation runs is the caller's choice (``runner``): in-process here (``fdreamer evaluate``), or
+Ray Data actors in ``training/evaluate_job.py`` (the library imports no Ray).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+
+from fdreamer.config import nested, opt
+from fdreamer.inference.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE
 
 MODES = ("i2v", "t2v")
 SUMMARY_KEYS = ("direction_accuracy", "fc", "pc", "flow_magnitude", "warping_error", "psnr0", "fd_pixelflow")
@@ -52,12 +53,31 @@ PER_VIDEO_KEYS = ("fc", "pc", "flow_magnitude", "warping_error", "psnr0")
 class EvalSettings:
     """What one evaluation generates (everything that changes the videos, nothing about where)."""
 
-    steps: int = 20
-    guidance_scale: float = 7.5
-    image_guidance_scale: float = 1.5
-    sampler: str = "ddim"
-    use_ema: bool = True
-    clip_pair_mode: str = "consecutive"
+    steps: int = opt(20, "denoising steps per video (fewer than serving's default: many videos)")
+    guidance_scale: float = opt(DEFAULT_GUIDANCE_SCALE, "text guidance scale")
+    image_guidance_scale: float = opt(DEFAULT_IMAGE_GUIDANCE_SCALE, "image guidance scale")
+    sampler: Literal["ddim", "euler"] = opt("ddim", "diffusers sampler")
+    use_ema: bool = opt(True, "use the EMA weights when the checkpoint has them")
+    clip_pair_mode: Literal["consecutive", "all"] = opt("consecutive", "frame pairs of the CLIP frame consistency")
+
+
+@dataclass
+class EvalConfig:
+    """``fdreamer evaluate`` / ``training/evaluate_job.py`` options (``--key value``; ``--help`` lists them)."""
+
+    checkpoint: str = opt(help="checkpoint folder, training run folder (its latest checkpoint) or runs:/<mlflow run id>")
+    data: str = opt("data/sample", "sample-data folder with manifest.jsonl")
+    split: str = opt("heldout", "manifest split to evaluate ('all' for every clip)")
+    mode: Literal["i2v", "t2v", "both"] = opt("i2v", "image- or text-to-video")
+    i2v_prompt: Literal["motion_caption", "caption"] = opt("motion_caption", "manifest field prompting I2V (training saw `caption`)")
+    num: int | None = opt(None, "at most this many clips (default: all of the split)")
+    seed: int = opt(0, "prompt i uses seed + i")
+    out: str | None = opt(None, "folder for results.jsonl, summary.json and a few mp4s")
+    save_videos: int = opt(4, "mp4s written per mode")
+    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI or <storage>/mlflow.db)")
+    run_id: str | None = opt(None, "log to this MLflow run (default: the checkpoint's)")
+    log: bool = opt(True, "log the metrics to the checkpoint's MLflow run")
+    sampling: EvalSettings = nested(EvalSettings, "how each video is generated")
 
 
 @dataclass
@@ -217,38 +237,13 @@ def _unbox(v: Any) -> Any:
 # ----------------------------------------------------------------------------------- running
 
 
-def _run_local(checkpoint: Path, items: list[dict[str, Any]], settings: EvalSettings) -> list[dict[str, Any]]:
+Runner = Callable[[Path, list[dict[str, Any]], "EvalSettings"], list[dict[str, Any]]]
+
+
+def run_in_process(checkpoint: Path, items: list[dict[str, Any]], settings: EvalSettings) -> list[dict[str, Any]]:
+    """Generate and score every item here (one :class:`GenerateAndScore`)."""
     worker = GenerateAndScore(str(checkpoint), asdict(settings))
     return worker(items)
-
-
-def _run_ray(checkpoint: Path, items: list[dict[str, Any]], settings: EvalSettings, address: str,
-             concurrency: int, num_cpus: float) -> list[dict[str, Any]]:
-    import ray
-
-    from cluster.connect import init_ray
-
-    started = not ray.is_initialized()
-    if started:
-        init_ray(address, log_to_driver=False)
-    try:
-        # The image column is ragged (None for T2V): ship items as rows of JSON-safe + ndarray columns.
-        ds_items = [{**{k: v for k, v in it.items() if k != "image"},
-                     "image_bytes": b"" if it["image"] is None else np.ascontiguousarray(it["image"]).tobytes(),
-                     "image_shape": json.dumps(None if it["image"] is None else list(it["image"].shape))}
-                    for it in items]
-        ds = ray.data.from_items(ds_items).map_batches(
-            GenerateAndScore, fn_constructor_kwargs={"checkpoint": str(checkpoint), "settings": asdict(settings),
-                                                     "torch_threads": max(1, int(num_cpus))},
-            batch_size=1, concurrency=concurrency, num_cpus=num_cpus, fn_kwargs={})
-        outs = []
-        for row in ds.iter_rows():
-            outs.append({"row": json.loads(row["row_json"]), "frames": np.asarray(row["frames"])})
-    finally:
-        if started:
-            ray.shutdown()
-    order = {it["id"]: i for i, it in enumerate(items)}
-    return sorted(outs, key=lambda o: order[o["row"]["id"]])
 
 
 def summarize(rows: list[dict[str, Any]], videos: list[np.ndarray], real: list[np.ndarray]) -> dict[str, dict[str, float]]:
@@ -304,10 +299,10 @@ def log_to_mlflow(run_id: str, tracking_uri: str | None, summary: dict[str, dict
 def evaluate(checkpoint: str | Path, data: str | Path, *, modes: tuple[str, ...] = ("i2v",), num: int | None = None,
              split: str | None = "heldout", seed: int = 0, settings: EvalSettings | None = None,
              out: str | Path | None = None, tracking_uri: str | None = None, run_id: str | None = None,
-             log: bool = True, ray_address: str | None = None, concurrency: int = 2, num_cpus: float = 1.0,
+             log: bool = True, runner: Runner | None = None,
              save_videos: int = 4, i2v_prompt: str = "motion_caption") -> EvalResult:
-    """Generate and score (module docstring); ``ray_address`` None = in-process, else a Ray address or
-    "auto" (:func:`cluster.connect.cluster_address`)."""
+    """Generate and score (module docstring). ``runner(checkpoint, items, settings)`` generates the items
+    (default :func:`run_in_process`; ``training/evaluate_job.py`` passes one on Ray Data)."""
     from fdreamer.checkpoint import read_meta, resolve_checkpoint
     from fdreamer.config import load_config
     from fdreamer.schedule import ScheduleConfig
@@ -324,10 +319,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, modes: tuple[str, ...]
     items, real = build_prompts(data, modes=modes, split=split, num=num, num_frames=num_frames, size=hw,
                                 fps=meta.get("fps"), seed=seed, i2v_prompt=i2v_prompt)
     t1 = time.perf_counter()
-    if ray_address:
-        outs = _run_ray(ckpt, items, settings, ray_address, concurrency, num_cpus)
-    else:
-        outs = _run_local(ckpt, items, settings)
+    outs = (runner or run_in_process)(ckpt, items, settings)
     t2 = time.perf_counter()
     rows = [o["row"] for o in outs]
     videos = [o["frames"] for o in outs]
@@ -376,69 +368,15 @@ def format_table(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------- CLI
+__all__ = ["EvalConfig", "EvalResult", "EvalSettings", "GenerateAndScore", "Runner", "build_prompts", "evaluate",
+           "evaluate_config", "format_table", "log_to_mlflow", "psnr", "run_in_process", "score_video", "summarize"]
 
 
-def _ray_target(arg: str | None) -> str | None:
-    """``--ray-address``: none/off -> in-process; an address -> it; unset -> a reachable cluster or in-process."""
-    if arg is not None:
-        return None if arg.lower() in ("none", "off", "local-process", "") else arg
-    try:
-        from cluster.connect import cluster_address
-    except ImportError:
-        return None
-    addr = cluster_address(None)
-    return None if addr == "local" else addr
-
-
-def _run(args: argparse.Namespace) -> int:
-    repo = Path(__file__).resolve().parents[1]
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    modes = MODES if args.mode == "both" else (args.mode,)
-    settings = EvalSettings(steps=args.steps, guidance_scale=args.guidance_scale,
-                            image_guidance_scale=args.image_guidance_scale, sampler=args.sampler,
-                            use_ema=not args.no_ema)
-    try:
-        res = evaluate(args.checkpoint, args.data, modes=modes, num=args.num, split=None if args.split == "all" else args.split,
-                       seed=args.seed, settings=settings, out=args.out, tracking_uri=args.tracking_uri,
-                       run_id=args.run_id, log=not args.no_log, ray_address=_ray_target(args.ray_address),
-                       concurrency=args.concurrency, save_videos=args.save_videos, i2v_prompt=args.i2v_prompt)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"fdreamer evaluate: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(res), flush=True)
-    print(json.dumps(res.json_line()), flush=True)
-    return 0
-
-
-def register_cli(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="generate held-out prompts with a checkpoint, score them (FC, PC, motion), "
-                       "log to MLflow; prints a table and a JSON line", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, metavar="DIR|runs:/ID",
-                   help="checkpoint folder, training run folder (latest checkpoint) or runs:/<mlflow run id>")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or <storage>/mlflow.db)")
-    p.add_argument("--run-id", help="log to this MLflow run (default: the checkpoint's)")
-    p.add_argument("--no-log", action="store_true", help="do not log to MLflow")
-    p.add_argument("--data", default="data/sample", metavar="DIR", help="sample-data folder with manifest.jsonl")
-    p.add_argument("--split", default="heldout", help="manifest split to evaluate ('all' for every clip)")
-    p.add_argument("--mode", choices=("i2v", "t2v", "both"), default="i2v", help="image- or text-to-video (default i2v)")
-    p.add_argument("--i2v-prompt", choices=("motion_caption", "caption"), default="motion_caption",
-                   help="manifest field prompting I2V (default motion_caption; training saw `caption`)")
-    p.add_argument("--num", type=int, help="at most this many clips (default: all of the split)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance scale (default 7.5)")
-    p.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance scale (default 1.5)")
-    p.add_argument("--sampler", choices=("ddim", "euler"), default="ddim")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default 0)")
-    p.add_argument("--out", metavar="DIR", help="results.jsonl, summary.json and a few mp4s")
-    p.add_argument("--save-videos", type=int, default=4, help="mp4s written per mode (default 4)")
-    p.add_argument("--ray-address", help="Ray cluster for Ray Data actors; 'none' = in-process "
-                   "(default: a reachable cluster, else in-process)")
-    p.add_argument("--concurrency", type=int, default=2, help="GenerateAndScore actors on Ray (default 2)")
-    p.set_defaults(func=_run)
-
-
-__all__ = ["EvalResult", "EvalSettings", "GenerateAndScore", "build_prompts", "evaluate", "format_table",
-           "log_to_mlflow", "psnr", "score_video", "summarize"]
+def evaluate_config(cfg: EvalConfig, runner: Runner | None = None) -> EvalResult:
+    """:func:`evaluate` with the options of an :class:`EvalConfig`."""
+    if not cfg.checkpoint:
+        raise ValueError("checkpoint: give a checkpoint folder, a run folder or runs:/<run id> (--checkpoint DIR)")
+    modes = MODES if cfg.mode == "both" else (cfg.mode,)
+    return evaluate(cfg.checkpoint, cfg.data, modes=modes, num=cfg.num, split=None if cfg.split == "all" else cfg.split,
+                    seed=cfg.seed, settings=cfg.sampling, out=cfg.out, tracking_uri=cfg.tracking_uri, run_id=cfg.run_id,
+                    log=cfg.log, runner=runner, save_videos=cfg.save_videos, i2v_prompt=cfg.i2v_prompt)

@@ -1,0 +1,86 @@
+"""Entry point: ``python training/evaluate_job.py --checkpoint DIR|runs:/ID [--data DIR] [--concurrency 2] ...``.
+
+``fdreamer evaluate`` on a Ray cluster: the prompt items go through
+``ray.data.from_items(...).map_batches(GenerateAndScore, concurrency=k)``, actors that load the pipeline once;
+scoring, the summary and MLflow logging are :func:`fdreamer.eval.evaluate.evaluate`'s. Same options as
+``fdreamer evaluate`` plus where to run (:class:`EvalJobConfig`). Exits 2 on a bad option or checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fdreamer.config import opt
+from fdreamer.eval.evaluate import EvalConfig, EvalSettings, GenerateAndScore
+
+
+@dataclass
+class EvalJobConfig(EvalConfig):
+    ray_address: str | None = opt(None, "Ray cluster (default: RAY_ADDRESS, a running local cluster, else a new one)")
+    concurrency: int = opt(2, "GenerateAndScore actors")
+    num_cpus: float = opt(1.0, "CPUs per actor (also its torch threads)")
+
+
+def _to_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The image column is ragged (None for T2V): ship each as bytes + a JSON shape."""
+    return [{**{k: v for k, v in it.items() if k != "image"},
+             "image_bytes": b"" if it["image"] is None else np.ascontiguousarray(it["image"]).tobytes(),
+             "image_shape": json.dumps(None if it["image"] is None else list(it["image"].shape))}
+            for it in items]
+
+
+def ray_runner(concurrency: int, num_cpus: float):
+    """A :data:`fdreamer.eval.evaluate.Runner` on Ray Data (ray must be initialised)."""
+    import ray
+
+    def run(checkpoint: Path, items: list[dict[str, Any]], settings: EvalSettings) -> list[dict[str, Any]]:
+        ds = ray.data.from_items(_to_rows(items)).map_batches(
+            GenerateAndScore, fn_constructor_kwargs={"checkpoint": str(checkpoint), "settings": asdict(settings),
+                                                     "torch_threads": max(1, int(num_cpus))},
+            batch_size=1, concurrency=concurrency, num_cpus=num_cpus)
+        outs = [{"row": json.loads(r["row_json"]), "frames": np.asarray(r["frames"])} for r in ds.iter_rows()]
+        order = {it["id"]: i for i, it in enumerate(items)}
+        return sorted(outs, key=lambda o: order[o["row"]["id"]])
+
+    return run
+
+
+def run(cfg: EvalJobConfig) -> int:
+    import ray
+
+    from cluster.connect import init_ray
+    from fdreamer.checkpoint import CheckpointError, resolve_checkpoint
+    from fdreamer.cli.evaluate import report
+    from fdreamer.eval.evaluate import evaluate_config
+
+    try:
+        resolve_checkpoint(cfg.checkpoint, cfg.tracking_uri)  # fail before Ray starts
+    except (CheckpointError, ValueError) as exc:
+        print(f"evaluate_job: {exc}", file=sys.stderr)
+        return 2
+    init_ray(cfg.ray_address, log_to_driver=False)
+    try:
+        result = evaluate_config(cfg, runner=ray_runner(cfg.concurrency, cfg.num_cpus))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"evaluate_job: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()
+    report(result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fdreamer.cli.config_command import run_command
+
+    return run_command(EvalJobConfig, run, list(sys.argv[1:] if argv is None else argv), prog="training/evaluate_job.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
