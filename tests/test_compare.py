@@ -45,9 +45,9 @@ def test_vc2_is_joint_stage_a_then_spatial_only_stage_b_within_the_same_budget(t
 def test_bad_systems_and_budgets_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown system"):
         system_args("vc3", BASE, "e", image_path="x", steps=40, stage_b_steps=10, run_root=None)
-    with pytest.raises(ValueError, match="needs --image-path"):
+    with pytest.raises(ValueError, match="needs --image_path"):
         system_args("vc2", BASE, "e", image_path=None, steps=40, stage_b_steps=10, run_root=None)
-    with pytest.raises(ValueError, match="vc2-stage-b-steps"):
+    with pytest.raises(ValueError, match="vc2_stage_b_steps"):
         system_args("vc2", BASE, "e", image_path="x", steps=40, stage_b_steps=40, run_root=None)
 
 
@@ -65,3 +65,22 @@ def test_table_reads_each_systems_metrics_back(tmp_path: Path) -> None:
     assert len(lines) == 2 + len(SYSTEMS) and lines[0].startswith("| system | I2V dir. acc.")
     assert lines[2].startswith(f"| {SYSTEMS['fd']} | 0.1250 |") and "| 2.3000 |" in lines[4]
     assert lines[3].count("–") == len(lines[3].split("|")) - 5  # metrics a run lacks show as –
+
+
+def test_study_options_are_split_from_the_training_keys() -> None:
+    """``--systems``/``--eval.*`` configure the study; everything else goes to every run's TrainConfig."""
+    from fdreamer.config import ConfigError
+    from training.ablate import AblateConfig
+    from training.compare import CompareConfig
+    from training.study import parse_study
+
+    study, rest = parse_study(CompareConfig, ["--config", "c.yaml", "--systems", "[fd,swap]", "--eval.data", "d",
+                                              "--eval.steps", "3", "--optim.lr", "1e-4", "--steps=8"], "compare")
+    assert study.systems == ["fd", "swap"] and study.eval.data == "d" and study.eval.steps == 3
+    assert rest == ["--config", "c.yaml", "--optim.lr=1e-4", "--steps=8"]
+    ablate, rest = parse_study(AblateConfig, ["--rows=[a*,e]", "--steps=2"], "ablate")
+    assert ablate.rows == ["a*", "e"] and ablate.eval.data is None and rest == ["--steps=2"]
+    with pytest.raises(ConfigError, match="rows are"):
+        parse_study(AblateConfig, ["--rows=[z]"], "ablate")
+    with pytest.raises(ConfigError, match="systems are"):
+        parse_study(CompareConfig, ["--systems=[vc3]"], "compare")

@@ -1,6 +1,8 @@
-"""Table 4 ablations: ``python training/ablate.py --config training/configs/tiny_stage1.yaml [--rows a,e] [--key=value ...]``.
+"""Table 4 ablations: ``python training/ablate.py --config training/configs/tiny_stage1.yaml [--rows [a,e]] [--key=value ...]``.
 
-With ``--eval-data DIR`` (a ``fdreamer sample-data`` folder; ``--eval-steps S``, ``--eval-num N``) each
+The options of :class:`AblateConfig` (``--rows``, ``--eval.*``) belong to the study; every other key is the
+training job's (:class:`training.config.TrainConfig`), shared by all variants.
+With ``--eval.data DIR`` (a ``fdreamer sample-data`` folder; ``--eval.steps S``, ``--eval.num N``) each
 variant's final checkpoint is also evaluated by ``fdreamer.eval.evaluate`` (image-to-video on the held-out
 first frames + motion captions; direct T2V for row (b)) and the table gains FC, warping error and
 motion-direction accuracy, all read back from the variant's MLflow run.
@@ -20,6 +22,10 @@ table of their final metrics pulled back from MLflow:
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+
+from fdreamer.config import nested, opt
+from training.study import EvalOptions, evaluate_final, metrics_table, parse_study
 
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -30,8 +36,23 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "d": ("no PredictNet", ["--model.predictnet=false"]),
     "e": ("full (ours)", ["--model.predictnet=true"]),
 }
+
+
 METRICS = ("val_loss", "l_df", "l_flow", "samples_per_s")
 EVAL_METRICS = ("eval_i2v_fc", "eval_i2v_warping_error", "eval_i2v_direction_accuracy", "eval_i2v_psnr0")
+
+
+@dataclass
+class AblateConfig:
+    """The study's own options (the training keys go to every variant)."""
+
+    rows: list[str] = opt(["a", "a*", "b", "c", "d", "e"], "Table 4 rows to train, in order")
+    eval: EvalOptions = nested(EvalOptions, "the final evaluation of every variant")
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.rows if r not in VARIANTS]
+        if unknown or not self.rows:
+            raise ValueError(f"rows: unknown or no row(s) {unknown}; rows are {list(VARIANTS)}")
 
 
 def variant_args(row: str, base: list[str], experiment: str) -> list[str]:
@@ -43,58 +64,10 @@ def variant_args(row: str, base: list[str], experiment: str) -> list[str]:
             f"--tracking.experiment={experiment}"]
 
 
-def _pop_option(args: list[str], name: str) -> str | None:
-    """Remove ``name VALUE`` or ``name=VALUE`` from ``args``; return VALUE (None when absent)."""
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            value = args[i + 1]
-            del args[i:i + 2]
-            return value
-        if a.startswith(name + "="):
-            del args[i]
-            return a.split("=", 1)[1]
-    return None
-
-
-def metrics_table(labels: dict[str, str], runs: dict[str, str], tracking_uri: str,
-                  columns: tuple[tuple[str, str], ...], first: str = "row") -> str:
-    """Markdown table, one line per ``labels`` entry (``key -> label``): the final value of each column's
-    MLflow metric (``(header, metric)``) in run ``runs[key]``, ``–`` where the run has none."""
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(tracking_uri)
-    lead = "|---" * (first.count("|") + 1) + "|"  # `first` may hold several label columns ("row | variant")
-    lines = [f"| {first} | " + " | ".join(h for h, _ in columns) + " |", lead + "---|" * len(columns)]
-    for key, label in labels.items():
-        m = client.get_run(runs[key]).data.metrics
-        cells = [f"{m[k]:.4f}" if k in m else "–" for _, k in columns]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def table(rows: list[str], runs: dict[str, str], tracking_uri: str, metrics: tuple[str, ...] = METRICS) -> str:
     """Markdown table of the final metrics of each variant's MLflow run."""
     labels = {r: f"({r}) | {VARIANTS[r][0]}" for r in rows}
     return metrics_table(labels, runs, tracking_uri, tuple((m, m) for m in metrics), first="row | variant")
-
-
-def evaluate_final(cfg, eval_data: str | None, *, modes: tuple[str, ...] = ("i2v",), eval_steps: int = 20,
-                   eval_num: int | None = None) -> tuple[str, dict | None]:
-    """The MLflow run id of ``cfg``'s run (from its latest checkpoint) and, when ``eval_data`` is given,
-    the :func:`fdreamer.eval.evaluate.evaluate` summary of that checkpoint, logged to the same run."""
-    from training.checkpointing import latest_checkpoint, read_trainer_state
-    from training.launch import run_dir
-    from training.tracking import default_tracking_uri
-
-    ckpt = latest_checkpoint(run_dir(cfg))
-    run_id = read_trainer_state(ckpt).mlflow_run_id
-    if not eval_data:
-        return run_id, None
-    from fdreamer.eval.evaluate import EvalSettings, evaluate
-
-    res = evaluate(ckpt, eval_data, modes=modes, num=eval_num, settings=EvalSettings(steps=eval_steps),
-                   tracking_uri=default_tracking_uri(cfg), run_id=run_id, out=run_dir(cfg) / "eval")
-    return run_id, res.summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,19 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     from training.launch import fit, prepare
     from training.tracking import default_tracking_uri
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    eval_data = _pop_option(args, "--eval-data")
-    eval_steps = int(_pop_option(args, "--eval-steps") or 20)
-    eval_num = _pop_option(args, "--eval-num")
-    rows = list(VARIANTS)
-    if "--rows" in args:
-        i = args.index("--rows")
-        rows = [r.strip() for r in args[i + 1].split(",")]
-        del args[i:i + 2]
-    unknown = [r for r in rows if r not in VARIANTS]
-    if unknown:
-        print(f"ablate: unknown row(s) {unknown}; rows are {list(VARIANTS)}", file=sys.stderr)
+    try:
+        study, args = parse_study(AblateConfig, list(sys.argv[1:] if argv is None else argv), "training/ablate.py")
+    except ConfigError as exc:
+        print(f"ablate: {exc}", file=sys.stderr)
         return 2
+    rows = study.rows
     try:
         base_cfg, _ = parse_cli(TrainConfig, args, prog="training/ablate.py")
         experiment = f"{base_cfg.tracking.experiment}-table4"
@@ -134,13 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"== Table 4 ({r}): {VARIANTS[r][0]}", flush=True)
             fit(cfgs[r])
-            runs[r], summary = evaluate_final(cfgs[r], eval_data, eval_steps=eval_steps,
-                                              eval_num=int(eval_num) if eval_num else None)
+            runs[r], summary = evaluate_final(cfgs[r], study.eval)
             if summary is not None:
                 print(f"== Table 4 ({r}) evaluation: {summary['i2v']}", flush=True)
     finally:
         ray.shutdown()
-    metrics = METRICS + (EVAL_METRICS if eval_data else ())
+    metrics = METRICS + (EVAL_METRICS if study.eval.data else ())
     print(table(rows, runs, default_tracking_uri(base_cfg), metrics), flush=True)
     return 0
 

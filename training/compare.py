@@ -1,6 +1,9 @@
 """Three systems, one data set, one budget: ``python training/compare.py --config training/configs/tiny_learn.yaml
---image-path DIR --eval-data DIR [--systems fd,swap,vc2] [--vc2-stage-b-steps N] [--eval-steps 20] [--eval-num N]
+--image_path DIR --eval.data DIR [--systems [fd,swap,vc2]] [--vc2_stage_b_steps N] [--eval.steps 20] [--eval.num N]
 [--key=value ...]``.
+
+The options of :class:`CompareConfig` belong to the study; every other key is the training job's
+(:class:`training.config.TrainConfig`), shared by all systems.
 
 Trains, on the same preprocessed clips with the same seed, optimizer steps and micro-batch size:
 
@@ -9,30 +12,48 @@ Trains, on the same preprocessed clips with the same seed, optimizer steps and m
     vc2    VideoCrafter2's recipe: stage A = spatial + temporal on joint image-video micro-batches
            (data.image_ratio=0.5: half of every micro-batch are 1-frame images, temporal layers bypassed),
            then stage B = spatial-only fine-tune on the high-quality images (temporal, adapter, PACA frozen,
-           data.image_ratio=1) for ``--vc2-stage-b-steps`` of the same total step budget
+           data.image_ratio=1) for ``--vc2_stage_b_steps`` of the same total step budget
 
 then evaluates each final checkpoint with :func:`fdreamer.eval.evaluate.evaluate` (image-to-video on the held-out
 first frames + motion captions, text-to-video on the held-out captions), logs the metrics to each system's
 MLflow run (one experiment ``<tracking.experiment>-compare``, runs tagged ``system``) and prints a markdown
 table read back from MLflow: FC, PC, warping error, direction accuracy, frame-0 PSNR.
 
-``--image-path`` is the preprocessed image manifest (``fdreamer sample-data DIR --images`` then
-``pipelines/preprocess.py`` on ``DIR/images.jsonl``); ``--eval-data`` the ``fdreamer sample-data`` folder.
+``--image_path`` is the preprocessed image manifest (``fdreamer sample-data DIR --images`` then
+``pipelines/preprocess.py`` on ``DIR/images.jsonl``); ``--eval.data`` the ``fdreamer sample-data`` folder.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-
-from training.ablate import _pop_option, evaluate_final, metrics_table  # noqa: E402
+from fdreamer.config import nested, opt
+from training.study import EvalOptions, evaluate_final, metrics_table, parse_study
 
 SYSTEMS: dict[str, str] = {
     "fd": "Factorized-Dreamer",
     "swap": "VideoFactory swap attention",
     "vc2": "VideoCrafter2 recipe (A: joint image-video, B: spatial-only on images)",
 }
+
+
+@dataclass
+class CompareConfig:
+    """The study's own options (the training keys go to every system)."""
+
+    systems: list[str] = opt(["fd", "swap", "vc2"], "systems to train, in order")
+    image_path: str | None = opt(None, "preprocessed image manifest (the vc2 system needs it)")
+    vc2_stage_b_steps: int | None = opt(None, "vc2's spatial-only stage B steps (default: a quarter of --steps)")
+    eval: EvalOptions = nested(EvalOptions, "the final evaluation of every system")
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.systems if s not in SYSTEMS]
+        if unknown or not self.systems:
+            raise ValueError(f"systems: unknown or no system(s) {unknown}; systems are {list(SYSTEMS)}")
+
+
 #: (column header, MLflow metric) of the printed table.
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("I2V dir. acc.", "eval_i2v_direction_accuracy"), ("I2V FC", "eval_i2v_fc"),
@@ -54,9 +75,9 @@ def system_args(system: str, base: list[str], experiment: str, *, image_path: st
     if system == "swap":
         return [[*common, "--model.temporal.block=swap", "--name=compare_swap", "--tracking.run_name=compare-swap"]]
     if not image_path:
-        raise ValueError("the vc2 system needs --image-path (preprocessed image manifest)")
+        raise ValueError("the vc2 system needs --image_path (preprocessed image manifest)")
     if not 0 < stage_b_steps < steps:
-        raise ValueError(f"--vc2-stage-b-steps must be in (0, {steps}), got {stage_b_steps}")
+        raise ValueError(f"--vc2_stage_b_steps must be in (0, {steps}), got {stage_b_steps}")
     a = [*common, f"--data.image_path={image_path}", "--data.image_ratio=0.5", "--stage=vc2_stageA",
          f"--steps={steps - stage_b_steps}", "--name=compare_vc2_A", "--tracking.run_name=compare-vc2-A"]
     b = [*common, f"--data.image_path={image_path}", "--data.image_ratio=1.0", "--stage=vc2_stageB",
@@ -80,13 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     from training.launch import fit, prepare
     from training.tracking import default_tracking_uri
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    eval_data = _pop_option(args, "--eval-data")
-    image_path = _pop_option(args, "--image-path")
-    eval_steps = int(_pop_option(args, "--eval-steps") or 20)
-    eval_num = _pop_option(args, "--eval-num")
-    systems = [s.strip() for s in (_pop_option(args, "--systems") or ",".join(SYSTEMS)).split(",")]
-    stage_b = _pop_option(args, "--vc2-stage-b-steps")
+    try:
+        study, args = parse_study(CompareConfig, list(sys.argv[1:] if argv is None else argv), "training/compare.py")
+    except ConfigError as exc:
+        print(f"compare: {exc}", file=sys.stderr)
+        return 2
+    systems, image_path, stage_b = study.systems, study.image_path, study.vc2_stage_b_steps
     try:
         base_cfg, _ = parse_cli(TrainConfig, args, prog="training/compare.py")
         if image_path:
@@ -111,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 if i > 0:
                     prepare(cfg)
                 fit(cfg)
-            runs[s], summary = evaluate_final(cfgs[s][-1], eval_data, modes=("i2v", "t2v"), eval_steps=eval_steps,
-                                              eval_num=int(eval_num) if eval_num else None)
+            runs[s], summary = evaluate_final(cfgs[s][-1], study.eval, modes=("i2v", "t2v"))
             if summary is not None:
                 print(f"== {SYSTEMS[s]} evaluation: {summary}", flush=True)
     finally:
