@@ -29,7 +29,7 @@ from fdreamer.eval.metrics import (
     video_frechet_distance,
     warping_error,
 )
-from fdreamer.toy.sample_data import COLORS, MOTIONS, make_specs, render_clip
+from fdreamer.toy.scenes import COLORS, MOTIONS, make_specs, render_clip
 
 # ------------------------------------------------------------------------------------ helpers
 

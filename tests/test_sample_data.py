@@ -13,19 +13,18 @@ import cv2
 import numpy as np
 import pytest
 
-from fdreamer.toy.sample_data import (
+from fdreamer.data.video import encode_video, probe_video, read_video
+from fdreamer.toy.sample_data import register_cli, write_sample_data
+from fdreamer.toy.scenes import (
     COLORS,
     MOTION_PHRASES,
     MOTIONS,
     SHAPES,
     ClipSpec,
     make_specs,
-    register_cli,
     render_clip,
     shape_state,
-    write_sample_data,
 )
-from fdreamer.data.video import encode_video, probe_video, read_video
 
 MANIFEST_KEYS = {
     "path", "caption", "motion_caption", "clip_id", "source", "motion", "subject_shape",

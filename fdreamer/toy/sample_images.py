@@ -24,7 +24,8 @@ from typing import Any
 
 import cv2
 
-from fdreamer.toy.sample_data import FORMAT_VERSION, _atomic_write_text, make_specs, render_clip
+from fdreamer.toy.sample_data import _atomic_write_text
+from fdreamer.toy.scenes import FORMAT_VERSION, make_specs, render_clip
 
 
 def write_sample_images(

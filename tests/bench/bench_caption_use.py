@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from fdreamer.checkpoint import resolve_checkpoint
     from fdreamer.eval.evaluate import build_prompts
     from fdreamer.inference.pipeline import VideoPipeline
-    from fdreamer.toy.sample_data import MOTION_PHRASES, MOTIONS
+    from fdreamer.toy.scenes import MOTION_PHRASES, MOTIONS
 
     ckpt, _ = resolve_checkpoint(args.checkpoint)
     pipe = VideoPipeline.from_checkpoint(ckpt, use_ema=True)

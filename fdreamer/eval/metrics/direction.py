@@ -51,7 +51,7 @@ import cv2
 import numpy as np
 
 from fdreamer.eval.metrics._validate import check_video
-from fdreamer.toy.sample_data import COLORS, MOTIONS
+from fdreamer.toy.scenes import COLORS, MOTIONS
 
 UNKNOWN = "unknown"
 BG_SIGMA = 0.12  # local-background blur, fraction of the short side
