@@ -49,10 +49,7 @@ class TrainBatch:
     is_image: bool = False  # 1-frame image rows: temporal layers bypassed, text condition only
 
     def to(self, device: torch.device | str) -> TrainBatch:
-        c = self.cond
-        cond = Conditions(*(None if v is None else v.to(device) for v in
-                            (c.text_tokens, c.image_embed, c.first_frame, c.t5_tokens, c.t5_mask)))
-        return TrainBatch(self.latents.to(device), cond, None if self.flow is None else self.flow.to(device),
+        return TrainBatch(self.latents.to(device), self.cond.to(device), None if self.flow is None else self.flow.to(device),
                           self.clip_ids, None if self.fps is None else self.fps.to(device), self.is_image)
 
 

@@ -36,6 +36,10 @@ class Conditions:
     def batch_size(self) -> int:
         return self.text_tokens.shape[0]
 
+    def to(self, device: torch.device | str) -> Conditions:
+        """The same conditions on ``device`` (absent ones stay None)."""
+        return Conditions(**{k: None if v is None else v.to(device) for k, v in self.as_kwargs().items()})
+
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``model(sample, timestep, **cond.as_kwargs())``."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
