@@ -3,7 +3,7 @@
 Plumbing runs on a tiny checkpoint with random weights (the numbers mean nothing there); the learning
 benchmark test trains the tiny model briefly on the ``ray_head`` cluster and checks the benchmark's
 plumbing and JSON line. It does not assert accuracy above chance (1/8): the full recipe has not reached
-that yet (README, "Evaluation and learning benchmark"), so issue 8's CI check is still open.
+that yet (docs/results.md), so a CI check of learning is still open.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def test_ray_job_prints_table_and_json_over_ray_data(checkpoint: Path, sample: P
 
 
 def test_caption_probe_hand_computed_ranks_and_fixed_noise_losses() -> None:
-    """The issue-8 caption probe (tests/bench/bench_caption_use.py, used by bench_caption_learning.py):
+    """The caption probe (tests/bench/bench_caption_use.py, used by bench_caption_learning.py):
     ranks/gap from hand-made losses; losses are a function of the conditions alone (fixed noise)."""
     sys.path.insert(0, str(REPO / "tests" / "bench"))
     from bench_caption_use import caption_losses, rank_stats
@@ -186,7 +186,7 @@ def test_learning_benchmark_quick_plumbing(ray_head: dict, tmp_path: Path) -> No
     """sample data -> preprocess -> train -> evaluate on the session cluster, shortened to minutes.
 
     Only the plumbing and the JSON line are asserted: the measured tiny-model accuracy after 1,200 steps
-    (~30 min here) is still at chance (README, "Evaluation and learning benchmark"), so no short run
+    (~30 min here) is still at chance (docs/results.md), so no short run
     can honestly assert "clearly above chance" yet.
     """
     sys.path.insert(0, str(REPO / "tests" / "bench"))

@@ -1,4 +1,4 @@
-"""Does a trained checkpoint read the motion caption? One JSON line (issue 8 diagnostic).
+"""Does a trained checkpoint read the motion caption? One JSON line.
 
     python tests/bench/bench_caption_use.py --checkpoint RUN_OR_CKPT --data SAMPLE_DIR [--num 16] [--t 200,500,800]
 

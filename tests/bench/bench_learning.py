@@ -1,4 +1,4 @@
-"""Learning benchmark (issue 8): sample data -> preprocess -> train -> evaluate, one JSON line.
+"""Learning benchmark: sample data -> preprocess -> train -> evaluate, one JSON line.
 
     python tests/bench/bench_learning.py [--quick] [--work DIR] [--num-clips 320] [--steps N]
         [--config training/configs/tiny_learn.yaml] [--eval-steps 20] [--ray-address ADDR] [--key=value ...]
