@@ -126,6 +126,15 @@ class ModelConfig:
     image_embed_dim: int = opt(768, "width of the CLIP image embedding (ViT-L/14 projection 768; tiny: 32)")
     adapter: AdapterConfig = nested(AdapterConfig, "T2I adapter (Eq. 2)")
     paca: PacaConfig = nested(PacaConfig, "pixel-aware cross-attention (Eq. 3)")
+    first_frame: Literal["paca", "paca_pos", "concat"] = opt(
+        "paca",
+        "how the conditioning frame's latent reaches the UNet (factorized models): 'paca' = PACA alone (the "
+        "paper: cross-attention with no position information); 'paca_pos' = PACA with 2-D position encodings "
+        "on its queries and keys, so a pixel can find its own location in the first frame; 'concat' = PACA + "
+        "the latent repeated over frames and added through a zero-initialised conv beside conv_in (the same "
+        "as zero-initialised extra conv_in input channels, as SVD / DynamiCrafter concatenate it; SD weights "
+        "load unchanged and a fresh model still equals the image model)",
+    )
     temporal: TemporalConfig = nested(TemporalConfig, "temporal layers")
     flow_channels: int = opt(2, "channels of the PredictNet output per consecutive frame pair (dx, dy)")
     fps_conditioning: bool = opt(
@@ -154,6 +163,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.temporal_text_encoder not in ("t5", "clip"):
             raise ValueError(f"temporal_text_encoder must be 't5' or 'clip', got {self.temporal_text_encoder!r}")
+        if self.first_frame not in ("paca", "paca_pos", "concat"):
+            raise ValueError(f"first_frame must be paca, paca_pos or concat, got {self.first_frame!r}")
+        if self.first_frame != "paca" and not self.factorized:
+            raise ValueError(f"first_frame={self.first_frame!r} needs factorized=true (the direct T2V model has no "
+                             "first-frame condition)")
         if self.attention_backend not in ("auto", "sdpa", "xformers"):
             raise ValueError(f"attention_backend must be auto, sdpa or xformers, got {self.attention_backend!r}")
         for name in ("t5_dim", "image_embed_dim", "flow_channels"):

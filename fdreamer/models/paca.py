@@ -7,6 +7,14 @@ trainable :class:`PacaEncoder` (a strided conv stack) brings ``y`` to every up-b
 channel count; after each ResNet of each up-sampling block a :class:`PacaLayer` lets every pixel of
 every frame attend to the feature map of ``y`` at that resolution (flattened ``b c h w -> b (h w) c``,
 as PASD does). The layers are residual; with ``init='zero'`` their output projections start at 0.
+
+PASD's attention carries no position: a pixel cannot tell which of ``y``'s tokens lies under it. Two
+pixel-aligned options (``ModelConfig.first_frame``) keep the paper's PACA and add what SVD-style models have:
+
+- ``paca_pos``: fixed 2-D sinusoidal encodings of each pixel's (row, column), normalised to the map's
+  size, added to the queries' and the keys' inputs (:func:`position_encoding_2d`);
+- ``concat``: ``frame_in``, a zero-initialised 3×3 conv of the first-frame latent added to the output of
+  the UNet's ``conv_in`` for every frame (= extra zero-initialised ``conv_in`` input channels).
 """
 
 from __future__ import annotations
@@ -53,13 +61,37 @@ class PacaEncoder(nn.Module):
         return feats
 
 
-class PacaLayer(nn.Module):
-    """Residual PACA (Eq. 3) at one up-path position: every pixel of every frame attends to ``y``'s tokens."""
+def position_encoding_2d(h: int, w: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[h*w, dim]`` sinusoidal encodings of (row, column) normalised to [0, 1] (a pixel of a 16×16 map and
+    the one at the same place of another 16×16 map get the same code); half the channels for rows, half for
+    columns, ``sin``/``cos`` at frequencies ``pi * 2^k`` (flattened row-major like ``b c h w -> b (h w) c``)."""
+    if dim < 4:
+        raise ValueError(f"position_encoding_2d needs dim >= 4, got {dim}")
+    quarter = dim // 4
+    freqs = torch.pi * 2.0 ** torch.arange(quarter, device=device, dtype=torch.float32)  # [quarter]
+    rows = torch.linspace(0, 1, h, device=device) if h > 1 else torch.zeros(1, device=device)
+    cols = torch.linspace(0, 1, w, device=device) if w > 1 else torch.zeros(1, device=device)
 
-    def __init__(self, channels: int, y_channels: int, heads: int, init: str = "zero", backend: str = "auto") -> None:
+    def code(x: torch.Tensor) -> torch.Tensor:  # [n] -> [n, 2*quarter]
+        a = x[:, None] * freqs[None]
+        return torch.cat([a.sin(), a.cos()], dim=1)
+
+    r = code(rows)[:, None, :].expand(h, w, 2 * quarter)
+    c = code(cols)[None, :, :].expand(h, w, 2 * quarter)
+    pe = torch.cat([r, c], dim=-1).reshape(h * w, 4 * quarter)  # [(h w), 4*quarter]
+    return nn.functional.pad(pe, (0, dim - 4 * quarter))
+
+
+class PacaLayer(nn.Module):
+    """Residual PACA (Eq. 3) at one up-path position: every pixel of every frame attends to ``y``'s tokens.
+    ``positions``: add :func:`position_encoding_2d` to the normalised queries and keys (``paca_pos``)."""
+
+    def __init__(self, channels: int, y_channels: int, heads: int, init: str = "zero", backend: str = "auto",
+                 positions: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(channels)
         self.norm_y = nn.LayerNorm(y_channels)
+        self.positions = positions
         self.attn = MultiHeadAttention(channels, heads, context_dim=y_channels, zero_out=init == "zero", backend=backend)
 
     def forward(self, x: torch.Tensor, frames: int, y_feat: torch.Tensor) -> torch.Tensor:
@@ -72,7 +104,12 @@ class PacaLayer(nn.Module):
         # queries do not interact in cross-attention: one sequence per sample, no copy of y per frame
         q = rearrange(x, "(b f) c h w -> b (f h w) c", f=frames)
         ctx = rearrange(y_feat, "b c h w -> b (h w) c")
-        out = self.attn(layer_norm_fp32(q, self.norm), layer_norm_fp32(ctx, self.norm_y))
+        q, ctx = layer_norm_fp32(q, self.norm), layer_norm_fp32(ctx, self.norm_y)
+        if self.positions:
+            pe_q = position_encoding_2d(hh, ww, q.shape[-1], q.device).to(q.dtype)  # [(h w), c]
+            q = q + pe_q.repeat(frames, 1)[None]  # the same code for a pixel in every frame: [1, (f h w), c]
+            ctx = ctx + position_encoding_2d(*y_feat.shape[2:], ctx.shape[-1], ctx.device).to(ctx.dtype)[None]
+        out = self.attn(q, ctx)
         return x + rearrange(out, "b (f h w) c -> (b f) c h w", f=frames, h=hh, w=ww)
 
 
@@ -87,18 +124,25 @@ def unet_heads(unet: UNet2DConditionModel) -> list[int]:
 class Paca(nn.Module):
     """The PACA encoder and one :class:`PacaLayer` after each resnet of each up block (``up[i][j]``)."""
 
-    def __init__(self, unet: UNet2DConditionModel, init: str = "zero", backend: str = "auto") -> None:
+    def __init__(self, unet: UNet2DConditionModel, init: str = "zero", backend: str = "auto",
+                 first_frame: str = "paca") -> None:
         super().__init__()
         channels = list(unet.config.block_out_channels)
         heads = unet_heads(unet)
         levels = len(channels)
         self.encoder = PacaEncoder(unet.config.out_channels, channels)
+        self.frame_in: nn.Conv2d | None = None
+        if first_frame == "concat":  # beside conv_in: the first-frame latent at every frame, zero at init
+            self.frame_in = nn.Conv2d(unet.config.out_channels, unet.conv_in.out_channels, 3, padding=1)
+            nn.init.zeros_(self.frame_in.weight)
+            nn.init.zeros_(self.frame_in.bias)
         up = []
         for i, block in enumerate(unet.up_blocks):
             level = levels - 1 - i
             up.append(
                 nn.ModuleList(
-                    PacaLayer(r.out_channels, channels[level], heads[level], init, backend) for r in block.resnets
+                    PacaLayer(r.out_channels, channels[level], heads[level], init, backend,
+                              positions=first_frame == "paca_pos") for r in block.resnets
                 )
             )
         self.up = nn.ModuleList(up)

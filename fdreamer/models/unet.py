@@ -103,7 +103,7 @@ class FactorizedDreamerUNet(nn.Module):
                 self.image_proj = ImageProjection(
                     cfg.image_embed_dim, self.cross_attention_dim, cfg.adapter.num_tokens, cfg.adapter.token_init
                 )
-                self.paca = Paca(unet, cfg.paca.init, cfg.attention_backend)
+                self.paca = Paca(unet, cfg.paca.init, cfg.attention_backend, cfg.first_frame)
             self.predictnet: PredictNet | None = None
             self.fps_embedding: FpsEmbedding | None = None
             if cfg.fps_conditioning:  # sinusoid width = time_proj's, output = the time embedding's width
@@ -304,11 +304,13 @@ class FactorizedDreamerUNet(nn.Module):
             emb = emb + repeat(fps_emb, "b e -> (b f) e", f=frames)
 
         spatial_ctx = text_tokens.to(dtype)
-        paca_feats = None
+        paca_feats = frame_in = None
         if self.image_proj is not None and self.paca is not None:
             if image_embed is not None:
                 image_tokens = self.image_proj(image_embed.to(dtype))  # [b, N, D]
                 paca_feats = self.paca.features(first_frame.to(dtype))
+                if self.paca.frame_in is not None:  # first_frame='concat': the latent at every frame
+                    frame_in = repeat(self.paca.frame_in(first_frame.to(dtype)), "b c h w -> (b f) c h w", f=frames)
             else:  # image path without image condition: zero tokens -> the adapter branch adds exactly 0
                 image_tokens = spatial_ctx.new_zeros(b, self.cfg.adapter.num_tokens, spatial_ctx.shape[2])
             spatial_ctx = torch.cat([spatial_ctx, image_tokens], dim=1)  # text then image tokens (Eq. 2)
@@ -330,6 +332,8 @@ class FactorizedDreamerUNet(nn.Module):
         )
 
         x = unet.conv_in(rearrange(sample, "b c f h w -> (b f) c h w"))
+        if frame_in is not None:
+            x = x + frame_in
         x, skips = run_down(unet.down_blocks, self.temporal.down, x, ctx)
         mid = run_mid(unet.mid_block, self.temporal.mid, x, ctx)
         x = run_up(unet.up_blocks, self.temporal.up, self.paca.up if self.paca is not None else None, mid, skips, ctx)
