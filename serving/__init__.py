@@ -1,1 +1,1 @@
-"""The Ray Serve app (issue 6): ``serve run serving/config.yaml``; see serving/README.md."""
+"""The Ray Serve app: ``serve run serving/config.yaml``; see serving/README.md."""

@@ -1,84 +1,44 @@
-"""The HTTP ingress: a FastAPI app served by the ``Api`` deployment (``@serve.ingress``).
+"""The HTTP ingress: the FastAPI routes served by the ``Api`` deployment (``@serve.ingress``).
 
-Validation happens here, before a job exists: body size, content type, JSON / multipart parsing,
-field names and types (pydantic, strict, unknown fields rejected), the image (base64 or an uploaded
-file; size in bytes, dimensions read from the header before decoding, decodability), then the limits
-(the smaller of the config's ``limits`` and the checkpoint's :attr:`VideoPipeline.limits`). Every
-error is ``{"error": str, "error_type": str}`` with a 4xx status; nothing raised by a request reaches
-the client as a traceback or takes the replica down (a catch-all handler answers 500 with the same shape).
+``POST /v1/videos`` validates before a job exists (:mod:`serving.request_parsing`: body size, content
+type, JSON / multipart, field names and types, the image, the limits), writes the job record to the
+store (:mod:`serving.jobs`) and hands the job to ``VideoModel``. Every error is ``{"error", "error_type"}``
+with a 4xx status (:mod:`serving.errors`); nothing raised by a request reaches the client as a traceback
+or takes the replica down (a catch-all handler answers 500 with the same shape).
 """
 
-
 import asyncio
-import base64
-import binascii
-import email.parser
-import email.policy
 import hmac
-import io
-import json
 import logging
 import os
 import secrets
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.errors import ApiError, error_response, install_error_handlers
 from serving.jobs import TERMINAL, JobStore, new_job_id, valid_job_id
+from serving.request_parsing import (
+    SAMPLING_DEFAULTS,
+    VideoCreate,
+    decode_image,
+    effective_limits,
+    media_type,
+    parse_body,
+    read_body,
+    resolve_params,
+)
 from serving.settings import Settings
 
 logger = logging.getLogger("ray.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
-OPEN_PATHS = ("/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error", "error_type"}`` with ``status`` (and ``headers``)."""
-
-    def __init__(self, status: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.error_type, self.message, self.headers = status, error_type, message, headers or {}
-
-
-class VideoCreate(BaseModel):
-    """``POST /v1/videos``: the diffusers / Hugging Face parameter names. ``image`` (base64 PNG/JPEG/WebP)
-    makes it image-to-video; without it the server runs text-to-image first (text-to-video)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: Annotated[str, Field(description="text prompt (the motion caption for image-to-video)")]
-    negative_prompt: str = ""
-    image: Annotated[str | None, Field(description="base64 image (optionally a data: URL)")] = None
-    num_frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    fps: float | None = None
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
-    image_guidance_scale: float = 1.5
-    guidance_rescale: float = 0.0
-    sampler: Literal["ddim", "euler"] = "ddim"
-    seed: int | None = None
-
-
-FORM_TYPES = {"num_frames": int, "height": int, "width": int, "num_inference_steps": int, "seed": int,
-              "fps": float, "guidance_scale": float, "image_guidance_scale": float, "guidance_rescale": float}
-
-
-def _err(status: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
-
 
 app = FastAPI(
     title="Factorized-Dreamer video API",
@@ -86,124 +46,7 @@ app = FastAPI(
     description="Text-to-video and image-to-video jobs. Send `Authorization: Bearer <key>` when the "
                 "server has a key (FDREAMER_API_KEY). See serving/README.md.",
 )
-
-
-@app.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _err(exc.status, exc.error_type, exc.message, exc.headers)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _err(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _err(422, "validation_error", _describe_errors(exc.errors()))
-
-
-@app.exception_handler(Exception)
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error in %s %s", request.method, request.url.path)
-    return _err(500, "internal_error", "internal server error")
-
-
-def _describe_errors(errors: list[dict[str, Any]]) -> str:
-    parts = []
-    for e in errors[:5]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-        msg = e.get("msg", "invalid")
-        if e.get("type") == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
-
-
-# ---------------------------------------------------------------------------------- parsing
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            if int(length) > limit:
-                raise ApiError(413, "body_too_large", f"request body is larger than {limit} bytes")
-        except ValueError:
-            raise ApiError(400, "bad_request", "invalid Content-Length") from None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, Any], bytes | None]:
-    """Form fields (strings converted to the field's type) and the ``image`` file's bytes (stdlib parser)."""
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body)
-    if not msg.is_multipart():
-        raise ApiError(400, "bad_request", "malformed multipart body")
-    fields: dict[str, Any] = {}
-    image = None
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            raise ApiError(400, "bad_request", "multipart part without a name")
-        data = part.get_payload(decode=True) or b""
-        if name == "image":
-            image = data if data else None
-            continue
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(422, "validation_error", f"{name}: not UTF-8 text") from None
-        if name in FORM_TYPES and text != "":
-            try:
-                fields[name] = FORM_TYPES[name](text)
-            except ValueError:
-                raise ApiError(422, "validation_error",
-                               f"{name}: expected {FORM_TYPES[name].__name__}, got {text!r}") from None
-        elif name in FORM_TYPES:
-            continue  # an empty optional form field: the default
-        else:
-            fields[name] = text
-    return fields, image
-
-
-def _decode_base64(s: str) -> bytes:
-    if s.startswith("data:"):
-        _, _, s = s.partition(",")
-    try:
-        return base64.b64decode("".join(s.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(422, "invalid_image", "image: not valid base64") from None
-
-
-def decode_image(data: bytes, lim: Settings) -> np.ndarray:
-    """uint8 RGB ``[H, W, 3]``; checks bytes and header dimensions before decoding the pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    if len(data) > lim.limits.max_image_bytes:
-        raise ApiError(413, "image_too_large", f"image is larger than {lim.limits.max_image_bytes} bytes")
-    if not data:
-        raise ApiError(422, "invalid_image", "image: empty")
-    side = lim.limits.max_image_side
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size  # from the header, nothing decoded yet
-            if max(w, h) > side or w < 1 or h < 1:
-                raise ApiError(422, "image_too_large", f"image is {w}x{h}; sides have to be at most {side} pixels")
-            im.draft("RGB", (w, h))
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ApiError(422, "invalid_image", f"image: cannot decode ({type(err).__name__})") from None
-    return np.ascontiguousarray(arr)
+install_error_handlers(app)
 
 
 def _overloaded(rec: dict[str, Any]) -> bool:
@@ -258,79 +101,13 @@ class Api:
         return self._info
 
     def _limits(self, info: dict[str, Any]) -> dict[str, Any]:
-        m, c = info["limits"], self.settings.limits
-        return {"max_num_frames": min(m["max_num_frames"], c.max_num_frames),
-                "max_height": min(m["max_height"], c.max_height), "max_width": min(m["max_width"], c.max_width),
-                "max_num_inference_steps": min(m["max_num_inference_steps"], c.max_num_inference_steps),
-                "max_guidance_scale": c.max_guidance_scale, "max_prompt_chars": c.max_prompt_chars,
-                "size_multiple_i2v": m["size_multiple_i2v"], "size_multiple_t2v": m["size_multiple_t2v"],
-                "supports_image": m["supports_image"], "samplers": m["samplers"],
-                "max_body_bytes": c.max_body_bytes, "max_image_bytes": c.max_image_bytes,
-                "max_image_side": c.max_image_side}
-
-    def _check(self, req: VideoCreate, has_image: bool, info: dict[str, Any]) -> dict[str, Any]:
-        """Resolved parameters, or ApiError(422) naming the field."""
-        from fdreamer.inference.request import VideoRequest
-
-        lim, d = self._limits(info), info["defaults"]
-        if len(req.prompt) > lim["max_prompt_chars"] or len(req.negative_prompt) > lim["max_prompt_chars"]:
-            raise ApiError(422, "limit_exceeded", f"prompt: at most {lim['max_prompt_chars']} characters")
-        if has_image and not lim["supports_image"]:
-            raise ApiError(422, "invalid_value", "image: this checkpoint is text-to-video only")
-        p = {"prompt": req.prompt, "negative_prompt": req.negative_prompt,
-             "num_frames": req.num_frames if req.num_frames is not None else d["num_frames"],
-             "height": req.height if req.height is not None else d["height"],
-             "width": req.width if req.width is not None else d["width"],
-             "fps": float(req.fps) if req.fps is not None else float(d["fps"]),
-             "num_inference_steps": req.num_inference_steps, "guidance_scale": float(req.guidance_scale),
-             "image_guidance_scale": float(req.image_guidance_scale),
-             "guidance_rescale": float(req.guidance_rescale), "sampler": req.sampler}
-        try:  # the model-independent checks, with diffusers-style messages
-            VideoRequest(**{k: v for k, v in p.items()}, seed=req.seed)
-        except ValueError as err:
-            raise ApiError(422, "invalid_value", str(err)) from None
-        checks = [("num_frames", p["num_frames"], lim["max_num_frames"]),
-                  ("height", p["height"], lim["max_height"]), ("width", p["width"], lim["max_width"]),
-                  ("num_inference_steps", p["num_inference_steps"], lim["max_num_inference_steps"]),
-                  ("guidance_scale", p["guidance_scale"], lim["max_guidance_scale"]),
-                  ("image_guidance_scale", p["image_guidance_scale"], lim["max_guidance_scale"])]
-        for name, value, top in checks:
-            if value > top:
-                raise ApiError(422, "limit_exceeded", f"{name}: has to be at most {top} but is {value}")
-        multiple = lim["size_multiple_i2v"] if has_image else lim["size_multiple_t2v"]
-        for name in ("height", "width"):
-            if p[name] % multiple:
-                raise ApiError(422, "invalid_value", f"{name}: has to be divisible by {multiple} but is {p[name]}")
-        return p
+        return effective_limits(info["limits"], self.settings.limits)
 
     async def _parse(self, request: Request) -> tuple[VideoCreate, bytes | None]:
         ctype = request.headers.get("content-type", "")
-        media = ctype.split(";")[0].strip().lower()
-        if media not in ("application/json", "multipart/form-data"):
-            raise ApiError(415, "unsupported_media_type",
-                           "send application/json or multipart/form-data (with an `image` file)")
-        body = await _read_body(request, self.settings.limits.max_body_bytes)
-        image: bytes | None = None
-        if media == "application/json":
-            try:
-                data = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                raise ApiError(400, "invalid_json", "body is not valid JSON") from None
-            if not isinstance(data, dict):
-                raise ApiError(422, "validation_error", "body: has to be a JSON object")
-            strict = True
-        else:
-            data, image = _parse_multipart(ctype, body)
-            if "image" in data:  # a text field named image
-                raise ApiError(422, "validation_error", "image: upload it as a file part")
-            strict = False
-        try:
-            req = VideoCreate.model_validate(data, strict=strict)
-        except ValidationError as err:
-            raise ApiError(422, "validation_error", _describe_errors(err.errors())) from None
-        if req.image is not None:
-            image = _decode_base64(req.image)
-        return req, image
+        media_type(ctype)  # 415 before the body is read
+        body = await read_body(request, self.settings.limits.max_body_bytes)
+        return await asyncio.to_thread(parse_body, ctype, body)
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.settings.retry_after_s)}
@@ -378,7 +155,7 @@ class Api:
             info = await asyncio.wait_for(self._model_info(), timeout=10)
             await asyncio.to_thread(self.store.ping)
         except Exception as err:  # noqa: BLE001
-            return _err(503, "not_ready", f"not ready: {type(err).__name__}", self._retry())
+            return error_response(503, "not_ready", f"not ready: {type(err).__name__}", self._retry())
         return JSONResponse({"status": "ready", "checkpoint": info.get("checkpoint")})
 
     @app.get("/", include_in_schema=False)
@@ -398,7 +175,7 @@ class Api:
         """The effective request limits and the checkpoint's defaults."""
         self._auth(request)
         info = await self._model_info()
-        return {"limits": self._limits(info), "defaults": info["defaults"]}
+        return {"limits": self._limits(info), "defaults": {**SAMPLING_DEFAULTS, **info["defaults"]}}
 
     @app.post("/v1/videos", tags=["videos"], status_code=202, openapi_extra={"requestBody": {
         "required": True, "content": {
@@ -414,12 +191,14 @@ class Api:
             raise ApiError(429, "too_many_jobs", f"{len(self._tasks)} jobs queued or running; retry later",
                            self._retry())
         req, image_bytes = await self._parse(request)
-        image = await asyncio.to_thread(decode_image, image_bytes, self.settings) if image_bytes is not None else None
+        image = None
+        if image_bytes is not None:
+            image = await asyncio.to_thread(decode_image, image_bytes, self.settings.limits)
         try:
             info = await self._model_info()
         except Exception as err:  # noqa: BLE001 - the model deployment is not up (yet)
             raise ApiError(503, "not_ready", f"the model is not ready ({type(err).__name__})", self._retry()) from None
-        params = self._check(req, image is not None, info)
+        params = resolve_params(req, image is not None, self._limits(info), info["defaults"])
         job_id = new_job_id()
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         now = time.time()

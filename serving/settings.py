@@ -3,12 +3,16 @@
 Deployment knobs (replicas, autoscaling, ``num_gpus``, ``max_ongoing_requests`` ...) are Serve's own
 ``deployments:`` entries of the same file; these are what the code needs. Environment variables fill
 what the config leaves out: ``FDREAMER_CHECKPOINT``, ``MLFLOW_TRACKING_URI``, ``FDREAMER_STORE``,
-``FDREAMER_S3_ENDPOINT``. Unknown keys fail at build time, naming the key.
+``FDREAMER_S3_ENDPOINT``. Unknown keys, values of the wrong type (a list or mapping where a number or
+a string belongs, however deeply nested: only its type is looked at) and limits that are not positive
+fail at build time with a ValueError naming the key.
 """
 
 from __future__ import annotations
 
 import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -62,23 +66,22 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> Settings:
+        if args is not None and not isinstance(args, dict):
+            raise ValueError(  # noqa: TRY004 - config errors are ValueErrors throughout
+                f"serving args: have to be a mapping, got {type(args).__name__}")
         args = dict(args or {})
         nested = {"limits": Limits, "batching": Batching}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"serving args: unknown key(s) {unknown}; accepted: {sorted(known)}")
+        _check_keys("", cls, args, nested)
         for name, klass in nested.items():
             given = args.get(name) or {}
             if not isinstance(given, dict):
-                raise ValueError(  # noqa: TRY004 - config errors are ValueErrors throughout
+                raise ValueError(  # noqa: TRY004
                     f"serving args: `{name}` must be a mapping, got {type(given).__name__}")
-            sub = {f.name for f in fields(klass)}
-            bad = sorted(set(given) - sub)
-            if bad:
-                raise ValueError(f"serving args: unknown key(s) {[f'{name}.{b}' for b in bad]}; "
-                                 f"{name} accepts: {sorted(sub)}")
+            _check_keys(f"{name}.", klass, given, {})
             args[name] = klass(**given)
+        for key, value in asdict(args["limits"]).items():
+            if value <= 0:
+                raise ValueError(f"serving args: `limits.{key}` must be positive but is {value}")
         s = cls(**args)
         s.checkpoint = s.checkpoint or os.environ.get("FDREAMER_CHECKPOINT")
         s.tracking_uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -106,3 +109,31 @@ class Settings:
         d["limits"] = Limits(**d.get("limits", {}))
         d["batching"] = Batching(**d.get("batching", {}))
         return cls(**d)
+
+
+def _check_keys(prefix: str, klass: type, given: dict[str, Any], nested: dict[str, type]) -> None:
+    """Unknown keys and values of the wrong type, named (``prefix`` + key). Only a value's type is looked
+    at, never its contents: a deeply nested list where a string belongs is refused like any list."""
+    hints = typing.get_type_hints(klass)
+    known = {f.name for f in fields(klass)}
+    bad = sorted(str(k)[:64] for k in set(given) - known)
+    if bad:
+        accepts = f"{prefix.rstrip('.')} accepts" if prefix else "accepted"
+        raise ValueError(f"serving args: unknown key(s) {[prefix + b for b in bad]}; {accepts}: {sorted(known)}")
+    for key, value in given.items():
+        if key in nested:
+            continue
+        allowed = typing.get_args(hints[key]) if isinstance(hints[key], types.UnionType) else (hints[key],)
+        if not any(_is_a(value, t) for t in allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"serving args: `{prefix}{key}` must be {names}, got {type(value).__name__}")
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)

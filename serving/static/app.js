@@ -4,7 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const keyInput = $("apiKey");
 keyInput.value = localStorage.getItem("fdreamer.apiKey") || "";
-keyInput.addEventListener("change", () => { localStorage.setItem("fdreamer.apiKey", keyInput.value); loadRecent(); });
+keyInput.addEventListener("change", () => { localStorage.setItem("fdreamer.apiKey", keyInput.value); loadRecent(); loadDefaults(); });
 let current = null;   // job id being watched
 let objectUrl = null;
 
@@ -112,5 +112,16 @@ async function loadRecent() {
   }
 }
 
+// Empty fields take the server's defaults (GET /v1/limits): shown as the fields' placeholders.
+async function loadDefaults() {
+  try {
+    const { defaults } = await (await api("/v1/limits")).json();
+    for (const el of $("advanced").querySelectorAll("input")) {
+      if (defaults[el.name] !== undefined) el.placeholder = String(defaults[el.name]);
+    }
+  } catch (e) { /* no key yet: the placeholders stay "default" */ }
+}
+
 $("refresh").addEventListener("click", loadRecent);
 loadRecent();
+loadDefaults();
