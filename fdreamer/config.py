@@ -9,7 +9,8 @@ their help text (``opt(default, "help")``). ``load_config`` builds that tree fro
 3. dotted overrides such as ``--optim.lr=1e-4`` (values parsed as YAML scalars/lists),
 
 and fails early with a :class:`ConfigError` naming the key and where its value came from for unknown
-keys, wrong types and missing required values.
+keys, wrong types and missing required values, and naming the file (or override) for unreadable or
+unparsable YAML, including values nested more than :data:`MAX_DEPTH` levels deep.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import yaml
 T = TypeVar("T")
 
 EXTENDS_KEY = "extends"
+MAX_DEPTH = 32  # levels of lists/mappings in a config file or override value, the top level counted
 
 
 class ConfigError(ValueError):
@@ -59,9 +61,10 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, dic
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse YAML in {path}: {exc}") from exc
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    data = _safe_load(text, f"YAML in {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     merged: dict = {}
@@ -89,10 +92,8 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[dict, dict[
         key, value_text = item.split("=", 1)
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {raw!r} has an empty key part")
-        try:
-            value = yaml.safe_load(value_text) if value_text != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {raw!r}: cannot parse value: {exc}") from exc
+        shown = raw if len(raw) <= 80 else raw[:77] + "..."
+        value = _safe_load(value_text, f"the value of override {shown!r}") if value_text != "" else ""
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -104,6 +105,34 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[dict, dict[
         if isinstance(value, dict):
             provenance.update(_provenance_of(value, f"command-line override {raw!r}", prefix=key + "."))
     return data, provenance
+
+
+def _safe_load(text: str, what: str) -> Any:
+    """``yaml.safe_load(text)``, with every failure a ConfigError naming ``what`` (the file or override).
+
+    Values nested deeper than :data:`MAX_DEPTH` lists/mappings are refused: a config is a few levels
+    deep, and PyYAML's parser recurses once per level, so a deep enough document would otherwise end
+    in a RecursionError.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"cannot parse {what}: lists/mappings nested more than {MAX_DEPTH} levels deep") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. a date such as 2024-13-45
+        raise ConfigError(f"cannot parse {what}: {exc}") from exc
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:  # iterative: the check itself must not recurse
+        node, key, depth = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth >= MAX_DEPTH:
+            where = f"at '{key}'" if key else "at the top level"
+            raise ConfigError(f"cannot parse {what}: lists/mappings nested more than {MAX_DEPTH} levels deep {where}")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            sub = f"{key}.{k}" if isinstance(node, dict) else f"{key}[{k}]"
+            stack.append((v, sub.lstrip("."), depth + 1))
+    return data
 
 
 def _provenance_of(data: dict, source: str, prefix: str = "") -> dict[str, str]:

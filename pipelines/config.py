@@ -4,10 +4,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from fdreamer.config import nested, opt
+from fdreamer.data.dedup import PHASH_FRAMES
 from fdreamer.encoders import EncoderConfig
 
 
@@ -21,7 +22,8 @@ class ProfileConfig:
     size: int = opt(64, "square output side in pixels (resize shorter side + centre crop)")
     clips_per_video: int = opt(1, "at most this many non-overlapping clips per video")
     min_side: int = opt(48, "sources whose shorter side is below this are quarantined as too_small")
-    decode_timeout_s: float = opt(60.0, "per-video decode time limit (0 disables)")
+    decode_timeout_s: float = opt(60.0, "per-video decode time limit in both passes, else quarantined as "
+                                        "decode_timeout (0 disables)")
 
     def __post_init__(self) -> None:
         if self.num_frames < 2:
@@ -32,12 +34,18 @@ class ProfileConfig:
             raise ValueError("give profile.fps or profile.stride")
         if self.size < 8 or self.clips_per_video < 1:
             raise ValueError(f"size must be >= 8 and clips_per_video >= 1, got {self.size}, {self.clips_per_video}")
+        if self.decode_timeout_s < 0:
+            raise ValueError(f"decode_timeout_s must be >= 0 (0 disables), got {self.decode_timeout_s}")
 
     @property
     def tag(self) -> str:
         """Sampling tag that enters clip ids (``fps8.0`` or ``s2``) plus the size."""
         rate = f"fps{self.fps}" if self.fps is not None else f"s{self.stride}"
         return f"{rate}-{self.size}"
+
+    def stage_dict(self) -> dict:
+        """Every field plus ``tag``: the ``profile`` argument of the functions in :mod:`pipelines.stages`."""
+        return asdict(self) | {"tag": self.tag}
 
 
 @dataclass
@@ -78,7 +86,7 @@ class PreprocessConfig:
     profile: ProfileConfig = nested(ProfileConfig, "clip sampling")
     stages: StagesConfig = nested(StagesConfig, "per-stage resources")
     dedup_threshold: float = opt(10.0, "near-duplicate threshold: mean Hamming bits per 64-bit frame pHash")
-    dedup_bands: int = opt(16, "LSH bands of the perceptual hash")
+    dedup_bands: int = opt(16, f"LSH bands of the {8 * PHASH_FRAMES}-byte perceptual hash (must divide it)")
     shard_target_bytes: int = opt(256 * 2**20, "target (uncompressed) bytes of one Parquet shard")
     ray_address: str | None = opt(None, "Ray address; null = 'auto' when a cluster runs, else a local one")
     mlflow_tracking_uri: str | None = opt(None, "log the summary to MLflow when set (optional)")
@@ -87,6 +95,11 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.dedup_threshold < 0 or self.shard_target_bytes < 1:
             raise ValueError("dedup_threshold must be >= 0 and shard_target_bytes >= 1")
+        hash_bytes = 8 * PHASH_FRAMES
+        if self.dedup_bands < 1 or hash_bytes % self.dedup_bands:
+            allowed = [b for b in range(1, hash_bytes + 1) if hash_bytes % b == 0]
+            raise ValueError(f"dedup_bands must divide the {hash_bytes}-byte perceptual hash into equal bands: "
+                             f"one of {allowed}, got {self.dedup_bands}")
 
     def resolved_encoders(self) -> EncoderConfig:
         """``encoders`` with unset paths filled from ``models_dir``."""

@@ -2,8 +2,8 @@
 
 Pass 1 (``hash_and_cache``, CPU tasks): manifest records -> per-clip hashes or quarantine rows,
 persisted per block under ``_hashes/``. Only ids + metadata + hashes (~100 bytes a clip) come back
-to the driver, where exact and near duplicates are resolved globally
-(``fdreamer.data.dedup.resolve_duplicates``: LSH band buckets + verification).
+to the driver, where exact and near duplicates are resolved globally and the kept rows get the
+captions of their exact copies (:func:`pipelines.plan.plan_pass2`).
 Pass 2: kept clips not yet in a completed shard -> decode (CPU tasks) -> encoder actor pool (models
 loaded once per actor) -> optical flow (CPU tasks) -> Parquet shards written by tasks (atomic: temp
 name then rename locally, one upload on S3; :mod:`fdreamer.data.storage`). A task with the encoder
@@ -33,10 +33,11 @@ import pyarrow.fs as pafs
 import ray
 
 from fdreamer.config import to_dict
-from fdreamer.data import dedup, schema, storage
+from fdreamer.data import schema, storage
 from fdreamer.data.manifests import ManifestRecord, read_manifests
 from pipelines import stages
 from pipelines.config import PreprocessConfig
+from pipelines.plan import DUPLICATES_SCHEMA, plan_pass2
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
     if records is None:
         records = read_manifests(cfg.inputs, cfg.s3_endpoint)  # fails fast with ManifestError
     done = completed_clip_ids(fs, base)
-    profile = dataclasses.asdict(cfg.profile) | {"tag": cfg.profile.tag}
+    profile = cfg.profile.stage_dict()
     dec = cfg.stages.decode
     enc_stage = cfg.stages.encode
     enc_cfg = dataclasses.asdict(cfg.resolved_encoders())
@@ -171,26 +172,8 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
     t_pass1 = time.perf_counter()
     table, fresh_rows = _hash_pass(cfg, records, profile)
     t_pass1 = time.perf_counter() - t_pass1
-    quarantined = [r for r in table if r["status"] != stages.OK]
-    ok_rows: list[dict] = []
-    seen: set[str] = set()
-    duplicates: list[dict] = []
-    for r in (r for r in table if r["status"] == stages.OK):
-        if r["clip_id"] in seen:  # the same video listed twice
-            duplicates.append({"clip_id": r["clip_id"], "uri": r["uri"], "kept_clip_id": r["clip_id"],
-                               "kind": "same_id", "distance": 0.0})
-            continue
-        seen.add(r["clip_id"])
-        ok_rows.append(r)
-    dropped = dedup.resolve_duplicates(ok_rows, cfg.dedup_threshold, cfg.dedup_bands)
-    already = [r for r in ok_rows if r["clip_id"] in done]
-    for r in ok_rows:
-        if r["clip_id"] in dropped and r["clip_id"] not in done:
-            keep, kind, dist = dropped[r["clip_id"]]
-            duplicates.append({"clip_id": r["clip_id"], "uri": r["uri"], "kept_clip_id": keep, "kind": kind,
-                               "distance": float(dist)})
-    todo = [{k: v for k, v in r.items() if k != "phash"} for r in ok_rows
-            if r["clip_id"] not in done and r["clip_id"] not in dropped]
+    plan = plan_pass2(table, done, cfg.dedup_threshold, cfg.dedup_bands)
+    quarantined, duplicates, already, todo = plan.quarantined, plan.duplicates, plan.already, plan.todo
 
     # ---- pass 2: decode -> encode (actors) -> flow -> shards ----
     t_pass2 = time.perf_counter()
@@ -219,9 +202,8 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
     q_schema = pa.schema([(n, pa.string()) for n in ("clip_id", "uri", "reason", "detail")])
     storage.write_parquet(fs, storage.join(base, "quarantine.parquet"), pa.Table.from_pylist(
         [{k: r[k] for k in q_schema.names} for r in quarantined], schema=q_schema))
-    d_schema = pa.schema([("clip_id", pa.string()), ("uri", pa.string()), ("kept_clip_id", pa.string()),
-                          ("kind", pa.string()), ("distance", pa.float64())])
-    storage.write_parquet(fs, storage.join(base, "duplicates.parquet"), pa.Table.from_pylist(duplicates, schema=d_schema))
+    storage.write_parquet(fs, storage.join(base, "duplicates.parquet"),
+                          pa.Table.from_pylist(duplicates, schema=DUPLICATES_SCHEMA))
     rows_total, col_bytes = _column_bytes(fs, base)
     stage_stats = _per_stage(fresh_rows, ("hash",)) | _per_stage(results, ("decode", "encode", "flow", "write"))
     seconds = time.perf_counter() - started

@@ -145,7 +145,9 @@ def hash_videos(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) 
     return pa.Table.from_pylist(out, schema=HASH_SCHEMA)
 
 
-HASH_SCHEMA = pa.schema([f for f in schema.METADATA_FIELDS if f.name not in ("motion_score", "t5_length", "schema_version")]
+# The clip metadata known after pass 1 (``captions`` is set by the driver's dedup, the rest by pass 2).
+HASH_SCHEMA = pa.schema([f for f in schema.METADATA_FIELDS
+                         if f.name not in ("captions", "motion_score", "t5_length", "schema_version")]
                         + [pa.field("record_key", pa.string()), pa.field("sec_hash", pa.float64()),
                            pa.field("phash", pa.binary()), pa.field("status", pa.string()),
                            pa.field("reason", pa.string()), pa.field("detail", pa.string())])
@@ -201,18 +203,22 @@ def read_hash_cache(output: str, s3_endpoint: str | None, keys: set[str]) -> dic
 
 
 def decode_clips(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) -> pa.Table:
-    """Kept clips -> the same rows plus ``frames`` (uint8 ``[T, S, S, 3]`` as bytes/shape/dtype)."""
+    """Kept clips -> the same rows plus ``frames`` (uint8 ``[T, S, S, 3]`` as bytes/shape/dtype).
+
+    Failures (``decode_timeout_s`` applies here too) become quarantine rows with their reason.
+    """
     rows = batch.to_pylist()
     for r in rows:
         t0 = time.perf_counter()
         frames = np.zeros((0, 0, 0, 3), np.uint8)
         try:
-            if _is_image_row(r):
-                frames, _ = read_image(_source(r["uri"], s3_endpoint), profile["size"])  # [1, S, S, 3]
-            else:
-                clip = read_video(_source(r["uri"], s3_endpoint), profile["num_frames"],
-                                  start_frame=r["start_frame"], size=profile["size"], **_sampling(profile))
-                frames = clip.frames
+            with _time_limit(float(profile.get("decode_timeout_s") or 0)):
+                if _is_image_row(r):
+                    frames, _ = read_image(_source(r["uri"], s3_endpoint), profile["size"])  # [1, S, S, 3]
+                else:
+                    clip = read_video(_source(r["uri"], s3_endpoint), profile["num_frames"],
+                                      start_frame=r["start_frame"], size=profile["size"], **_sampling(profile))
+                    frames = clip.frames
         except Exception as exc:  # noqa: BLE001 - rare (the hash pass read it); recorded, never raised
             r.update(status=QUARANTINED, reason=quarantine.classify(exc) or "corrupt", detail=str(exc)[:500])
         r.update(schema.tensor_to_columns("frames", frames))
@@ -349,7 +355,8 @@ def write_shard(batch: pa.Table, output: str, s3_endpoint: str | None = None) ->
     """
     t0 = time.perf_counter()
     rows = batch.to_pylist()
-    good = [dict(r, schema_version=schema.SCHEMA_VERSION) for r in rows if r["status"] == OK]
+    good = [dict(r, schema_version=schema.SCHEMA_VERSION, captions=r.get("captions") or [r["caption"]])
+            for r in rows if r["status"] == OK]  # a row without exact copies: its own caption only
     name = ""
     if good:
         fs, base = storage.resolve(output, s3_endpoint)

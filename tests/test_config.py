@@ -172,3 +172,53 @@ def test_parse_cli_and_help(tmp_path, capsys):
     assert "--optim.lr (float, default 5e-05): learning rate" in out
     assert "--data.path (str, required): Parquet dataset path" in out
     assert "--optim.lr" in help_text(Job)
+
+
+@pytest.mark.parametrize(
+    "text,where",
+    [
+        ("name: " + "[" * 5000 + "]" * 5000 + "\n", ""),  # PyYAML alone: RecursionError
+        ("data:\n  path: /x\n  columns: " + "[" * 40 + "]" * 40 + "\n", "at 'data.columns[0][0]"),
+        ("".join("  " * i + f"k{i}:\n" for i in range(40)), "at 'k0.k1.k2"),  # block mappings
+    ],
+)
+def test_deeply_nested_yaml_is_a_config_error_naming_the_file(tmp_path, text, where):
+    f = write(tmp_path, "deep.yaml", text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(Job, f)
+    msg = str(exc.value)
+    assert f"cannot parse YAML in {f}" in msg and "nested more than 32 levels deep" in msg and where in msg
+    with pytest.raises(ConfigError, match=r"the value of override '--name=\[\[\[.*\.\.\.'.*more than 32 levels"):
+        load_config(Job, overrides=["--data.path=/x", "--name=" + "[" * 3000 + "]" * 3000])
+    # 32 levels (the top-level mapping, data, 30 lists) are fine.
+    ok = write(tmp_path, "ok.yaml", "data:\n  path: /x\n  columns: " + "[" * 30 + "]" * 30 + "\n")
+    with pytest.raises(ConfigError, match=r"wrong type for 'data\.columns\[0\]'.*expected str"):  # parsed, then typed
+        load_config(Job, ok)
+
+
+def test_yaml_value_errors_name_the_file(tmp_path):
+    f = write(tmp_path, "date.yaml", "name: 2024-13-45\ndata:\n  path: /x\n")  # a date PyYAML cannot build
+    with pytest.raises(ConfigError, match=rf"cannot parse YAML in {f}: month must be in 1\.\.12"):
+        load_config(Job, f)
+    g = tmp_path / "bin.yaml"
+    g.write_bytes(b"\xff\xfe\x00name: x")
+    with pytest.raises(ConfigError, match=rf"cannot read config file {g}"):
+        load_config(Job, g)
+
+
+def test_preprocess_config_rejects_values_that_would_fail_late(tmp_path):
+    """dedup_bands must split the perceptual hash, decode_timeout_s must not be negative (both are read)."""
+    from pipelines.config import PreprocessConfig
+
+    for bands in (1, 2, 4, 8, 16, 32):
+        assert load_config(PreprocessConfig, overrides=[f"--dedup_bands={bands}"]).dedup_bands == bands
+    f = write(tmp_path, "pp.yaml", "dedup_bands: 5\n")
+    with pytest.raises(ConfigError, match=rf"{f}.*dedup_bands must divide the 32-byte perceptual hash.*got 5"):
+        load_config(PreprocessConfig, f)
+    with pytest.raises(ConfigError, match="decode_timeout_s must be >= 0"):
+        load_config(PreprocessConfig, overrides=["--profile.decode_timeout_s=-1"])
+    # The shipped profiles load, and every key they set is a field of the config.
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("tiny", "stage1", "stage2"):
+        cfg = load_config(PreprocessConfig, repo / "pipelines" / "configs" / f"{name}.yaml")
+        assert cfg.profile.stage_dict()["tag"] == cfg.profile.tag

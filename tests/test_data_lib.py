@@ -42,7 +42,7 @@ def _clip(path: str | Path) -> np.ndarray:
 def _full_row(rng: np.random.Generator, t: int = 8, h: int = 16, length: int = 5) -> dict:
     row = {
         "clip_id": schema.make_clip_id("webvid", "42", 0, t, "s2"), "source": "webvid", "video_id": "42",
-        "uri": "/x.mp4", "caption": "a cat", "motion_caption": "", "split": "train", "motion": "left", "fps": 6.0, "source_width": 128,
+        "uri": "/x.mp4", "caption": "a cat", "captions": ["a cat", "a kitten"], "motion_caption": "", "split": "train", "motion": "left", "fps": 6.0, "source_width": 128,
         "source_height": 96, "num_frames": t, "start_frame": 0, "content_hash": "ab", "motion_score": 0.5,
         "t5_length": length, "schema_version": schema.SCHEMA_VERSION,
     }
@@ -70,10 +70,11 @@ def test_schema_round_trip_through_parquet(tmp_path: Path) -> None:
         assert schema.columns_to_tensor(got, "flow").shape == (2, 7, 16, 16)
         assert schema.columns_to_tensor(got, "t5").shape == (want["t5_length"], 24)
         assert schema.columns_to_tensor(got, "clip_text_tokens").shape == (77, 32)
-        assert got["split"] == "train" and got["motion"] == "left"
+        assert got["split"] == "train" and got["motion"] == "left" and list(got["captions"]) == ["a cat", "a kitten"]
         np.testing.assert_array_equal(lat, schema.columns_to_tensor(want, "latents"))
-    assert schema.SCHEMA_VERSION == 2
-    assert pq.read_schema(tmp_path / "s.parquet").metadata[b"fdreamer.schema_version"] == b"2"
+    assert schema.SCHEMA_VERSION == 3
+    assert pq.read_schema(tmp_path / "s.parquet").metadata[b"fdreamer.schema_version"] == b"3"
+    assert pq.read_schema(tmp_path / "s.parquet").field("captions").type == pa.list_(pa.string())
 
 
 def test_schema_errors_and_clip_id() -> None:
@@ -169,6 +170,28 @@ def test_manifest_errors(tmp_path: Path) -> None:
         manifests.read_manifest(str(tmp_path / "bad.parquet"))
 
 
+def test_jsonl_record_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    good = '{"path": "/a.mp4", "caption": "ok"}'
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads alone: RecursionError
+    cases = {
+        "deep_field": ([good, "", f'{{"path": "/b.mp4", "caption": "x", "meta": {deep}}}'],
+                       r"deep_field\.jsonl: line 3: field 'meta' nests arrays/objects more than 32 levels deep"),
+        "deep_record": ([good, deep], r"deep_record\.jsonl: line 2: the record nests arrays/objects more than 32"),
+        "nested_caption": ([good, '{"path": "/b.mp4", "caption": {"en": "x"}}'],
+                           r"line 2, row 1: field 'caption' must be a string or number, got an object"),
+        "not_json": ([good, '{"path": "/b.mp4", "caption": "x"'], r"not_json\.jsonl: line 2: invalid JSON"),
+        "not_object": (["[1, 2]"], r"line 1: expected one JSON object per line, got list"),
+    }
+    for name, (lines, match) in cases.items():
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        with pytest.raises(manifests.ManifestError, match=match):
+            manifests.read_manifest(str(tmp_path / f"{name}.jsonl"))
+    # 32 levels and bracket-heavy captions are fine; unread columns may nest (up to the limit).
+    meta = "[" * 31 + "]" * 31
+    (tmp_path / "ok.jsonl").write_text(good + f'\n{{"path": "/b.mp4", "caption": "[[{"[" * 40}", "meta": {meta}}}\n')
+    assert [r["caption"] for r in manifests.read_manifest(str(tmp_path / "ok.jsonl"))] == ["ok", "[[" + "[" * 40]
+
+
 # ------------------------------------------------------------------------------------------- dedup
 
 
@@ -224,6 +247,57 @@ def test_resolve_duplicates_keeps_better_copy(rows: list[dict], tmp_path: Path) 
     assert dedup.better_copy({"clip_id": "y", "source": "webvid"}, {"clip_id": "z", "source": "webvid"})["clip_id"] == "y"
 
 
+def test_kept_copy_compares_ids_as_numbers() -> None:
+    def copy(cid: str, caption: str = "") -> dict:
+        return {"clip_id": cid, "source": "webvid", "source_width": 128, "source_height": 96, "caption": caption,
+                "content_hash": "same", "phash": bytes(32)}
+
+    assert dedup.better_copy(copy("14"), copy("2"))["clip_id"] == "2"  # as text, "14" < "2"
+    a, b = (schema.make_clip_id("webvid", v, 0, 8, "s2-64") for v in ("14", "2"))
+    assert dedup.better_copy(copy(a), copy(b))["clip_id"] == b
+    # A total order over mixed ids, whatever order the copies arrive in.
+    ids = ["b", "10", "a10", "2", "02", "a9", "a", "9z"]
+    assert sorted(ids, key=dedup.id_order_key) == ["02", "2", "9z", "10", "a", "a9", "a10", "b"]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        shuffled = [copy(str(c)) for c in rng.permutation(ids)]
+        dropped = dedup.resolve_duplicates(shuffled)
+        assert set(dropped) == set(ids) - {"02"} and {v[:2] for v in dropped.values()} == {("02", "exact")}
+    # The original (id 2) keeps its caption; the copy's wrong caption is kept in the captions list.
+    rows = [copy("14", "a red ball (wrong)"), copy("2", "a blue cube")]
+    dropped = dedup.resolve_duplicates(rows)
+    assert dropped == {"14": ("2", "exact", 0.0)}
+    assert dedup.exact_captions(rows, dropped) == {"2": ["a blue cube", "a red ball (wrong)"]}
+    with pytest.raises(ValueError, match=r"repeated: \['2'\]"):
+        dedup.resolve_duplicates([*rows, copy("2")])
+
+
+def test_plan_keeps_every_caption_of_an_exact_group() -> None:
+    from pipelines.plan import plan_pass2
+
+    def row(cid: str, content: str, phash: int, caption: str, width: int = 128, status: str = "ok") -> dict:
+        return {"clip_id": cid, "uri": f"/{cid}.mp4", "source": "webvid", "source_width": width, "source_height": 96,
+                "caption": caption, "content_hash": content, "phash": phash.to_bytes(32, "big"), "status": status}
+
+    far = int("f0" * 32, 16)  # 128 of 256 bits from 0: unrelated
+    near = 1 << 3 | 1 << 70  # 2 bits from 0 over 4 frames: 0.5 bits per frame
+    rows = [row("14", "h1", 0, "wrong"), row("2", "h1", 0, "a dog"), row("30", "h1", 0, "a dog"),
+            row("2", "h1", 0, "a brown dog"),  # the same video listed again with another caption
+            row("7", "h2", near, "a dog, re-encoded"), row("5", "h3", far, "a cat"),
+            row("9", "", 0, "bad", status="quarantined")]
+    plan = plan_pass2(rows, done=set())
+    assert [(r["clip_id"], r["caption"], r["captions"]) for r in plan.todo] == [
+        ("2", "a dog", ["a dog", "a brown dog", "wrong"]), ("5", "a cat", ["a cat"])]
+    assert all("phash" not in r for r in plan.todo) and [r["clip_id"] for r in plan.quarantined] == ["9"]
+    dups = {(d["clip_id"], d["kept_clip_id"], d["kind"], d["caption"]) for d in plan.duplicates}
+    assert dups == {("2", "2", "same_id", "a brown dog"), ("14", "2", "exact", "wrong"),
+                    ("30", "2", "exact", "a dog"), ("7", "2", "near", "a dog, re-encoded")}
+    assert next(d["distance"] for d in plan.duplicates if d["kind"] == "near") == 0.5
+    # dedup_threshold = 0 keeps the near copy; clips already in shards are not written again.
+    strict = plan_pass2(rows, done={"5"}, threshold=0.0)
+    assert [r["clip_id"] for r in strict.todo] == ["2", "7"] and [r["clip_id"] for r in strict.already] == ["5"]
+
+
 # -------------------------------------------------------------------------------------------- flow
 
 
@@ -273,6 +347,32 @@ def test_every_quarantine_reason(rows: list[dict], tmp_path: Path) -> None:
     assert quarantine.classify(FileNotFoundError("s3://b/k")) == "missing"
     assert quarantine.classify(probe_video(files["too_small"]), 48) == "too_small"
     assert set(quarantine.REASONS) == set(files) | {"decode_timeout"}
+
+
+# ------------------------------------------------------------------------- profile keys in the stages
+
+
+def test_profile_keys_change_pass_1_and_2(rows: list[dict]) -> None:
+    """clips_per_video, fps, min_side and decode_timeout_s, through ProfileConfig as the job passes them."""
+    from pipelines import stages
+    from pipelines.config import ProfileConfig
+
+    first = manifests.read_manifest(str(Path(rows[0]["path"]).parents[1] / "manifest.jsonl"))[0]
+    recs = pa.Table.from_pylist([dict(first)])
+
+    def hashed(**kw: object) -> list[dict]:
+        return stages.hash_videos(recs, ProfileConfig(**kw).stage_dict()).to_pylist()
+
+    # 24 source frames; 4 frames at stride 2 span 7: at most 3 non-overlapping clips.
+    assert [r["start_frame"] for r in hashed(num_frames=4, clips_per_video=2)] == [0, 7]
+    assert [r["start_frame"] for r in hashed(num_frames=4, clips_per_video=5)] == [0, 7, 14]
+    assert [r["fps"] for r in hashed(fps=4.0, stride=None)] == [4.0] and hashed()[0]["fps"] == 6.0
+    assert [(r["status"], r["reason"]) for r in hashed(min_side=97)] == [("quarantined", "too_small")]
+    assert [r["reason"] for r in hashed(decode_timeout_s=1e-4)] == ["decode_timeout"]
+    ok = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "phash"} for r in hashed()])
+    assert stages.decode_clips(ok, ProfileConfig().stage_dict()).column("status").to_pylist() == ["ok"]
+    late = stages.decode_clips(ok, ProfileConfig(decode_timeout_s=1e-4).stage_dict()).to_pylist()
+    assert [(r["status"], r["reason"]) for r in late] == [("quarantined", "decode_timeout")]
 
 
 # ------------------------------------------------------------------------------- pass-1 hash cache

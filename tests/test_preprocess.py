@@ -132,6 +132,16 @@ def test_planted_duplicates_caught(first_run: dict, dataset: dict) -> None:
                      frozenset(map(str, planted["small"])): "near"}
     # The downscaled copy loses to its full-size original.
     assert str(planted["small"][0]) in set(dups["uri"])
+    # No caption is lost: each dropped copy keeps its own in duplicates.parquet, and the kept row of the
+    # exact pair (the remux) lists both captions, its own first; a kept clip without exact copies has one.
+    captions = {r["uri"]: r["caption"] for m in dataset["inputs"] for r in read_manifest(m)}
+    assert dict(zip(dups["uri"], dups["caption"])) == {u: captions[u] for u in dups["uri"]}
+    pair = [str(p) for p in planted["remux"]]
+    kept = shards[shards["uri"].isin(pair)]
+    assert len(kept) == 1 and list(kept.iloc[0]["captions"]) == [kept.iloc[0]["caption"], *(
+        captions[u] for u in pair if u != kept.iloc[0]["uri"])]
+    others = shards[~shards["uri"].isin(pair)]
+    assert [list(c) for c in others["captions"]] == [[c] for c in others["caption"]]
 
 
 def test_bad_files_quarantined_with_reasons(first_run: dict, dataset: dict) -> None:

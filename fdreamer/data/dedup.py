@@ -28,14 +28,28 @@ Global search without O(N^2) (:func:`band_keys`)
     (static title cards, black frames) so very large buckets are capped (``max_bucket``) and logged.
     Keep the first ``r`` larger (e.g. 24 bits, 12 bands) when that dominates.
 
-Choosing the copy to keep (:func:`better_copy`): higher resolution, then pexels over webvid, then
-the smaller id (deterministic whatever order the clips arrive in).
+Choosing the copy to keep (:func:`better_copy`, :func:`copy_rank`), in this order:
+
+1. more source pixels (``source_width * source_height``, else ``width * height``),
+2. the better source (:data:`SOURCE_RANK`): pexels > generic > webvid; any other source ranks
+   with webvid,
+3. the smaller ``clip_id`` in *natural* order (:func:`id_order_key`): the id is cut into runs of
+   ASCII digits and runs of other characters; digit runs compare as numbers (``2 < 14``, so
+   ``webvid-2-0-8-…`` is kept over ``webvid-14-0-8-…``), other runs as text, a digit run sorts before
+   a text run at the same position, a shorter id that is a prefix sorts first, and runs of equal value
+   (``02`` / ``2``) fall back to their text. Every id maps to a different key, so this is a total
+   order: the kept copy is the same whatever order the clips arrive in.
+
+Captions are never dropped with a copy: :func:`exact_captions` gives each kept clip the distinct
+captions of its exact-duplicate group (kept caption first), which the job writes as the ``captions``
+column; every dropped copy's own caption is also in ``duplicates.parquet``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -110,14 +124,28 @@ def band_keys(phash: bytes, bands: int = DEFAULT_BANDS) -> list[str]:
     return [f"{i}:{phash[i * width:(i + 1) * width].hex()}" for i in range(bands)]
 
 
+_DIGITS = re.compile(r"([0-9]+)")
+
+
+def id_order_key(clip_id: object) -> tuple[tuple[int, int, str], ...]:
+    """Natural sort key of an id: ``"2" < "14"``, ``"a9" < "a10"``, ``"02" < "2"`` (module docstring).
+
+    One ``(kind, number, text)`` per run: ``(0, int, run)`` for a run of ASCII digits, ``(1, 0, run)``
+    for any other run. The texts of the runs spell the id, so different ids never share a key.
+    """
+    runs = (t for t in _DIGITS.split(str(clip_id)) if t)
+    return tuple((0, int(t), t) if t.isascii() and t.isdigit() else (1, 0, t) for t in runs)
+
+
+def copy_rank(r: Mapping[str, Any]) -> tuple:
+    """Sort key of a copy, best first: more pixels, then the better source, then the smaller id."""
+    pixels = int(r.get("source_width") or r.get("width") or 0) * int(r.get("source_height") or r.get("height") or 0)
+    return (-pixels, -SOURCE_RANK.get(str(r.get("source")), 0), id_order_key(r.get("clip_id")))
+
+
 def better_copy(a: Mapping[str, Any], b: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The copy to keep: more pixels, then pexels over webvid, then the smaller ``clip_id``."""
-
-    def key(r: Mapping[str, Any]) -> tuple:
-        pixels = int(r.get("source_width") or r.get("width") or 0) * int(r.get("source_height") or r.get("height") or 0)
-        return (-pixels, -SOURCE_RANK.get(str(r.get("source")), 0), str(r.get("clip_id")))
-
-    return a if key(a) <= key(b) else b
+    """The copy to keep (:func:`copy_rank`): more pixels, then pexels over webvid, then the smaller id."""
+    return a if copy_rank(a) <= copy_rank(b) else b
 
 
 class _UnionFind:
@@ -147,9 +175,13 @@ def resolve_duplicates(
 
     ``rows`` hold ``clip_id, content_hash, phash`` (bytes) and the fields :func:`better_copy` reads.
     Exact groups share ``content_hash``; near groups are connected components of verified band
-    candidates. One copy per component survives.
+    candidates. One copy per component survives (:func:`copy_rank`). ``clip_id`` values must be
+    unique (the job sets repeats of an id aside first); ValueError otherwise.
     """
     by_id = {str(r["clip_id"]): r for r in rows}
+    if len(by_id) != len(rows):
+        repeated = sorted(cid for cid, n in Counter(str(r["clip_id"]) for r in rows).items() if n > 1)
+        raise ValueError(f"clip ids must be unique, repeated: {repeated[:5]}")
     uf = _UnionFind()
     kind: dict[frozenset, tuple[str, float]] = {}
     exact: dict[str, list[str]] = defaultdict(list)
@@ -195,6 +227,27 @@ def resolve_duplicates(
                 d = mean_frame_distance(bytes(by_id[m]["phash"]), bytes(best["phash"]))
                 dropped[m] = (keep, "near", d)
     return dropped
+
+
+def exact_captions(
+    rows: Sequence[Mapping[str, Any]], dropped: Mapping[str, tuple[str, str, float]]
+) -> dict[str, list[str]]:
+    """``{kept clip_id: captions}``: the distinct captions of each kept clip's exact-duplicate group.
+
+    ``rows`` are every ok row (a ``clip_id`` may repeat: the same video listed twice; its first row
+    is the kept one), ``dropped`` is :func:`resolve_duplicates` over the first rows. A group is the
+    kept clip, the copies dropped into it as ``"exact"`` and repeats of its id. The list starts with
+    the kept row's caption, then the other captions in :func:`copy_rank` order (repeats of one id in
+    row order); equal strings appear once. Near duplicates are other frames: their captions are not
+    merged (``duplicates.parquet`` keeps them).
+    """
+    groups: dict[str, list[tuple[bool, tuple, int, str]]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        cid = str(r["clip_id"])
+        keep, kind, _ = dropped.get(cid, (cid, "exact", 0.0))
+        if kind == "exact":  # (not the kept id, rank, row number, caption): the kept id's rows sort first
+            groups[keep].append((cid != keep, copy_rank(r), i, str(r["caption"])))
+    return {keep: list(dict.fromkeys(c for *_, c in sorted(items))) for keep, items in groups.items()}
 
 
 def iter_ids(rows: Iterable[Mapping[str, Any]]) -> list[str]:

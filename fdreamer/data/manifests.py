@@ -17,7 +17,12 @@ else ``image`` when the path ends with .png/.jpg/.jpeg/.webp/.bmp, else ``video`
 ``source`` column get the source ``image``.
 
 Anything else (no caption column, unreadable file, unknown URI scheme) raises :class:`ManifestError`
-before any video is touched.
+before any video is touched, and so does a bad record: the job fails before Ray starts, with the
+manifest, the record (``line N, row I`` for JSONL and CSV, ``row I`` for Parquet) and the field in
+the message. Bad records are: invalid JSON, a JSONL line that is not an object, a field nested more
+than :data:`MAX_JSON_DEPTH` arrays/objects deep (checked by a flat scan before parsing, so a deep line
+never reaches the recursive JSON parser), a list/object where a field the format reads must be a
+string or number, no caption, an unknown ``kind``. Columns a format does not read are ignored.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from pathlib import Path
 from typing import Any, TypedDict
 from urllib.parse import urlparse
 
-import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -79,7 +83,76 @@ def read_bytes(uri: str, s3_endpoint: str | None = None) -> bytes:
     return path.read_bytes()
 
 
-def _read_table(uri: str, s3_endpoint: str | None) -> pa.Table:
+MAX_JSON_DEPTH = 32  # arrays/objects of one JSONL record, the record itself counted
+
+
+def _json_too_deep(line: str, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """The top-level key whose value nests arrays/objects deeper than ``limit`` (``""`` for the record
+    itself, e.g. a line of nested arrays), or None when the line stays within it.
+
+    A flat scan (no recursion) that runs before ``json.loads``, whose parser recurses once per level
+    and would hit Python's recursion limit on a deep enough line.
+    """
+    if line.count("[") + line.count("{") <= limit:  # the depth cannot exceed the number of openers
+        return None
+    depth, key, text, in_str, esc = 0, "", [], False, False
+    last_str = ""
+    for ch in line:
+        if in_str:
+            if esc or ch not in '\\"':
+                esc = False
+                if depth == 1:  # strings of the record itself (its keys); an escape keeps the next character
+                    text.append(ch)
+            elif ch == "\\":
+                esc = True
+            else:
+                in_str = False
+                last_str = "".join(text)
+            continue
+        if ch == '"':
+            in_str, text = True, []
+        elif ch == ":" and depth == 1:
+            key = last_str
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return key
+        elif ch in "]}":
+            depth -= 1
+    return None
+
+
+def _parse_jsonl(uri: str, data: bytes) -> tuple[list[dict], list[str], list[str]]:
+    """Records of a JSON-lines manifest, the union of their keys, and each record's location."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"cannot parse manifest {uri}: not UTF-8 text: {exc}") from exc
+    rows: list[dict] = []
+    where: list[str] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        at = f"{uri}: line {n}"
+        deep = _json_too_deep(line)
+        if deep is not None:
+            what = f"field {deep!r}" if deep else "the record"
+            raise ManifestError(f"{at}: {what} nests arrays/objects more than {MAX_JSON_DEPTH} levels deep; "
+                                "manifest fields are flat values (strings, numbers)")
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise ManifestError(f"{at}: invalid JSON: {exc}") from exc
+        if not isinstance(rec, dict):
+            raise ManifestError(f"{at}: expected one JSON object per line, got {type(rec).__name__}")
+        rows.append(rec)
+        where.append(f"line {n}, row {len(rows) - 1}")
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every key of any line (e.g. a `kind` on some rows)
+    return [{k: r.get(k) for k in columns} for r in rows], columns, where
+
+
+def _read_rows(uri: str, s3_endpoint: str | None) -> tuple[list[dict], list[str], list[str]]:
+    """(rows, column names, location of each row for error messages) of one manifest."""
     try:
         data = read_bytes(uri, s3_endpoint)
     except ManifestError:
@@ -87,19 +160,23 @@ def _read_table(uri: str, s3_endpoint: str | None) -> pa.Table:
     except Exception as exc:  # missing file, permissions, S3 errors: all fatal for a manifest
         raise ManifestError(f"cannot read manifest {uri}: {type(exc).__name__}: {exc}") from exc
     name = urlparse(uri).path.lower()
+    if name.endswith((".jsonl", ".json")):
+        return _parse_jsonl(uri, data)
     try:
         if name.endswith(".parquet"):
-            return pq.read_table(io.BytesIO(data))
-        if name.endswith((".jsonl", ".json")):
-            rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
-            keys = dict.fromkeys(k for r in rows for k in r)  # every key of any line (e.g. a `kind` on some rows)
-            return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-        if name.endswith(".csv"):
+            table = pq.read_table(io.BytesIO(data))
+            where = [f"row {i}" for i in range(table.num_rows)]
+        elif name.endswith(".csv"):
             opts = pacsv.ConvertOptions(strings_can_be_null=False)
-            return pacsv.read_csv(io.BytesIO(data), convert_options=opts)
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=opts)
+            where = [f"line {i + 2}, row {i}" for i in range(table.num_rows)]  # line 1 is the header
+        else:
+            raise ManifestError(f"{uri}: unknown manifest extension; expected .csv, .jsonl/.json or .parquet")
+        return table.to_pylist(), table.column_names, where
+    except ManifestError:
+        raise
     except Exception as exc:
         raise ManifestError(f"cannot parse manifest {uri}: {type(exc).__name__}: {exc}") from exc
-    raise ManifestError(f"{uri}: unknown manifest extension; expected .csv, .jsonl/.json or .parquet")
 
 
 def detect_format(columns: list[str]) -> str:
@@ -123,6 +200,15 @@ def detect_format(columns: list[str]) -> str:
     )
 
 
+# The columns each format reads (any other column is ignored).
+RECORD_FIELDS: dict[str, tuple[str, ...]] = {
+    "webvid": ("contentUrl", "name", "videoid", "width", "height"),
+    "pexels": ("url", "title", "id", "width", "height"),
+    "generic": ("path", "caption", "motion_caption", "clip_id", "id", "source", "width", "height", "split",
+                "motion", "kind"),
+}
+
+
 def _int(v: Any) -> int:
     try:
         return int(v) if v is not None and v != "" else 0
@@ -134,14 +220,29 @@ def _str(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def _scalar(r: dict, key: str, at: str) -> Any:
+    """``r[key]`` (None when absent), or a ManifestError naming the field when it is a list/object."""
+    v = r.get(key)
+    if isinstance(v, (dict, list, tuple)):
+        got = "an object" if isinstance(v, dict) else "a list"
+        raise ManifestError(f"{at}: field {key!r} must be a string or number, got {got}")
+    return v
+
+
 def read_manifest(uri: str, s3_endpoint: str | None = None) -> list[ManifestRecord]:
-    """All records of one manifest, with the format auto-detected from its columns."""
-    rows = _read_table(str(uri), s3_endpoint).to_pylist()
+    """All records of one manifest, with the format auto-detected from its columns.
+
+    Errors name the manifest, the record (``line N, row I`` for JSONL/CSV, ``row I`` for Parquet)
+    and the field.
+    """
+    rows, columns, where = _read_rows(str(uri), s3_endpoint)
     if not rows:
         return []
-    fmt = detect_format(list(rows[0]))
+    fmt = detect_format(columns)
     out: list[ManifestRecord] = []
-    for i, r in enumerate(rows):
+    for i, row in enumerate(rows):
+        at = f"{uri}: {where[i]}"
+        r = {k: _scalar(row, k, at) for k in RECORD_FIELDS[fmt] if k in row}
         if fmt == "webvid":
             uri_, cap, vid, src, mcap = r["contentUrl"], r["name"], r["videoid"], "webvid", ""
         elif fmt == "pexels":
@@ -151,11 +252,11 @@ def read_manifest(uri: str, s3_endpoint: str | None = None) -> list[ManifestReco
             vid = r.get("clip_id") or r.get("id") or Path(str(uri_)).stem
             src, mcap = r.get("source"), r.get("motion_caption") or ""
         if cap is None:
-            raise ManifestError(f"{uri}: row {i} has no caption")
+            raise ManifestError(f"{at}: no caption")
         try:
             kind = record_kind(str(uri_), r.get("kind") if fmt == "generic" else None)
         except ValueError as exc:
-            raise ManifestError(f"{uri}: row {i}: {exc}") from exc
+            raise ManifestError(f"{at}: {exc}") from exc
         if fmt == "generic":
             src = src or ("image" if kind == "image" else "generic")
         out.append(ManifestRecord(

@@ -29,7 +29,11 @@ latents): latents 512 KB, flow 240 KB, ``clip_text_tokens`` 77 x 768 x 2 B = 118
 ~20 tokens x 4096 x 2 B = 160 KB (padded to 120 it would be ~1 MB), first latent 32 KB, the two
 CLIP embeddings 1.5 KB each. The tiny preset's ``clip_text_tokens`` is 77 x 32 (4.9 KB).
 
-Metadata columns are listed in :data:`METADATA_FIELDS`. ``clip_id`` is deterministic
+Metadata columns are listed in :data:`METADATA_FIELDS`. ``caption`` is the caption the text
+tensors encode; ``captions`` (``list<string>``) holds every distinct caption given for the clip's
+exact-duplicate group (the same frames listed under other ids, or the same video listed twice),
+``caption`` first (:func:`fdreamer.data.dedup.exact_captions`), so no user-supplied caption is lost
+when copies are dropped. ``clip_id`` is deterministic
 (:func:`make_clip_id`) so reruns and resumes can skip clips already written. ``split`` and
 ``motion`` are free-form metadata copied from a generic manifest's columns of the same name when
 present (the sample data's ``manifest.jsonl`` has ``split`` = train | heldout and the commanded
@@ -40,7 +44,7 @@ Image rows (an image manifest, :mod:`fdreamer.data.images`) use the same schema 
 ``flow`` / ``flow_shape`` / ``flow_dtype`` null, ``motion_score`` null (not measured), ``fps`` 0.
 
 Schema versions: 1 = the first release; 2 adds ``clip_text_tokens``, ``split`` and ``motion`` (image
-rows need no new version: every value fits the v2 types).
+rows need no new version: every value fits the v2 types); 3 adds ``captions``.
 
 Beside the shards, a job writes ``null_conditions.safetensors`` (the encodings of the empty
 caption, for classifier-free guidance; :func:`read_null_conditions`) and ``summary.json``
@@ -57,7 +61,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TENSOR_COLUMNS: tuple[str, ...] = (
     "latents", "first_latent", "clip_image_embed", "clip_text_embed", "clip_text_tokens", "t5", "flow",
@@ -73,7 +77,8 @@ METADATA_FIELDS: tuple[pa.Field, ...] = (
     pa.field("source", pa.string()),  # webvid | pexels | generic
     pa.field("video_id", pa.string()),
     pa.field("uri", pa.string()),
-    pa.field("caption", pa.string()),
+    pa.field("caption", pa.string()),  # the caption the text tensors encode
+    pa.field("captions", pa.list_(pa.string())),  # every distinct caption of the exact-duplicate group, caption first
     pa.field("motion_caption", pa.string()),
     pa.field("split", pa.string()),  # free-form, from a generic manifest (e.g. train | heldout), else ""
     pa.field("motion", pa.string()),  # free-form, from a generic manifest, else ""

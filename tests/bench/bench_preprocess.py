@@ -4,7 +4,7 @@
 
 1. **Throughput** on the same ``--clips`` sample clips (generic manifest, tiny profile, tiny models
    with the trained VAE): a plain single-process loop calling the same stage functions
-   (``hash_videos`` -> ``resolve_duplicates`` -> ``decode_clips`` -> ``EncodeClips`` -> ``add_flow``
+   (``hash_videos`` -> ``plan_pass2`` (dedup) -> ``decode_clips`` -> ``EncodeClips`` -> ``add_flow``
    -> ``write_shard``, one torch thread), then the Ray Data pipeline (``pipelines.job.run``) in a
    fresh ``ray.init(num_cpus=1)`` and a fresh ``ray.init(num_cpus=2)``. clips/s = clips written /
    wall seconds of the whole job (model loading included in both).
@@ -116,19 +116,17 @@ def plain_loop(cfg: object, batch: int = 8) -> dict:
 
     import pyarrow as pa
 
-    from fdreamer.data import dedup
     from fdreamer.data.manifests import read_manifests
     from pipelines import stages
+    from pipelines.plan import plan_pass2
 
     started = time.perf_counter()
-    profile = dataclasses.asdict(cfg.profile) | {"tag": cfg.profile.tag}
+    profile = cfg.profile.stage_dict()
     records = [dict(r) for r in read_manifests(cfg.inputs)]
     rows = []
     for i in range(0, len(records), batch):
         rows += stages.hash_videos(pa.Table.from_pylist(records[i:i + batch]), profile).to_pylist()
-    ok = [r for r in rows if r["status"] == stages.OK]
-    dropped = dedup.resolve_duplicates(ok, cfg.dedup_threshold, cfg.dedup_bands)
-    todo = [{k: v for k, v in r.items() if k != "phash"} for r in ok if r["clip_id"] not in dropped]
+    todo = plan_pass2(rows, set(), cfg.dedup_threshold, cfg.dedup_bands).todo
     encode = stages.EncodeClips(dataclasses.asdict(cfg.resolved_encoders()))
     written = 0
     for i in range(0, len(todo), batch):
