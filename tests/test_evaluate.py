@@ -136,10 +136,10 @@ def test_ray_job_prints_table_and_json_over_ray_data(checkpoint: Path, sample: P
 
 
 def test_caption_probe_hand_computed_ranks_and_fixed_noise_losses() -> None:
-    """The caption probe (tests/bench/bench_caption_use.py, used by bench_caption_learning.py):
-    ranks/gap from hand-made losses; losses are a function of the conditions alone (fixed noise)."""
-    sys.path.insert(0, str(REPO / "tests" / "bench"))
-    from bench_caption_use import caption_losses, rank_stats
+    """The loss probes (fdreamer.eval.probes, used by the bench_caption_* scripts): ranks/gap from
+    hand-made losses; losses are a function of the conditions alone (fixed noise)."""
+    from fdreamer.eval.probes import condition_losses as caption_losses
+    from fdreamer.eval.probes import rank_stats, swapped_first_frames
 
     # true caption = column 0: clip 0 has the lowest loss there (rank 0), clip 1 the highest (rank 2)
     stats = rank_stats(torch.tensor([[0.1, 0.2, 0.3], [0.3, 0.1, 0.2]]), [0, 0])
@@ -157,6 +157,14 @@ def test_caption_probe_hand_computed_ranks_and_fixed_noise_losses() -> None:
     assert losses.shape == (b, 3) and bool((losses > 0).all())
     assert torch.equal(losses[:, 0], losses[:, 2])  # the same conditions, the same loss
     assert not torch.allclose(losses[:, 0], losses[:, 1])  # the spatial cross-attention reads the caption
+    # first-frame probe: clip i under clip i+s's image conditions (batch rolled), text kept; true set first
+    b3 = Conditions(**{k: None if v is None else torch.cat([v, v[:1] + 1]) for k, v in base.as_kwargs().items()})
+    sets = swapped_first_frames(b3, 2)
+    assert len(sets) == 3 and torch.equal(sets[0].first_frame, b3.first_frame)
+    assert torch.equal(sets[1].first_frame[0], b3.first_frame[1]) and torch.equal(sets[2].first_frame[2], b3.first_frame[1])
+    assert torch.equal(sets[2].image_embed[0], b3.image_embed[2]) and torch.equal(sets[1].text_tokens, b3.text_tokens)
+    with pytest.raises(ValueError, match="k must be in"):
+        swapped_first_frames(b3, 3)
 
 
 def test_cli_errors_are_one_line(sample: Path, tmp_path: Path) -> None:

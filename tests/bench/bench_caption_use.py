@@ -20,34 +20,17 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def caption_losses(model, schedule, x0, noise, conds, timesteps) -> "torch.Tensor":
-    """``[B, M]``: the denoising loss of each clip of ``x0`` ``[B, C, T, h, w]`` (fixed ``noise``) under each
-    of the M condition sets ``conds`` (each for the whole batch), averaged over ``timesteps``."""
-    import torch
+def caption_losses(model, schedule, x0, noise, conds, timesteps):
+    """The caption probe's losses (:func:`fdreamer.eval.probes.condition_losses`)."""
+    from fdreamer.eval.probes import condition_losses
 
-    out = torch.zeros(x0.shape[0], len(conds))
-    with torch.no_grad():
-        for t in timesteps:
-            tt = torch.full((x0.shape[0],), int(t))
-            x_t, target = schedule.add_noise(x0, noise, tt), schedule.training_target(x0, noise, tt)
-            for j, cond in enumerate(conds):
-                pred = model(x_t, tt, **cond.as_kwargs()).sample
-                out[:, j] += ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3, 4)) / len(timesteps)
-    return out
+    return condition_losses(model, schedule, x0, noise, conds, timesteps)
 
 
-def rank_stats(losses: "torch.Tensor", truth: list[int]) -> dict[str, float]:
-    """Rank of the true caption's loss among the M (0 = lowest), the share of clips where it is lowest,
-    chance, and the mean gap (wrong - true) from ``losses`` ``[B, M]``."""
-    import torch
+def rank_stats(losses, truth):
+    from fdreamer.eval.probes import rank_stats as stats
 
-    idx = torch.arange(len(truth))
-    true = losses[idx, torch.tensor(truth)]
-    ranks = (losses < true[:, None]).sum(1).float()
-    m = losses.shape[1]
-    gap = (losses.sum(1) - true) / (m - 1) - true
-    return {"true_rank_mean": float(ranks.mean()), "true_best_fraction": float((ranks == 0).float().mean()),
-            "chance_rank": (m - 1) / 2, "gap_mean": float(gap.mean())}
+    return stats(losses, truth)
 
 
 def main(argv: list[str] | None = None) -> int:
