@@ -1,14 +1,21 @@
-# Two commands for a new user (see README): `make demo` and `make test`.
-# Setup is idempotent: the virtualenv is rebuilt only when pyproject.toml changes.
+# Two commands for a new user (see README): `make main-job` and `make test` (and `make demo`).
+# Setup is idempotent: the virtualenv is rebuilt only when pyproject.toml changes (or has no pip).
+# What a command needs from the machine is checked before any work starts: one line, then exit 1.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo main-job test test-fast clean
+.PHONY: setup demo main-job test test-fast test-tools clean
 
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if ! $(BIN)/python -m pip --version >/dev/null 2>&1; then \
+	  $(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { \
+	    echo "make: this project needs Python 3.11, and $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo 'not found'): install it, or pass PYTHON=/path/to/python3.11"; exit 1; }; \
+	  $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	    echo "make: $(PYTHON) cannot create a virtualenv (no ensurepip): install python3.11-venv (Debian/Ubuntu: apt-get install python3.11-venv)"; exit 1; }; \
+	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); \
+	fi
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, CPU build, pinned: a looser requirement would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
@@ -20,13 +27,20 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/fdreamer demo
 
+# Needs no system tool (the served mp4 is checked with PyAV); cluster/main_job.py checks what it needs first.
 main-job: setup
 	$(BIN)/python cluster/main_job.py
 
-test: setup
+# Tests use ffprobe (Debian's ffmpeg) as an extra check that our mp4s play outside PyAV; chromium +
+# chromium-driver are optional (the serving page test is skipped without them). .ci/run installs both.
+test-tools:
+	@command -v ffprobe >/dev/null 2>&1 || { \
+	  echo "make: the tests need ffprobe: install ffmpeg (Debian/Ubuntu: apt-get install ffmpeg; .ci/run does as root)"; exit 1; }
+
+test: test-tools setup
 	$(BIN)/python -m pytest -q --durations=25
 
-test-fast: setup
+test-fast: test-tools setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

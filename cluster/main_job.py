@@ -9,10 +9,14 @@ Runs exactly what a user runs on a real cluster, on the sample data:
 5. ``ray job submit --working-dir . -- python training/run.py --config training/configs/tiny_stage1.yaml ...``
    (2 workers spread over both nodes);
 6. ``serve deploy`` of ``serving/config.yaml`` pointed at the trained checkpoint;
-7. one text-to-video request through HTTP, the mp4 checked with ffprobe;
+7. one text-to-video request through HTTP, the mp4 probed and decoded with PyAV (``fdreamer.data.video``);
 
 then prints where the mp4, the Parquet summary and the MLflow run are, and (unless ``--keep``) stops the
-Serve app, the cluster and the MLflow server. Prints one JSON line last.
+cluster (and with it the Serve app) and the MLflow server. Steps 1-3 start together (separate processes:
+their start-up overlaps). Prints one JSON line last; a failure is one line naming the step, exit code 1.
+
+Needs nothing outside the project's virtualenv but ``bash`` (``cluster/local.sh``): no system ffmpeg. What
+is missing is reported in one line before any work starts (exit code 2).
 """
 
 from __future__ import annotations
@@ -26,16 +30,33 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+ENTRY_POINTS = ("fdreamer", "ray", "serve")  # installed into the virtualenv by `pip install -e .`
 
-from cluster.mlflow_server import free_port, start_mlflow_server, stop_mlflow_server  # noqa: E402
+from cluster.mlflow_server import free_port, launch_mlflow_server, stop_mlflow_server, wait_mlflow_server  # noqa: E402
 
 RUNTIME_ENV = {"working_dir": ".", "excludes": [".git/", ".venv/", "runs/", "data/", "models/", "mlruns/",
                                                   "**/__pycache__/", "*.mp4", "*.parquet"]}
+
+
+class StepFailed(RuntimeError):
+    """A step of the main job failed; the message is the one line the user sees."""
+
+
+def missing_requirements() -> str | None:
+    """What the main job lacks on this machine, as one line (None: nothing). Checked before any work."""
+    absent = [name for name in ENTRY_POINTS if not (BIN / name).is_file()]
+    if absent:
+        return (f"{', '.join(absent)} not found next to {sys.executable}: "
+                "install the project into this virtualenv first (`make setup`, or `pip install -e .`)")
+    if shutil.which("bash") is None:
+        return "bash not found on PATH (cluster/local.sh needs it): install bash"
+    return None
 
 
 def step(msg: str) -> float:
@@ -43,27 +64,53 @@ def step(msg: str) -> float:
     return time.monotonic()
 
 
-def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
+def run(cmd: list[Any], **kw: Any) -> subprocess.CompletedProcess:
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
-    return subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, **kw)
+    try:
+        return subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, **kw)
+    except subprocess.CalledProcessError as exc:
+        raise StepFailed(f"`{Path(cmd[0]).name} {' '.join(str(c) for c in cmd[1:3])} ...` exited with "
+                         f"{exc.returncode} (its output is above)") from None
+    except subprocess.TimeoutExpired as exc:
+        raise StepFailed(f"`{Path(cmd[0]).name} ...` did not finish within {exc.timeout:.0f} s") from None
+
+
+class Background:
+    """A command started now with its output in a log file; :meth:`wait` prints the log and checks the exit code."""
+
+    def __init__(self, name: str, cmd: list[Any], log: Path, **kw: Any) -> None:
+        print("$ " + " ".join(str(c) for c in cmd) + f"   (output: {log})", flush=True)
+        self.name, self.log, self.t0 = name, log, time.monotonic()
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, **kw)
+
+    def wait(self, timeout_s: float) -> float:
+        """Wait for the command; returns its seconds from start; raises StepFailed unless it exited 0."""
+        try:
+            rc = self.proc.wait(max(1.0, timeout_s - (time.monotonic() - self.t0)))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise StepFailed(f"{self.name} did not finish within {timeout_s:.0f} s; see {self.log}") from None
+        print(self.log.read_text().rstrip(), flush=True)
+        if rc != 0:
+            raise StepFailed(f"{self.name} exited with {rc}; see {self.log}")
+        return time.monotonic() - self.t0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def env() -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def wait_http(url: str, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=3) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{what} did not answer at {url} within {timeout_s:.0f} s")
 
 
 def wait_serve(base: str, dashboard: str, timeout_s: float) -> None:
@@ -83,9 +130,10 @@ def wait_serve(base: str, dashboard: str, timeout_s: float) -> None:
             apps = {}
         for name, app in apps.items():
             if app.get("status") == "DEPLOY_FAILED":
-                raise RuntimeError(f"serve deploy of {name!r} failed:\n{app.get('message', '')}")
+                message = " ".join(str(app.get("message", "")).split())[:500]
+                raise StepFailed(f"serve deploy of {name!r} failed: {message}")
         time.sleep(2)
-    raise TimeoutError(f"the Serve app did not answer at {base}/readyz within {timeout_s:.0f} s")
+    raise StepFailed(f"the Serve app did not answer at {base}/readyz within {timeout_s:.0f} s")
 
 
 def submit(dashboard: str, entrypoint: list[str], timeout_s: float) -> str:
@@ -93,13 +141,31 @@ def submit(dashboard: str, entrypoint: list[str], timeout_s: float) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     job_id = f"fdreamer-{entrypoint[1].split('/')[0]}-{int(time.time())}"
-    run([BIN / "ray", "job", "submit", "--address", dashboard, "--submission-id", job_id,
-         "--runtime-env-json", json.dumps(RUNTIME_ENV), "--", *entrypoint], env=env(), timeout=timeout_s)
+    cmd = [BIN / "ray", "job", "submit", "--address", dashboard, "--submission-id", job_id,
+           "--runtime-env-json", json.dumps(RUNTIME_ENV), "--", *entrypoint]
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    try:
+        subprocess.run([str(c) for c in cmd], check=False, cwd=REPO, env=env(), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise StepFailed(f"job {job_id} did not finish within {timeout_s:.0f} s") from None
     status = JobSubmissionClient(dashboard).get_job_status(job_id)
     if status != JobStatus.SUCCEEDED:
-        raise RuntimeError(f"job {job_id} ended {status}")
+        raise StepFailed(f"job {job_id} ended {status} (its log is above; "
+                         f"`ray job logs --address {dashboard} {job_id}`)")
     print(f"job {job_id}: {status}", flush=True)
     return job_id
+
+
+def check_video(path: Path) -> dict[str, Any]:
+    """The served mp4 as a player sees it: stream metadata (``probe_video``) and every frame decoded (PyAV).
+
+    Raises ``VideoDecodeError`` (naming the file) when it does not open or a frame does not decode.
+    """
+    from fdreamer.data.video import probe_video, read_video
+
+    info = probe_video(path)
+    clip = read_video(path, info.num_frames, stride=1, backend="pyav")  # frames 0..num_frames-1
+    return {**asdict(info), "decoded_frames": int(clip.frames.shape[0])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=48)
     p.add_argument("--steps", type=int, default=20, help="training steps of tiny stage 1")
     p.add_argument("--keep", action="store_true", help="leave the cluster, the app and MLflow running")
-    p.add_argument("--keep-mlflow", action="store_true", help="stop the cluster but leave MLflow running (pid printed)")
+    p.add_argument("--keep-mlflow", action="store_true",
+                   help="stop the cluster but leave MLflow running after a successful run (pid printed)")
     args = p.parse_args(argv)
+    for name in ("clips", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    missing = missing_requirements()
+    if missing:
+        print(f"main job: {missing}", file=sys.stderr)
+        return 2
     # SIGTERM (a CI timeout, `kill`) unwinds through the finally below, so nothing is left running
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     work = Path(args.workdir).resolve()
@@ -120,27 +194,44 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FDREAMER_CLUSTER_DIR", str(work / "cluster"))
     os.environ.setdefault("FDREAMER_STORAGE_PATH", str(work / "storage"))
     mlflow_proc = None
+    started: list[Background] = []
     result: dict[str, Any] = {}
+    current, ok = "1-3/7", False
     try:
-        t = step("1/7 sample data and tiny models")
-        sample, models = work / "sample", work / "models"
+        step("1-3/7 started together: sample data + tiny models, an MLflow server, the local 2-node Ray cluster")
+        sample, models, logs = work / "sample", work / "models", work / "logs"
         if not (sample / "_DONE.json").is_file():
-            run([BIN / "fdreamer", "sample-data", sample, "--num-clips", args.clips])
+            started.append(Background("fdreamer sample-data", [BIN / "fdreamer", "sample-data", sample,
+                                                               "--num-clips", args.clips], logs / "sample-data.log"))
         if not (models / "tiny_models.json").is_file():
-            run([BIN / "fdreamer", "make-tiny-models", models])
-        timings["inputs_s"] = time.monotonic() - t
+            started.append(Background("fdreamer make-tiny-models", [BIN / "fdreamer", "make-tiny-models", models],
+                                      logs / "make-tiny-models.log"))
+        inputs = list(started)
+        t_mlflow = time.monotonic()
+        mlflow_proc, mlflow_uri = launch_mlflow_server(work / "mlflow")
+        print(f"$ mlflow server at {mlflow_uri}   (output: {work / 'mlflow' / 'mlflow-server.log'})", flush=True)
+        cluster_up = Background("cluster/local.sh up", [REPO / "cluster" / "local.sh", "up"], logs / "cluster-up.log",
+                                env=env())
+        started.append(cluster_up)
 
-        t = step("2/7 MLflow server (sqlite)")
-        mlflow_proc, mlflow_uri = start_mlflow_server(work / "mlflow")
-        timings["mlflow_s"] = time.monotonic() - t
+        current = "1/7 sample data and tiny models"
+        t = step(current)
+        timings["inputs_s"] = max([b.wait(900) for b in inputs], default=time.monotonic() - t)
 
-        t = step("3/7 local 2-node Ray cluster")
-        run([REPO / "cluster" / "local.sh", "up"], env=env())
+        current = "2/7 MLflow server (sqlite)"
+        step(current)
+        wait_mlflow_server(mlflow_proc, mlflow_uri, 180)
+        timings["mlflow_s"] = time.monotonic() - t_mlflow  # steps 1-3: from the start until seen ready
+        print(f"MLflow tracking server: {mlflow_uri}", flush=True)
+
+        current = "3/7 local 2-node Ray cluster"
+        step(current)
+        timings["cluster_s"] = cluster_up.wait(300)
         state = json.loads((Path(os.environ["FDREAMER_CLUSTER_DIR"]) / "cluster.json").read_text())
         dashboard = state["dashboard"]
-        timings["cluster_s"] = time.monotonic() - t
 
-        t = step("4/7 ray job submit: preprocessing (Ray Data)")
+        current = "4/7 ray job submit: preprocessing (Ray Data)"
+        t = step(current)
         pre = work / "preprocessed"
         shutil.rmtree(pre, ignore_errors=True)
         result["preprocess_job"] = submit(dashboard, [
@@ -149,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--mlflow_tracking_uri={mlflow_uri}"], timeout_s=900)
         timings["preprocess_s"] = time.monotonic() - t
 
-        t = step("5/7 ray job submit: training stage 1 (Ray Train, 2 workers)")
+        current = "5/7 ray job submit: training stage 1 (Ray Train, 2 workers)"
+        t = step(current)
         storage = Path(os.environ["FDREAMER_STORAGE_PATH"])
         shutil.rmtree(storage / "main_tiny_stage1", ignore_errors=True)
         result["train_job"] = submit(dashboard, [
@@ -160,10 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         from training.checkpointing import latest_checkpoint, read_trainer_state
 
         ckpt = latest_checkpoint(storage / "main_tiny_stage1")
+        if ckpt is None:
+            raise StepFailed(f"the training job SUCCEEDED but left no checkpoint under {storage / 'main_tiny_stage1'}")
         run_id = read_trainer_state(ckpt).mlflow_run_id
         timings["train_s"] = time.monotonic() - t
 
-        t = step("6/7 serve deploy of the checkpoint (Ray Serve)")
+        current = "6/7 serve deploy of the checkpoint (Ray Serve)"
+        t = step(current)
         import yaml
 
         http_port = free_port()
@@ -180,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_serve(base, dashboard, 300)
         timings["serve_s"] = time.monotonic() - t
 
-        t = step("7/7 text-to-video over HTTP")
+        current = "7/7 text-to-video over HTTP"
+        t = step(current)
         body = json.dumps({"prompt": "a red circle moving to the right", "num_frames": 8, "height": 64, "width": 64,
                            "num_inference_steps": 10, "seed": 7}).encode()
         req = urllib.request.Request(f"{base}/v1/videos?wait=true", data=body, method="POST",
@@ -190,29 +286,33 @@ def main(argv: list[str] | None = None) -> int:
         with urllib.request.urlopen(f"{base}/v1/videos/{job['id']}/content", timeout=60) as r:
             mp4 = work / "t2v.mp4"
             mp4.write_bytes(r.read())
-        probe = json.loads(subprocess.run(
-            ["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-             "stream=codec_name,nb_read_frames,width,height", "-of", "json", str(mp4)],
-            check=True, capture_output=True, text=True).stdout)["streams"][0]
+        video = check_video(mp4)
         timings["request_s"] = time.monotonic() - t
         result.update({
-            "mp4": str(mp4), "mp4_stream": probe, "parquet_summary": str(pre / "summary.json"),
+            "mp4": str(mp4), "mp4_stream": video, "parquet_summary": str(pre / "summary.json"),
             "checkpoint": str(ckpt), "mlflow_ui": mlflow_uri, "mlflow_run_id": run_id,
             "mlflow_run": f"{mlflow_uri}/#/experiments/{_experiment_id(mlflow_uri, run_id)}/runs/{run_id}",
             "dashboard": dashboard, "app": base,
         })
-        print(f"\nvideo:            {mp4}  ({probe['nb_read_frames']} frames {probe['width']}x{probe['height']} "
-              f"{probe['codec_name']})\nParquet summary:  {pre / 'summary.json'}\ncheckpoint:       {ckpt}\n"
+        print(f"\nvideo:            {mp4}  ({video['decoded_frames']} frames {video['width']}x{video['height']} "
+              f"{video['codec']}, all decoded)\nParquet summary:  {pre / 'summary.json'}\ncheckpoint:       {ckpt}\n"
               f"MLflow run:       {result['mlflow_run']}", flush=True)
+        ok = True
+    except (RuntimeError, OSError, ValueError) as exc:  # StepFailed, MLflow not up, HTTP/file errors, a bad mp4
+        print(f"\nmain job failed at {current}: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return 1
     finally:
+        for proc in started:
+            proc.stop()  # only a failed run leaves one running
         if not args.keep:
-            step("stopping the app, the cluster and MLflow")
-            if "dashboard" in locals():
-                subprocess.run([BIN / "serve", "shutdown", "--address", dashboard, "-y"], env=env(), check=False,
-                               cwd=REPO, timeout=120)
-            subprocess.run([REPO / "cluster" / "local.sh", "down"], env=env(), check=False, cwd=REPO, timeout=120)
-            if mlflow_proc is not None and not args.keep_mlflow:
+            step("stopping the cluster (and the Serve app on it) and MLflow")
+            down = subprocess.Popen([REPO / "cluster" / "local.sh", "down"], env=env(), cwd=REPO)
+            if mlflow_proc is not None and not (args.keep_mlflow and ok):
                 stop_mlflow_server(mlflow_proc)
+            try:
+                down.wait(120)
+            except subprocess.TimeoutExpired:
+                down.kill()
     if mlflow_proc is not None:
         result["mlflow_pid"] = mlflow_proc.pid
     result["timings_s"] = {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.monotonic() - t_all, 1)}

@@ -5,6 +5,9 @@
     ...
     stop_mlflow_server(proc)
 
+    proc, uri = launch_mlflow_server(workdir)       # the same in two halves: other work meanwhile,
+    wait_mlflow_server(proc, uri)                   # then wait for /health
+
     with running_mlflow_server(workdir) as uri:     # the same, stopped on exit (even on error)
         ...
 
@@ -27,6 +30,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+LOG_NAME = "mlflow-server.log"  # in the server's workdir
+
 
 def free_port() -> int:
     """A TCP port that is free on the loopback interface now."""
@@ -35,17 +40,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(workdir: str | Path, *, port: int | None = None,
-                        timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start ``mlflow server`` on ``port`` (default: a free loopback port) and wait for ``/health``.
+def launch_mlflow_server(workdir: str | Path, *, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``mlflow server`` on ``port`` (default: a free loopback port) without waiting for it.
 
-    Returns the process and the server's http URI. Raises (after stopping the process) when the server
-    exits or is not healthy within ``timeout_s``; the log's path is in the message.
+    Returns the process and the server's http URI; :func:`wait_mlflow_server` waits until it is healthy
+    (the main job starts the Ray cluster meanwhile).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    log_path = workdir / "mlflow-server.log"
     cmd = [sys.executable, "-m", "mlflow", "server",
            "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
            "--artifacts-destination", str(workdir / "artifacts"),
@@ -53,27 +56,42 @@ def start_mlflow_server(workdir: str | Path, *, port: int | None = None,
     # No MLflow server jobs: nothing here submits any, and their job runner + huey consumers are eight
     # extra processes (~250 MB and a few CPU-seconds each at start) on every server.
     env = {**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with log_path.open("w") as log:  # the child keeps its own descriptor
+    with (workdir / LOG_NAME).open("w") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_mlflow_server(proc: subprocess.Popen, uri: str, timeout_s: float = 120.0) -> None:
+    """Wait for the server's ``/health``. Raises (after stopping the process) when the server exits or is
+    not healthy within ``timeout_s``; the log's path is in the message."""
+    workdir = Path(proc.args[proc.args.index("--artifacts-destination") + 1]).parent  # <workdir>/artifacts
+    log_path = workdir / LOG_NAME
     deadline = time.monotonic() + timeout_s
     try:
         while True:
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
                     if resp.status == 200:
-                        return proc, uri
+                        return
             except OSError:
                 pass
             if proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited with {proc.returncode}; see {log_path}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"mlflow server not healthy after {timeout_s} s; see {log_path}")
+                raise TimeoutError(f"mlflow server not healthy after {timeout_s:.0f} s; see {log_path}")
             time.sleep(0.5)
     except BaseException:
         stop_mlflow_server(proc)
         raise
+
+
+def start_mlflow_server(workdir: str | Path, *, port: int | None = None,
+                        timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """:func:`launch_mlflow_server` + :func:`wait_mlflow_server`: returns a healthy server and its URI."""
+    proc, uri = launch_mlflow_server(workdir, port=port)
+    wait_mlflow_server(proc, uri, timeout_s)
+    return proc, uri
 
 
 def stop_mlflow_server(proc: subprocess.Popen) -> None:

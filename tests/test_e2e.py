@@ -1,9 +1,16 @@
-"""The README's main job end to end (issue 7): ``python cluster/main_job.py`` on a fresh local 2-node cluster.
+"""The README's main job: ``python cluster/main_job.py`` on a machine without ffmpeg.
 
-Sample data -> MLflow server -> ``cluster/local.sh up`` -> ``ray job submit`` preprocessing ->
-``ray job submit`` training (2 workers over both nodes) -> ``serve deploy`` -> one text-to-video request
-over HTTP -> everything stopped. Checks the jobs SUCCEEDED through the Ray Jobs API (the script fails
-otherwise), training placed workers on both nodes (MLflow tag), and the mp4.
+The end-to-end test runs it on a fresh local 2-node cluster with a PATH that has no ``ffprobe`` /
+``ffmpeg`` (every other tool of the machine is there): sample data -> MLflow server ->
+``cluster/local.sh up`` -> ``ray job submit`` preprocessing -> ``ray job submit`` training (2 workers
+over both nodes) -> ``serve deploy`` -> one text-to-video request over HTTP -> everything stopped. It
+checks the jobs SUCCEEDED through the Ray Jobs API (the script fails otherwise), training placed
+workers on both nodes (MLflow tag), and the served mp4: probed and fully decoded by the main job with
+PyAV, and again by ffprobe here when it is installed. Training runs 2 steps: the test checks plumbing,
+``tests/test_training.py`` checks learning.
+
+Two fast tests: the probe step alone without ffmpeg on PATH (a real H.264 file, and a cut one), and
+the up-front checks (a missing tool, a bad argument: one line, exit code 2, nothing started).
 """
 
 from __future__ import annotations
@@ -16,26 +23,91 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
+from helpers.ffprobe import ffprobe_stream
 from helpers.ray_cluster import REPO, free_port, subprocess_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]
+from cluster.main_job import check_video
+from fdreamer.data.video import VideoDecodeError, write_video
+
+MAIN_JOB = REPO / "cluster" / "main_job.py"
+FFMPEG_TOOLS = ("ffprobe", "ffmpeg", "ffplay")
 
 
+def path_without(shim: Path, names: tuple[str, ...]) -> str:
+    """A PATH of one folder holding a link to every executable on the current PATH except ``names``
+    (the first of each name wins, as on the PATH): this machine without those tools."""
+    shim.mkdir(parents=True, exist_ok=True)
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if not folder or not Path(folder).is_dir():
+            continue
+        for exe in Path(folder).iterdir():
+            link = shim / exe.name
+            if exe.name in names or link.is_symlink() or not (exe.is_file() and os.access(exe, os.X_OK)):
+                continue
+            link.symlink_to(exe)
+    assert all(not (shim / n).exists() for n in names)
+    return str(shim)
+
+
+def moving_square(num_frames: int = 8, size: int = 64) -> np.ndarray:
+    frames = np.zeros((num_frames, size, size, 3), np.uint8)  # [T, H, W, 3]
+    for t in range(num_frames):
+        frames[t, 20:36, 4 + 5 * t:20 + 5 * t] = (220, 40, 40)
+    return frames
+
+
+def test_probe_step_needs_no_ffmpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mp4 = write_video(tmp_path / "t2v.mp4", moving_square(), fps=8.0)
+    monkeypatch.setenv("PATH", path_without(tmp_path / "bin", FFMPEG_TOOLS))
+    video = check_video(mp4)
+    assert (video["codec"], video["num_frames"], video["decoded_frames"]) == ("h264", 8, 8)
+    assert (video["width"], video["height"], video["pix_fmt"]) == (64, 64, "yuv420p")
+    # a cut download (moov atom first, half the frames' data gone) is a clear error naming the file
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(mp4.read_bytes()[: mp4.stat().st_size * 2 // 3])
+    with pytest.raises(VideoDecodeError, match=str(cut)):
+        check_video(cut)
+
+
+def test_main_job_says_what_is_missing_before_any_work(tmp_path: Path) -> None:
+    work = tmp_path / "main-job"
+    env = subprocess_env(PATH=path_without(tmp_path / "bin", ("bash",)))
+    proc = subprocess.run([sys.executable, str(MAIN_JOB), f"--workdir={work}"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == ["main job: bash not found on PATH (cluster/local.sh needs it): install bash"]
+    assert proc.stdout == "" and not work.exists()
+    bad = subprocess.run([sys.executable, str(MAIN_JOB), f"--workdir={work}", "--clips=0"], env=subprocess_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].endswith("error: --clips must be >= 1, got 0")
+    assert not work.exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_main_job_end_to_end(tmp_path: Path) -> None:
     work = tmp_path / "main-job"
-    env = subprocess_env(FDREAMER_DASHBOARD_PORT=str(free_port()), FDREAMER_CLUSTER_DIR=str(tmp_path / "c"))
-    proc = subprocess.run([sys.executable, str(REPO / "cluster" / "main_job.py"), f"--workdir={work}", "--clips=24",
-                           "--steps=6", "--keep-mlflow"], env=env, cwd=REPO, capture_output=True, text=True,
+    no_ffmpeg = path_without(tmp_path / "bin", FFMPEG_TOOLS)
+    env = subprocess_env(FDREAMER_DASHBOARD_PORT=str(free_port()), FDREAMER_CLUSTER_DIR=str(tmp_path / "c"),
+                         PATH=no_ffmpeg)
+    proc = subprocess.run([sys.executable, str(MAIN_JOB), f"--workdir={work}", "--clips=24", "--steps=2",
+                           "--keep-mlflow"], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=1400, check=False)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    stream = result["mp4_stream"]
-    assert stream["codec_name"] == "h264" and int(stream["nb_read_frames"]) == 8
-    assert (stream["width"], stream["height"]) == (64, 64)
-    summary = json.loads(Path(result["parquet_summary"]).read_text())
-    assert summary["written"] > 0
+    print(f"main job timings (s): {result['timings_s']}")
     try:
+        stream = result["mp4_stream"]  # the main job's own check: PyAV probed and decoded every frame
+        assert (stream["codec"], stream["num_frames"], stream["decoded_frames"]) == ("h264", 8, 8)
+        assert (stream["width"], stream["height"]) == (64, 64)
+        ffprobe = ffprobe_stream(result["mp4"])  # an independent player, where installed
+        if ffprobe is not None:
+            assert ffprobe == {"codec_name": "h264", "width": 64, "height": 64, "nb_read_frames": 8}
+        summary = json.loads(Path(result["parquet_summary"]).read_text())
+        assert summary["written"] > 0
         run = mlflow.tracking.MlflowClient(result["mlflow_ui"]).get_run(result["mlflow_run_id"])
         assert run.data.tags["ray.num_nodes"] == "2", run.data.tags.get("ray.worker_nodes")
         assert "val_loss" in run.data.metrics

@@ -3,6 +3,8 @@
 One test walks the whole life cycle (each ``ray start`` costs ~10 s on 2 cores): up, up again
 (idempotent), status (2 alive nodes with their own resources and labels), a job submitted through
 the Jobs API whose tasks run on both nodes, down, status non-zero, no process of the cluster left.
+The job is an inline ``python -c`` entrypoint: no working_dir package to build, upload and unpack
+(``tests/test_e2e.py`` submits the real jobs with ``--working-dir``).
 The cluster gets its own state folder, storage path and a free dashboard port, so it never meets the
 developer's own ``runs/local-cluster`` or any other Ray cluster on the machine.
 """
@@ -79,7 +81,7 @@ def _sh(env: dict[str, str], *args: str, timeout: float = 150) -> subprocess.Com
     return subprocess.run([str(LOCAL_SH), *args], check=False, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_local_cluster_lifecycle(cluster_env, tmp_path: Path) -> None:
+def test_local_cluster_lifecycle(cluster_env) -> None:
     env, state_dir = cluster_env
     dash = f"http://127.0.0.1:{env['FDREAMER_DASHBOARD_PORT']}"
     t0 = time.monotonic()
@@ -114,12 +116,10 @@ def test_local_cluster_lifecycle(cluster_env, tmp_path: Path) -> None:
     assert head["resources_total"]["CPU"] == 2 and worker["resources_total"]["CPU"] == 2
     assert head["labels"]["fdreamer-role"] == "head" and worker["labels"]["fdreamer-role"] == "worker"
 
-    # a job through the Jobs API, as a user types it (no RAY_AUTH_MODE in the client's environment)
-    workdir = tmp_path / "job"
-    workdir.mkdir()
-    (workdir / "probe.py").write_text(PROBE)
-    job = subprocess.run([RAY_BIN, "job", "submit", "--address", dash, "--working-dir", str(workdir),
-                          "--entrypoint-num-cpus", "0", "--", "python", "probe.py"],
+    # a job through the Jobs API, as a user types it (no RAY_AUTH_MODE in the client's environment);
+    # `ray job submit` quotes each argument after `--` into the entrypoint's shell command line
+    job = subprocess.run([RAY_BIN, "job", "submit", "--address", dash, "--entrypoint-num-cpus", "0", "--",
+                          "python", "-c", PROBE],
                          check=False, env=env, capture_output=True, text=True, timeout=180)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     line = next(ln for ln in job.stdout.splitlines() if ln.startswith("PROBE "))
