@@ -31,11 +31,12 @@ demo: setup
 main-job: setup
 	$(BIN)/python cluster/main_job.py
 
-# Tests use ffprobe (Debian's ffmpeg) as an extra check that our mp4s play outside PyAV; chromium +
-# chromium-driver are optional (the serving page test is skipped without them). .ci/run installs both.
+# Tests use ffprobe (Debian's ffmpeg) as an extra check that our mp4s play outside PyAV: without it that
+# check is skipped (a failure when CI is set); chromium + chromium-driver are optional (the serving page
+# test is skipped without them). .ci/run installs both.
 test-tools:
-	@command -v ffprobe >/dev/null 2>&1 || { \
-	  echo "make: the tests need ffprobe: install ffmpeg (Debian/Ubuntu: apt-get install ffmpeg; .ci/run does as root)"; exit 1; }
+	@command -v ffprobe >/dev/null 2>&1 || \
+	  echo "make: note: no ffprobe, the tests skip their extra ffprobe checks (install ffmpeg to run them)"
 
 test: test-tools setup
 	$(BIN)/python -m pytest -q --durations=25

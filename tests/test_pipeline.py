@@ -4,7 +4,6 @@ tiny checkpoint with random weights (small sizes and 2 steps: the numbers are no
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.checkpoints import tiny_checkpoint, tiny_schedule
+from helpers.ffprobe import mp4_info
 from PIL import Image
 
 from fdreamer.cli.main import main as cli_main
@@ -298,13 +298,6 @@ def test_i2v_accepts_multiples_of_the_vae_factor(pipe: VideoPipeline) -> None:
 # ---------------------------------------------------------------------------------- output and CLI
 
 
-def _probe(path: Path) -> dict:
-    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-                          "stream=codec_name,width,height,nb_read_frames", "-of", "json", str(path)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)["streams"][0]
-
-
 def test_save_video_formats(tmp_path: Path) -> None:
     frames = np.random.default_rng(0).integers(0, 255, (5, 24, 32, 3)).astype(np.uint8)
     res = VideoResult(frames=frames, first_frame=frames[0], seed=0, fps=5.0, timings={})
@@ -312,8 +305,8 @@ def test_save_video_formats(tmp_path: Path) -> None:
         path = save_video(res, tmp_path / f"v.{fmt}")
         with Image.open(path) as im:
             assert im.n_frames == 5 and im.size == (32, 24)
-    st = _probe(save_video(res, tmp_path / "v.mp4"))
-    assert (st["codec_name"], int(st["nb_read_frames"]), st["width"], st["height"]) == ("h264", 5, 32, 24)
+    st = mp4_info(save_video(res, tmp_path / "v.mp4"))
+    assert (st["codec"], st["frames"], st["width"], st["height"]) == ("h264", 5, 32, 24)
     with pytest.raises(ValueError, match="`format`"):
         save_video(res, tmp_path / "v.avi")
 
@@ -328,7 +321,7 @@ def test_cli_generate_writes_an_mp4(checkpoint: Path, image: np.ndarray, tmp_pat
     assert rc == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["path"] == str(out) and line["seed"] == 3 and set(line["timings"]) == {"t2i", "i2v", "decode", "total"}
-    st = _probe(out)
-    assert (int(st["nb_read_frames"]), st["width"], st["height"]) == (5, 48, 32)
+    st = mp4_info(out)
+    assert (st["frames"], st["width"], st["height"]) == (5, 48, 32)
     rc = cli_main(["generate", "--checkpoint", str(checkpoint), "--prompt", "", "--out", str(tmp_path / "x.mp4")])
     assert rc == 2 and "`prompt`" in capsys.readouterr().err

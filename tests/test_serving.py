@@ -18,7 +18,7 @@ import pytest
 import requests
 import yaml
 from helpers.checkpoints import tiny_checkpoint, tiny_schedule
-from helpers.ffprobe import ffprobe_stream
+from helpers.ffprobe import mp4_info
 from helpers.ray_cluster import free_port
 from helpers.serving_requests import (AUTH, GOOD, KEY, LIMITS, MALFORMED, NAMED, OTHER, SMALL, b64,
                                       nested_multipart, png_bytes)
@@ -91,21 +91,6 @@ def wait_status(url: str, job_id: str, statuses=("succeeded", "failed", "cancell
             return rec
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} still {rec['status']}")
-
-
-def mp4_info(path: Path) -> dict:
-    """Codec, frame count and size of an mp4 as PyAV decodes it; ffprobe, where installed, has to agree."""
-    import av
-
-    with av.open(str(path)) as c:
-        codec = c.streams.video[0].codec_context.name
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])  # (T, H, W, 3)
-    info = {"codec": codec, "frames": frames.shape[0], "width": frames.shape[2], "height": frames.shape[1]}
-    stream = ffprobe_stream(path)
-    if stream is not None:
-        assert stream == {"codec_name": codec, "width": info["width"], "height": info["height"],
-                          "nb_read_frames": info["frames"]}, stream
-    return info
 
 
 def decode_frames(path: Path) -> np.ndarray:

@@ -38,3 +38,19 @@ def ffprobe_stream(path: str | Path) -> dict | None:
     s = streams[0]
     return {"codec_name": s["codec_name"], "width": int(s["width"]), "height": int(s["height"]),
             "nb_read_frames": int(s["nb_read_frames"])}
+
+
+def mp4_info(path: str | Path) -> dict:
+    """Codec, frame count and size of an mp4 as PyAV decodes it (every frame); ffprobe, where installed,
+    has to agree (:func:`ffprobe_stream`)."""
+    import av
+
+    with av.open(str(path)) as c:
+        codec = c.streams.video[0].codec_context.name
+        shapes = [f.to_ndarray(format="rgb24").shape for f in c.decode(video=0)]  # (H, W, 3) each
+    info = {"codec": codec, "frames": len(shapes), "width": shapes[0][1], "height": shapes[0][0]}
+    stream = ffprobe_stream(path)
+    if stream is not None:
+        assert stream == {"codec_name": codec, "width": info["width"], "height": info["height"],
+                          "nb_read_frames": info["frames"]}, stream
+    return info
