@@ -232,6 +232,10 @@ def test_cli_registers_sample_data(tmp_path: Path, capsys: pytest.CaptureFixture
     line = capsys.readouterr().out.strip()
     assert "4 clips" in line and str(tmp_path) in line and line.endswith("s)")
     assert len(line.splitlines()) == 1
+    bad = parser.parse_args(["sample-data", str(tmp_path / "none"), "--num-clips", "0"])
+    assert bad.func(bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fdreamer sample-data: error: num_clips must be >= 1, got 0"
 
 
 # ------------------------------------------------------------------------------- motion in pixels

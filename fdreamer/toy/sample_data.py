@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -153,8 +154,12 @@ def write_sample_data(
 
 def _cli_sample_data(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    summary = write_sample_data(args.dir, args.num_clips, args.seed, workers=args.workers,
-                                force=args.force)
+    try:
+        summary = write_sample_data(args.dir, args.num_clips, args.seed, workers=args.workers,
+                                    force=args.force)
+    except (ValueError, FileExistsError) as exc:
+        print(f"fdreamer sample-data: error: {exc}", file=sys.stderr)
+        return 2
     verb = "already present" if summary["skipped"] else "wrote"
     count, where = summary["counts"]["clips"], summary["params"]["out_dir"]
     print(f"sample-data: {verb} {count} clips in {where} ({time.perf_counter() - started:.1f} s)")
