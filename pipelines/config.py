@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from fdreamer.config import nested, opt
 from fdreamer.data.dedup import PHASH_FRAMES
+from fdreamer.data.schema import T5_CAPTION_FIELDS
 from fdreamer.encoders import EncoderConfig
 
 
@@ -83,6 +85,9 @@ class PreprocessConfig:
     s3_endpoint: str | None = opt(None, "S3 endpoint URL (e.g. a MinIO/moto server); null = AWS default")
     models_dir: str | None = opt(None, "folder with vae/, text_encoder/, tokenizer/, t5/, clip/ (fills unset encoder paths)")
     encoders: EncoderConfig = nested(EncoderConfig, "frozen encoders")
+    t5_caption: Literal["caption", "motion_caption"] = opt(
+        "caption", "manifest text the t5 column encodes: caption, or motion_caption (rows without one fall "
+                   "back to caption, counted in summary.json); CLIP always encodes caption")
     profile: ProfileConfig = nested(ProfileConfig, "clip sampling")
     stages: StagesConfig = nested(StagesConfig, "per-stage resources")
     dedup_threshold: float = opt(10.0, "near-duplicate threshold: mean Hamming bits per 64-bit frame pHash")
@@ -93,6 +98,8 @@ class PreprocessConfig:
     mlflow_experiment: str = opt("preprocess", "MLflow experiment name for the summary run")
 
     def __post_init__(self) -> None:
+        if self.t5_caption not in T5_CAPTION_FIELDS:
+            raise ValueError(f"t5_caption must be one of {list(T5_CAPTION_FIELDS)}, got {self.t5_caption!r}")
         if self.dedup_threshold < 0 or self.shard_target_bytes < 1:
             raise ValueError("dedup_threshold must be >= 0 and shard_target_bytes >= 1")
         hash_bytes = 8 * PHASH_FRAMES

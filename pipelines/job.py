@@ -13,7 +13,9 @@ resources writes ``null_conditions.safetensors`` once. Then ``duplicates.parquet
 
 Resume: clip ids found in completed ``shards/part-*.parquet`` files are skipped and pass-1 results
 are read back from ``_hashes/``, so a rerun after a crash decodes and writes only what is missing
-and never duplicates a row.
+and never duplicates a row. Each shard records the ``t5_caption`` its ``t5`` column was encoded
+with; a rerun with the other option fails (:class:`OutputMismatchError`) before touching the output,
+so T5 encodings of the other text are never reused or mixed in.
 """
 
 from __future__ import annotations
@@ -55,12 +57,33 @@ def record_key(rec: dict, profile: dict) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def completed_clip_ids(fs: pafs.FileSystem, base: str) -> set[str]:
-    """clip ids of every complete shard under ``base/shards`` (temporary files are ignored)."""
+class OutputMismatchError(ValueError):
+    """The output folder holds shards written with settings this run would contradict."""
+
+
+def completed_shards(fs: pafs.FileSystem, base: str) -> tuple[set[str], Counter[str]]:
+    """(clip ids, shards per ``t5_caption``) of the complete shards under ``base/shards`` (temp files ignored)."""
     done: set[str] = set()
+    t5_captions: Counter[str] = Counter()
     for f in storage.list_files(fs, storage.join(base, "shards"), "part-", ".parquet"):
-        done.update(storage.read_parquet(fs, f, columns=["clip_id"]).column("clip_id").to_pylist())
-    return done
+        table = storage.read_parquet(fs, f, columns=["clip_id"])
+        done.update(table.column("clip_id").to_pylist())
+        t5_captions[schema.shard_t5_caption(table.schema.metadata)] += 1
+    return done, t5_captions
+
+
+def check_t5_caption(output: str, t5_caption: str, shards: Counter[str]) -> None:
+    """OutputMismatchError unless every complete shard's ``t5`` was encoded with ``t5_caption``.
+
+    Resuming would otherwise keep those clips' T5 of the other text (they count as done) and mix
+    two encodings in one output.
+    """
+    other = {k: n for k, n in sorted(shards.items()) if k != t5_caption}
+    if other:
+        found = ", ".join(f"{n} shard(s) with t5_caption={k}" for k, n in other.items())
+        raise OutputMismatchError(
+            f"output {output} holds {found}, whose t5 column encodes another text than this run's "
+            f"t5_caption={t5_caption}; write to a new output folder, or rerun with the output's t5_caption")
 
 
 def _rows_per_shard(cfg: PreprocessConfig) -> int:
@@ -151,11 +174,12 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
     cfg.check_ready()
     fs, base = storage.resolve(cfg.output, cfg.s3_endpoint)
     storage.makedirs(fs, storage.join(base, "shards"))
+    done, shard_t5 = completed_shards(fs, base)
+    check_t5_caption(cfg.output, cfg.t5_caption, shard_t5)  # before the output is touched
     if storage.exists(fs, storage.join(base, "_SUCCESS")):
         fs.delete_file(storage.join(base, "_SUCCESS"))  # a rerun is unfinished until it writes it again
     if records is None:
         records = read_manifests(cfg.inputs, cfg.s3_endpoint)  # fails fast with ManifestError
-    done = completed_clip_ids(fs, base)
     profile = cfg.profile.stage_dict()
     dec = cfg.stages.decode
     enc_stage = cfg.stages.encode
@@ -185,10 +209,12 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
             kept.map_batches(stages.decode_clips, batch_format="pyarrow",
                              fn_kwargs={"profile": profile, "s3_endpoint": cfg.s3_endpoint}, **_stage_kwargs(dec))
             .map_batches(stages.EncodeClips, batch_format="pyarrow",
-                         fn_constructor_kwargs={"encoder_cfg": enc_cfg}, **_stage_kwargs(enc_stage))
+                         fn_constructor_kwargs={"encoder_cfg": enc_cfg, "t5_caption": cfg.t5_caption},
+                         **_stage_kwargs(enc_stage))
             .map_batches(stages.add_flow, batch_format="pyarrow", **_stage_kwargs(cfg.stages.flow))
             .map_batches(stages.write_shard, batch_format="pyarrow", batch_size=_rows_per_shard(cfg),
-                         fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.s3_endpoint},
+                         fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.s3_endpoint,
+                                    "t5_caption": cfg.t5_caption},
                          concurrency=cfg.stages.write.concurrency, num_cpus=cfg.stages.write.num_cpus)
         )
         results = _collect(res).to_pylist()
@@ -207,6 +233,11 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
     rows_total, col_bytes = _column_bytes(fs, base)
     stage_stats = _per_stage(fresh_rows, ("hash",)) | _per_stage(results, ("decode", "encode", "flow", "write"))
     seconds = time.perf_counter() - started
+    fallbacks = sum(bool(r["t5_fallback"]) for r in written)
+    if fallbacks:
+        print(f"preprocess: t5_caption={cfg.t5_caption}: {fallbacks} of {len(written)} written clips have no "
+              "motion_caption; their t5 encodes caption (summary.json: t5_caption_fallbacks)",
+              file=sys.stderr, flush=True)
     summary = {
         "schema_version": schema.SCHEMA_VERSION,
         "inputs": len(records),
@@ -217,6 +248,8 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
         "duplicates_by_kind": dict(Counter(d["kind"] for d in duplicates)),
         "quarantined": len(quarantined),
         "quarantined_by_reason": dict(Counter(r["reason"] for r in quarantined)),
+        "t5_caption": cfg.t5_caption,
+        "t5_caption_fallbacks": fallbacks,  # written by this run with t5 of caption for lack of a motion_caption
         "rows_in_shards": rows_total,
         "records_hashed": len({r["record_key"] for r in fresh_rows}),  # others: from the _hashes/ cache
         "bytes_per_clip_by_column": col_bytes,

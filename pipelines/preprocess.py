@@ -1,8 +1,10 @@
 """Entry point: ``python pipelines/preprocess.py --config pipelines/configs/tiny.yaml --output=DIR ...``.
 
 Connects to a running Ray cluster (``ray_address``, ``RAY_ADDRESS``, or the last ``ray start`` on
-this machine when it is still reachable) and starts a local one when none runs; the work itself is :func:`pipelines.job.run`. Exits 0 on success,
-2 on a configuration or manifest error (printed as one line, before Ray is touched).
+this machine when it is still reachable) and starts a local one when none runs; the work itself is
+:func:`pipelines.job.run`. Exits 0 on success, 2 on a configuration or manifest error (printed as one
+line, before Ray is touched) and on an output folder whose shards were written with another
+``t5_caption`` (one line, before the output is touched).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from fdreamer.data import storage
     from fdreamer.data.manifests import ManifestError, read_manifests
     from pipelines.config import PreprocessConfig
-    from pipelines.job import run
+    from pipelines.job import OutputMismatchError, run
 
     try:
         cfg, _ = parse_cli(PreprocessConfig, sys.argv[1:] if argv is None else argv, prog="preprocess.py")
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg.ray_address, log_to_driver=False)  # workers get the repo on their PYTHONPATH
     try:
         run(cfg, records)
+    except OutputMismatchError as exc:
+        print(f"preprocess: {exc}", file=sys.stderr)
+        return 2
     finally:
         ray.shutdown()
     return 0

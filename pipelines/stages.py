@@ -10,6 +10,12 @@ pass 1 decodes + resizes the image (same ``size`` / ``min_side``, clip id tag ``
 encodes it like a 1-frame video (latents ``[4, 1, h, w]``; first_latent, CLIP and T5 as for clips),
 writes no flow (null) and a null ``motion_score`` (no motion is measured on one frame), fps 0.
 After pass 1 an image row is recognised by ``num_frames == 1`` (video profiles need >= 2).
+
+Text: the CLIP text columns always encode ``caption``; ``t5`` encodes the text chosen by the job's
+``t5_caption`` option (:func:`fdreamer.data.schema.t5_text`: ``caption``, or ``motion_caption`` with
+a fallback to ``caption`` for rows without one, flagged per row as ``t5_fallback`` and returned by
+:func:`write_shard` so the driver counts them). Pass 1 reads no text, so its cache does not depend
+on the option.
 """
 
 from __future__ import annotations
@@ -231,9 +237,14 @@ def _ok_rows(rows: list[dict]) -> list[int]:
 
 
 class EncodeClips:
-    """Actor: loads the frozen encoders once, then adds latents, first_latent, CLIP and T5 columns."""
+    """Actor: loads the frozen encoders once, then adds latents, first_latent, CLIP and T5 columns.
 
-    def __init__(self, encoder_cfg: dict) -> None:
+    ``t5_caption`` chooses the text of ``t5`` (module docstring); CLIP always encodes ``caption``.
+    """
+
+    def __init__(self, encoder_cfg: dict, t5_caption: str = "caption") -> None:
+        schema.t5_text({"caption": ""}, t5_caption)  # an unknown option fails here, before loading models
+        self.t5_caption = t5_caption
         self.enc = load_encoders(encoder_cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -245,7 +256,7 @@ class EncodeClips:
         for r in rows:
             for name in empty:
                 r.update({name: None, f"{name}_shape": None, f"{name}_dtype": None})
-            r["t5_length"] = 0
+            r["t5_length"], r["t5_fallback"] = 0, False
         groups: dict[int, list[int]] = {}  # clips and 1-frame images are encoded in separate groups
         for i in ok:
             groups.setdefault(int(rows[i]["frames_shape"][0]), []).append(i)
@@ -265,7 +276,8 @@ class EncodeClips:
             img = self.enc.encode_clip_image(frames[:, 0]).float().cpu().numpy().astype(np.float16)  # [B, P]
             txt = self.enc.encode_clip_text_embeds(captions).float().cpu().numpy().astype(np.float16)  # [B, P]
             tok = self.enc.encode_clip_text_tokens(captions).float().cpu().numpy().astype(np.float16)  # [B, 77, Dc]
-            t5 = self.enc.encode_t5_unpadded(captions)  # B x [L_i, D]
+            t5_texts = [schema.t5_text(rows[i], self.t5_caption) for i in ok]  # (text, fell back to caption)
+            t5 = self.enc.encode_t5_unpadded([text for text, _ in t5_texts])  # B x [L_i, D]
             for j, i in enumerate(ok):
                 r = rows[i]
                 r.update(schema.tensor_to_columns("latents", lat[j]))
@@ -276,6 +288,7 @@ class EncodeClips:
                 t5_j = t5[j].float().cpu().numpy().astype(np.float16)
                 r.update(schema.tensor_to_columns("t5", t5_j))
                 r["t5_length"] = int(t5_j.shape[0])
+                r["t5_fallback"] = t5_texts[j][1]
 
 
 ENCODER_COMPONENTS = ("vae", "clip_text", "t5", "clip")
@@ -342,16 +355,19 @@ _FLOW_TYPES = {"flow": pa.binary(), "flow_shape": pa.list_(pa.int32()), "flow_dt
 
 WRITE_SCHEMA = pa.schema([("clip_id", pa.string()), ("uri", pa.string()), ("status", pa.string()),
                           ("reason", pa.string()), ("detail", pa.string()), ("shard", pa.string()),
+                          ("t5_fallback", pa.bool_()),
                           *[(f"sec_{k}", pa.float64()) for k in ("decode", "encode", "flow", "write")]])
 
 
-def write_shard(batch: pa.Table, output: str, s3_endpoint: str | None = None) -> pa.Table:
+def write_shard(batch: pa.Table, output: str, s3_endpoint: str | None = None, t5_caption: str = "caption") -> pa.Table:
     """Write the ok rows as one Parquet shard ``<output>/shards/part-*.parquet``; one row per input.
 
     Local: temp name then rename; S3: one upload of the final key (atomic, see
-    :mod:`fdreamer.data.storage`). A reader never sees a partial shard. Returned columns:
-    :data:`WRITE_SCHEMA` (``shard`` is empty for rows not written; ``sec_*`` the seconds each
-    stage spent per row).
+    :mod:`fdreamer.data.storage`). A reader never sees a partial shard. ``t5_caption`` (what the
+    ``t5`` column encodes) goes into the shard's metadata (:data:`fdreamer.data.schema.T5_CAPTION_META`).
+    Returned columns: :data:`WRITE_SCHEMA` (``shard`` is empty for rows not written; ``t5_fallback``
+    true for written rows whose T5 fell back to ``caption``; ``sec_*`` the seconds each stage spent
+    per row).
     """
     t0 = time.perf_counter()
     rows = batch.to_pylist()
@@ -361,11 +377,13 @@ def write_shard(batch: pa.Table, output: str, s3_endpoint: str | None = None) ->
     if good:
         fs, base = storage.resolve(output, s3_endpoint)
         name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
-        storage.write_parquet(fs, storage.join(base, "shards", name), schema.rows_to_table(good), compression="zstd")
+        storage.write_parquet(fs, storage.join(base, "shards", name), schema.rows_to_table(good, t5_caption),
+                              compression="zstd")
     sec_write = (time.perf_counter() - t0) / max(len(rows), 1)
     return pa.Table.from_pylist([
         {"clip_id": r["clip_id"], "uri": r["uri"], "status": r["status"], "reason": r["reason"],
          "detail": r["detail"], "shard": name if r["status"] == OK else "",
+         "t5_fallback": bool(r.get("t5_fallback")) and r["status"] == OK,
          "sec_decode": r.get("sec_decode") or 0.0, "sec_encode": r.get("sec_encode") or 0.0,
          "sec_flow": r.get("sec_flow") or 0.0, "sec_write": sec_write} for r in rows
     ], schema=WRITE_SCHEMA)

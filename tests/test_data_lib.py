@@ -398,3 +398,53 @@ def test_hash_cache_round_trip_skips_transient(rows: list[dict], tmp_path: Path)
     stages.hash_and_cache(pa.Table.from_pylist(items[:1]), profile, str(tmp_path / "out"))
     again = stages.read_hash_cache(str(tmp_path / "out"), None, {items[0]["record_key"]})
     assert len(again[items[0]["record_key"]]) == 1
+
+
+# ------------------------------------------------------------------------------- t5_caption option
+
+
+def test_t5_caption_option_through_the_stages(rows: list[dict], tiny_dir: Path, tmp_path: Path) -> None:
+    """motion_caption: t5 of the motion caption, an empty one falls back (flagged); CLIP stays on caption."""
+    from fdreamer.config import ConfigError, load_config
+    from pipelines import job, stages
+    from pipelines.config import PreprocessConfig, ProfileConfig
+
+    recs = [dict(r) for r in manifests.read_manifest(str(Path(rows[0]["path"]).parents[1] / "manifest.jsonl"))[:2]]
+    recs[1]["motion_caption"] = ""  # as read from a WebVid/Pexels CSV
+    profile = ProfileConfig().stage_dict()
+    hashed = stages.hash_videos(pa.Table.from_pylist(recs), profile).drop_columns(["phash"])
+    decoded = stages.decode_clips(hashed, profile)
+    enc_cfg = dataclasses.asdict(PreprocessConfig(models_dir=str(tiny_dir)).resolved_encoders())
+    default, motion = stages.EncodeClips(enc_cfg), stages.EncodeClips(enc_cfg, t5_caption="motion_caption")
+    got = {"caption": default(decoded).to_pylist(), "motion_caption": motion(decoded).to_pylist()}
+
+    def t5_of(text: str) -> np.ndarray:
+        return default.enc.encode_t5_unpadded([text])[0].float().numpy()  # [L, D]
+
+    def t5_row(r: dict) -> np.ndarray:
+        return schema.columns_to_tensor(r, "t5").astype(np.float32)
+
+    moved, fell_back = got["motion_caption"]
+    assert recs[0]["motion_caption"] and moved["motion_caption"] == recs[0]["motion_caption"]
+    np.testing.assert_allclose(t5_row(moved), t5_of(recs[0]["motion_caption"]), atol=1e-3, rtol=1e-3)
+    cap = t5_of(recs[0]["caption"])
+    n = min(len(cap), moved["t5_length"])
+    assert moved["t5_length"] < len(cap) and np.abs(t5_row(moved)[:n] - cap[:n]).max() > 0.5
+    np.testing.assert_allclose(t5_row(fell_back), t5_of(recs[1]["caption"]), atol=1e-3, rtol=1e-3)
+    assert [r["t5_fallback"] for r in got["motion_caption"]] == [False, True]
+    for r, rec, same in zip(got["caption"], recs, got["motion_caption"]):  # default: caption, no fallback
+        np.testing.assert_allclose(t5_row(r), t5_of(rec["caption"]), atol=1e-3, rtol=1e-3)
+        assert not r["t5_fallback"] and r["clip_text_tokens"] == same["clip_text_tokens"]  # CLIP: caption
+    # Shards record the option; fallbacks come back from the writer; another option cannot resume there.
+    out = stages.write_shard(stages.add_flow(pa.Table.from_pylist(got["motion_caption"])), str(tmp_path / "o"),
+                             t5_caption="motion_caption")
+    assert out.column("t5_fallback").to_pylist() == [False, True]
+    done, per_option = job.completed_shards(*storage.resolve(str(tmp_path / "o")))
+    assert len(done) == 2 and per_option == {"motion_caption": 1}
+    job.check_t5_caption(str(tmp_path / "o"), "motion_caption", per_option)
+    mismatch = r"1 shard\(s\) with t5_caption=motion_caption, .* this run's t5_caption=caption"
+    with pytest.raises(job.OutputMismatchError, match=mismatch):
+        job.check_t5_caption(str(tmp_path / "o"), "caption", per_option)
+    assert schema.shard_t5_caption(None) == "caption"  # shards written before the option
+    with pytest.raises(ConfigError, match="t5_caption"):
+        load_config(PreprocessConfig, overrides=["--t5_caption=motion"])

@@ -20,6 +20,7 @@ import av
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers.ray_cluster import RAY_BIN, free_port, subprocess_env
@@ -80,6 +81,22 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
     inputs = [root / "sample" / "webvid.csv", root / "sample" / "pexels.csv", extra / "extra.jsonl"]
     return {"root": root, "inputs": [str(p) for p in inputs], "planted": planted, "bad": bad,
             "n_in": NUM_CLIPS + len(planted) + len(bad)}
+
+
+@pytest.fixture(scope="module")
+def encoders(tiny_dir: Path) -> object:
+    """The job's frozen encoders (tiny models), loaded in the test process for reference encodings."""
+    import dataclasses
+
+    from pipelines import stages
+    from pipelines.config import PreprocessConfig
+
+    return stages.load_encoders(dataclasses.asdict(PreprocessConfig(models_dir=str(tiny_dir)).resolved_encoders()))
+
+
+def _t5_of(enc: object, text: str) -> np.ndarray:
+    """The tiny T5 encoding ``[L, D]`` (float32, unpadded) of one text."""
+    return enc.encode_t5_unpadded([text])[0].float().numpy()
 
 
 def _job_cmd(address: str, inputs: list[str], models: Path, out: Path, *extra: str) -> list[str]:
@@ -364,3 +381,61 @@ def test_preprocessed_sample_fixture(preprocessed_sample: dict) -> None:
     assert set(df["split"]) == {"train", "heldout"} and set(df["motion"]) >= {"left", "right", "still"}
     assert (preprocessed_sample["models"] / "vae").is_dir() and (preprocessed_sample["sample"] / "manifest.jsonl").is_file()
     assert set(schema.read_null_conditions(str(out))) == set(schema.NULL_CONDITION_KEYS)
+
+
+def test_t5_caption_default_encodes_caption(first_run: dict, encoders: object) -> None:
+    """Default: t5 is the tiny T5 of the full caption, nothing falls back, the shards say so."""
+    out = first_run["out"]
+    summary = schema.read_summary(str(out))
+    assert summary["t5_caption"] == "caption" and summary["t5_caption_fallbacks"] == 0
+    assert {pq.read_schema(f).metadata[schema.T5_CAPTION_META] for f in (out / "shards").glob("part-*.parquet")} == {
+        b"caption"}
+    for _, row in pd.read_parquet(out / "shards").head(4).iterrows():
+        t5 = schema.columns_to_tensor(row, "t5").astype(np.float32)
+        np.testing.assert_allclose(t5, _t5_of(encoders, row["caption"]), atol=1e-3, rtol=1e-3)
+
+
+def test_t5_caption_motion_caption(cluster: str, dataset: dict, tiny_dir: Path, encoders: object) -> None:
+    """--t5_caption=motion_caption: t5 encodes each row's motion caption; a generic row without one and a
+    WebVid row fall back to caption and are counted; CLIP stays on caption. A rerun with the default
+    on that output exits 2 before touching it (no T5 of the other text is reused)."""
+    import csv
+
+    rows = [json.loads(x) for x in (dataset["root"] / "sample" / "manifest.jsonl").read_text().splitlines()][:4]
+    root = dataset["root"] / "motion"
+    root.mkdir()
+    lines = [{k: r[k] for k in ("path", "caption", "motion_caption", "clip_id", "split")} for r in rows[:3]]
+    del lines[2]["motion_caption"]
+    (root / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with (root / "w.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["videoid", "contentUrl", "name"], ["w3", rows[3]["path"], rows[3]["caption"]]])
+    out = root / "out"
+    cmd = _job_cmd(cluster, [str(root / "m.jsonl"), str(root / "w.csv")], tiny_dir, out, "--t5_caption=motion_caption")
+    proc = subprocess.run(cmd, check=False, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = schema.read_summary(str(out))
+    assert summary["written"] == 4 and summary["t5_caption"] == "motion_caption"
+    assert summary["t5_caption_fallbacks"] == 2 and "2 of 4 written clips have no motion_caption" in proc.stderr
+    df = pd.read_parquet(out / "shards").set_index("uri")
+    motion = {r["path"]: r["motion_caption"] for r in rows[:2]}
+    assert dict(df["motion_caption"]) == {r["path"]: motion.get(r["path"], "") for r in rows}
+    for uri, row in df.iterrows():
+        t5 = schema.columns_to_tensor(row, "t5").astype(np.float32)
+        cap = _t5_of(encoders, row["caption"])
+        if uri in motion:  # the motion caption's tokens, not the caption's
+            np.testing.assert_allclose(t5, _t5_of(encoders, motion[uri]), atol=1e-3, rtol=1e-3)
+            assert len(t5) < len(cap) and np.abs(t5 - cap[: len(t5)]).max() > 0.5
+        else:  # fell back
+            np.testing.assert_allclose(t5, cap, atol=1e-3, rtol=1e-3)
+        clip = encoders.encode_clip_text_tokens([row["caption"]])[0].float().numpy()  # CLIP: the full caption
+        np.testing.assert_allclose(schema.columns_to_tensor(row, "clip_text_tokens").astype(np.float32), clip,
+                                   atol=1e-3, rtol=1e-3)
+    shards = sorted(p.name for p in (out / "shards").glob("part-*.parquet"))
+    assert {pq.read_schema(out / "shards" / n).metadata[schema.T5_CAPTION_META] for n in shards} == {b"motion_caption"}
+    success = (out / "_SUCCESS").read_text()
+    rerun = subprocess.run(cmd[:-1], check=False, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 2 and "Traceback" not in rerun.stderr, rerun.stderr[-4000:]
+    assert f"holds {len(shards)} shard(s) with t5_caption=motion_caption" in rerun.stderr
+    assert "this run's t5_caption=caption" in rerun.stderr
+    assert sorted(p.name for p in (out / "shards").glob("part-*.parquet")) == shards
+    assert (out / "_SUCCESS").read_text() == success

@@ -13,6 +13,7 @@ from typing import Literal
 from fdreamer.config import nested, opt
 from fdreamer.models import ModelConfig
 from fdreamer.schedule import ScheduleConfig
+from fdreamer.train.objective import TimestepSampling
 
 
 @dataclass
@@ -64,7 +65,11 @@ class ObjectiveConfig:
     drop_text: float = opt(0.05, "probability of dropping only the text condition")
     drop_image: float = opt(0.05, "probability of dropping only the image condition")
     drop_both: float = opt(0.05, "probability of dropping text and image")
-    timestep_sampling: Literal["uniform", "logit_normal"] = opt("uniform", "how training timesteps are drawn")
+    timestep_sampling: TimestepSampling = opt(
+        "uniform",
+        "how training timesteps are drawn: uniform over 0..N-1 (paper), or logit_normal = floor(N sigmoid(u)), "
+        "u ~ N(0, 1) (SD3; more steps at middle noise levels); fdreamer/train/objective.py sample_timesteps",
+    )
     validation_timesteps: list[int] = opt([99, 299, 499, 699, 899], "fixed timestep indices of the validation loss")
     image_loss_weight: float = opt(
         1.0,

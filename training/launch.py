@@ -8,11 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fdreamer import checkpoint as fck
+from fdreamer import checkpoint as model_checkpoint
 from fdreamer.config import to_dict
 from fdreamer.encoders import EncoderConfig
-from training import checkpointing as ck
-from training import data as tdata
+from training import checkpointing
+from training import data as train_data
 from training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -46,9 +46,9 @@ def check_init_compatible(cfg: TrainConfig, init: Path) -> None:
     with safe_open(str(init / "model.safetensors"), "pt") as f:  # shapes only, no weights read
         saved = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()  # noqa: SIM118 - safe_open is not a dict
                  if not k.startswith("predictnet.")}
-    problems = fck.state_mismatch(model.state_dict(), saved)
+    problems = model_checkpoint.state_mismatch(model.state_dict(), saved)
     if problems:
-        raise fck.CheckpointError(f"init_from {init}: checkpoint from an incompatible model config: "
+        raise model_checkpoint.CheckpointError(f"init_from {init}: checkpoint from an incompatible model config: "
                                   f"{'; '.join(problems)}")
 
 
@@ -66,41 +66,52 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
     """Every driver-side check; returns the ``train_loop_config`` for the workers."""
     cfg.check_ready()
     cfg = absolute_paths(cfg)
-    files = tdata.shard_files(cfg.data.path)
-    tdata.check_schema(files)
-    tdata.null_conditions_file(cfg.data.path)
-    rows = tdata.count_rows(cfg)
+    files = train_data.shard_files(cfg.data.path)
+    train_data.check_schema(files)
+    train_data.null_conditions_file(cfg.data.path)
+    rows = train_data.count_rows(cfg)
     per_worker = rows // cfg.scaling.num_workers
     if per_worker < cfg.micro_batch * cfg.accumulation:
-        raise tdata.DataError(
+        raise train_data.DataError(
             f"{rows} training rows after filters: {per_worker} per worker, fewer than one optimizer step needs "
             f"(micro_batch {cfg.micro_batch} x accumulation {cfg.accumulation})")
     init = None
     if cfg.init_from:
-        init, _ = fck.resolve_checkpoint(cfg.init_from, cfg.tracking.tracking_uri)
+        init, _ = model_checkpoint.resolve_checkpoint(cfg.init_from, cfg.tracking.tracking_uri)
         check_init_compatible(cfg, init)
     out = run_dir(cfg)
-    if not cfg.resume and ck.latest_checkpoint(out) is not None:
+    if not cfg.resume and checkpointing.latest_checkpoint(out) is not None:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --name")
-    return {"cfg": to_dict(cfg), "init_from": str(init) if init else None, "encoders": to_dict(encoder_config(cfg)),
-            "run_dir": str(out), "meta": _profile_meta(cfg, files[0]), "rows": rows}
+    encoders = encoder_config(cfg)
+    return {"cfg": to_dict(cfg), "init_from": str(init) if init else None, "encoders": to_dict(encoders),
+            "run_dir": str(out), "meta": clip_profile_meta(files[0], encoders), "rows": rows}
 
 
-def _profile_meta(cfg: TrainConfig, shard: str) -> dict[str, Any]:
-    """Frame count, size and fps of the training clips (defaults of the inference pipeline)."""
+def clip_profile_meta(shard: str, encoders: EncoderConfig) -> dict[str, Any]:
+    """Frame count, fps and latent size of the training clips, plus their pixel size = latent size x the
+    VAE's downsample factor (read from the VAE's config) when a VAE is configured: the defaults of the
+    inference pipeline recorded in checkpoints (without ``size`` it falls back to ``schedule.height/width``)."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(shard, columns=["num_frames", "fps", "latents_shape"]).slice(0, 1).to_pylist()
-    if not t:
+    rows = pq.read_table(shard, columns=["num_frames", "fps", "latents_shape"]).slice(0, 1).to_pylist()
+    if not rows:
         return {}
-    lat = t[0]["latents_shape"]
-    factor = 4 if cfg.preset == "tiny" else 8
-    return {"num_frames": int(t[0]["num_frames"]), "fps": float(t[0]["fps"]), "size": int(lat[-1]) * factor,
-            "latent_size": int(lat[-1])}
+    latent_size = int(rows[0]["latents_shape"][-1])
+    meta = {"num_frames": int(rows[0]["num_frames"]), "fps": float(rows[0]["fps"]), "latent_size": latent_size}
+    if encoders.vae is not None:
+        from fdreamer.encoders import FrozenEncoders
+
+        try:
+            meta["size"] = latent_size * FrozenEncoders(encoders).vae_downsample_factor
+        except FileNotFoundError as exc:  # e.g. the models live on the worker nodes only
+            logger.warning("no clip size recorded in the checkpoints (inference uses schedule.height/width): %s", exc)
+    return meta
 
 
-def fit(cfg: TrainConfig) -> Any:
-    """Run the stage on the connected Ray cluster; returns the ``ray.train.Result``."""
+def fit(cfg: TrainConfig, loop_config: dict[str, Any] | None = None) -> Any:
+    """Run the stage on the connected Ray cluster; returns the ``ray.train.Result``.
+
+    ``loop_config``: what :func:`prepare` returned for this ``cfg`` (else it runs here)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -108,15 +119,15 @@ def fit(cfg: TrainConfig) -> Any:
     from training.loop import train_loop_per_worker
 
     cfg = absolute_paths(cfg)
-    loop_config = prepare(cfg)
+    loop_config = dict(loop_config) if loop_config is not None else prepare(cfg)
     out = run_dir(cfg)
     if cfg.resume:  # Ray Train V2 has no resume_from_checkpoint: the workers load this one themselves
-        latest = ck.latest_checkpoint(out)
+        latest = checkpointing.latest_checkpoint(out)
         if latest is None:
             logger.warning("--resume: no checkpoint under %s, starting from scratch", out)
         else:
             loop_config["resume_from"] = str(latest)
-            print(f"resuming from {latest} (step {ck.read_trainer_state(latest).step})", flush=True)
+            print(f"resuming from {latest} (step {checkpointing.read_trainer_state(latest).step})", flush=True)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic split and order: exact resume
     dataset_config = ray.train.DataConfig(execution_options=ctx.execution_options)
@@ -132,14 +143,14 @@ def fit(cfg: TrainConfig) -> Any:
             name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
-        datasets=tdata.train_datasets(cfg),  # "train" (+ "images" for joint image-video batches)
+        datasets=train_data.train_datasets(cfg),  # "train" (+ "images" for joint image-video batches)
         dataset_config=dataset_config,
     )
     result = trainer.fit()
-    final = ck.latest_checkpoint(out)
+    final = checkpointing.latest_checkpoint(out)
     summary = {"name": cfg.name, "stage": cfg.stage, "checkpoint": str(final) if final else None,
                "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
     if final is not None:
-        summary["mlflow_run_id"] = ck.read_trainer_state(final).mlflow_run_id
+        summary["mlflow_run_id"] = checkpointing.read_trainer_state(final).mlflow_run_id
     print(json.dumps(summary), flush=True)
     return result

@@ -1,18 +1,23 @@
 """The per-worker training loop that Ray Train runs (``TorchTrainer(train_loop_per_worker=...)``).
 
-Every worker builds the same model (same seed, same initial weights), restores the latest checkpoint
-when Ray hands one over (``ray.train.get_checkpoint()``: after a worker failure or on ``--resume``),
-wraps the model for DDP/FSDP (``ray.train.torch.prepare_model``) and streams its data shard
-(``ray.train.get_dataset_shard('train').iter_torch_batches``). Each optimizer step accumulates
-``global_batch / (workers x micro_batch)`` micro-batches. Rank 0 validates, logs to MLflow and writes
-checkpoints; all ranks call ``ray.train.report`` together.
+:func:`train_loop_per_worker` is a thin wrapper over :class:`TrainWorker`, one object per worker:
+
+1. **build and restore**: every worker builds the same model (same seed, same initial weights) and
+   restores the latest checkpoint when Ray hands one over (``ray.train.get_checkpoint()``: after a
+   worker failure) or the driver names one (``--resume``);
+2. **distribute**: wraps the model for DDP/FSDP (``ray.train.torch.prepare_model``);
+3. **data streams**: reads its data shard (``ray.train.get_dataset_shard('train').iter_torch_batches``)
+   from the saved position; each optimizer step accumulates ``global_batch / (workers x micro_batch)``
+   micro-batches;
+4. **validate / sample / save / report**: rank 0 validates, renders sample videos, logs to MLflow and
+   writes checkpoints; all ranks call ``ray.train.report`` together.
 
 Joint image-video batches (``data.image_ratio``): each micro-batch takes ``video_micro_batch`` clips
 from the ``train`` stream and ``image_micro_batch`` images from the ``images`` stream
-(:class:`~fdreamer.data.batching.JointBatch`). The clip stream drives the epochs as before (a partial step
-at the end of an epoch is dropped); the image stream cycles on its own, its position kept in the
-trainer state (``extra.images``) so a resume continues it exactly. With ``image_ratio = 1`` the
-``train`` stream holds the images.
+(:class:`~fdreamer.data.batching.JointBatch`). The clip stream drives the epochs (a partial step at the
+end of an epoch is dropped); the image stream cycles on its own, its position kept in the trainer state
+(``extra.images``) so a resume continues it exactly. With ``image_ratio = 1`` the ``train`` stream holds
+the images.
 """
 
 from __future__ import annotations
@@ -22,27 +27,25 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fdreamer import checkpoint as fck
-from fdreamer.data.batching import JointBatch, TrainBatch, null_from_tensors
+from fdreamer import checkpoint as model_checkpoint
 from fdreamer.config import load_config
+from fdreamer.data.batching import JointBatch, TrainBatch, null_from_tensors
 from fdreamer.encoders import EncoderConfig
 from fdreamer.models import FactorizedDreamerUNet
 from fdreamer.schedule import NoiseSchedule
-from fdreamer.train.step import (
-    EMA,
-    lr_at,
-    make_optimizer,
-    optimizer_step,
-    validation_loss,
-)
-from training import checkpointing as ck
-from training import data as tdata
+from fdreamer.train.step import EMA, StepResult, lr_at, make_optimizer, optimizer_step, validation_loss
+from training import checkpointing
+from training import data as train_data
 from training.config import TrainConfig
+
+MicroBatch = TrainBatch | JointBatch
+IMAGE_STREAM_SEED_OFFSET = 5_003  # the image stream's shuffle seeds differ from the clip stream's
 
 
 def build_model(cfg: TrainConfig, init_from: str | None) -> FactorizedDreamerUNet:
@@ -52,27 +55,23 @@ def build_model(cfg: TrainConfig, init_from: str | None) -> FactorizedDreamerUNe
     else:
         model = FactorizedDreamerUNet.from_preset(cfg.preset, cfg.model, seed=cfg.seed)
     if init_from:
-        fck.load_weights_into(model, init_from)  # PredictNet added from the up path when new (stage 3)
+        model_checkpoint.load_weights_into(model, init_from)  # PredictNet added from the up path when new (stage 3)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing(True)
     return model
 
 
-def _num_samples(mb: TrainBatch | JointBatch) -> int:
-    return mb.num_samples if isinstance(mb, JointBatch) else mb.latents.shape[0]
+def _num_samples(micro_batch: MicroBatch) -> int:
+    return micro_batch.num_samples if isinstance(micro_batch, JointBatch) else micro_batch.latents.shape[0]
 
 
 def _unwrap(model: torch.nn.Module) -> FactorizedDreamerUNet:
     return getattr(model, "module", model)
 
 
-def _full_state_ctx(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+def _full_state_dict_context(model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Gather full (unsharded) state dicts on FSDP; a no-op for DDP / single process."""
-    from torch.distributed.fsdp import (
-        FullStateDictConfig,
-        FullyShardedDataParallel,
-        StateDictType,
-    )
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
 
     if isinstance(model, FullyShardedDataParallel):
         return FullyShardedDataParallel.state_dict_type(
@@ -80,7 +79,7 @@ def _full_state_ctx(model: torch.nn.Module) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
-class _DataLog:
+class DataOrderLog:
     """Optional per-rank record of the clip ids of every step (``<run dir>/data_order/rank<r>.jsonl``)."""
 
     def __init__(self, folder: str | None, rank: int) -> None:
@@ -89,222 +88,307 @@ class _DataLog:
             Path(folder).mkdir(parents=True, exist_ok=True)
             self.file = Path(folder) / f"rank{rank}.jsonl"
 
-    def write(self, step: int, epoch: int, ids: list[str]) -> None:
+    def write(self, step: int, epoch: int, clip_ids: list[str]) -> None:
         if self.file is not None:
             with self.file.open("a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "clip_ids": ids, "pid": os.getpid()}) + "\n")
+                f.write(json.dumps({"step": step, "epoch": epoch, "clip_ids": clip_ids, "pid": os.getpid()}) + "\n")
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
+@dataclass
+class ThroughputWindow:
+    """Wall time, data-wait time and samples (all ranks) since the last logged step."""
 
-    cfg = load_config(TrainConfig, data=config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, cfg.scaling.torch_threads))
-    torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
+    started: float = field(default_factory=time.perf_counter)
+    data_wait_s: float = 0.0
+    samples: int = 0
 
-    model = build_model(cfg, config.get("init_from"))
-    schedule = NoiseSchedule(cfg.schedule)
-    optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
-    ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_start) if cfg.optim.ema_decay > 0 else None
-    state = ck.TrainerState(world_size=world, seed=cfg.seed)
-    saved_optimizer = None
+    def metrics(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {"samples_per_s": self.samples / elapsed, "data_wait_fraction": self.data_wait_s / elapsed}
 
-    # After a worker failure Ray hands over the run's latest checkpoint; on --resume the driver names it.
-    restored = ray.train.get_checkpoint()
-    if restored is None and config.get("resume_from"):
-        restored = ray.train.Checkpoint.from_directory(config["resume_from"])
-    if restored is not None:
-        with restored.as_directory() as d:
-            d = Path(d)
-            state = ck.read_trainer_state(d)
-            if state.world_size != world:
-                raise ValueError(f"checkpoint was written by {state.world_size} workers, this run has {world}: "
-                                 "the data position would not be exact; use the same num_workers")
-            fck.load_weights_into(model, d)
-            saved_optimizer = ck.load_optimizer_state(d)
-            if cfg.scaling.parallel != "fsdp":
-                optimizer.load_state_dict(saved_optimizer)
-            if ema is not None and (d / "ema.safetensors").is_file():
+
+class TrainWorker:
+    """One Ray Train worker of a training stage (see the module docstring for the order of its parts)."""
+
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.loop_config = loop_config
+        self.cfg = cfg = load_config(TrainConfig, data=loop_config["cfg"])
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        torch.set_num_threads(max(1, cfg.scaling.torch_threads))
+        torch.manual_seed(cfg.seed)
+        self.device = ray.train.torch.get_device()
+        self.fsdp = self.world > 1 and cfg.scaling.parallel == "fsdp"
+        self.model: torch.nn.Module = build_model(cfg, loop_config.get("init_from"))
+        self.schedule = NoiseSchedule(cfg.schedule)
+        self.optimizer = self._new_optimizer()
+        self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start) if cfg.optim.ema_decay > 0 else None
+        self.state = checkpointing.TrainerState(world_size=self.world, seed=cfg.seed)
+        saved_optimizer = self.restore()
+        self.distribute(saved_optimizer)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" and cfg.mixed_precision == "bf16" else None)
+        null = null_from_tensors(train_data.load_null(cfg.data.path))
+        self.null = type(null)(*(None if v is None else v.to(self.device) for v in
+                                 (null.text_tokens, null.image_embed, null.first_frame, null.t5_tokens, null.t5_mask)))
+        self.open_data_streams()
+        run_dir = Path(loop_config["run_dir"])
+        self.data_order_log = DataOrderLog(str(run_dir / "data_order") if cfg.data.log_order else None, self.rank)
+        self.encoders = (load_config(EncoderConfig, data=loop_config["encoders"]) if loop_config.get("encoders")
+                         else EncoderConfig())
+        self.tracker: Any = None
+        self.heldout: TrainBatch | None = None
+        self.heldout_images: TrainBatch | None = None
+        self.start_tracking()
+        self.window = ThroughputWindow()
+
+    # ------------------------------------------------------------------ build, restore, distribute
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        return make_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps)
+
+    def restore(self) -> dict | None:
+        """Load the checkpoint Ray hands over (worker failure) or the driver names (``--resume``): weights,
+        EMA, trainer state and RNG; returns its full optimizer state (None when starting fresh)."""
+        import ray.train
+
+        restored = ray.train.get_checkpoint()
+        if restored is None and self.loop_config.get("resume_from"):
+            restored = ray.train.Checkpoint.from_directory(self.loop_config["resume_from"])
+        if restored is None:
+            return None
+        with restored.as_directory() as folder:
+            folder = Path(folder)
+            self.state = checkpointing.read_trainer_state(folder)
+            if self.state.world_size != self.world:
+                raise ValueError(f"checkpoint was written by {self.state.world_size} workers, this run has "
+                                 f"{self.world}: the data position would not be exact; use the same num_workers")
+            model_checkpoint.load_weights_into(self.model, folder)
+            saved_optimizer = checkpointing.load_optimizer_state(folder)
+            if not self.fsdp:  # FSDP loads it into the sharded optimizer in distribute()
+                self.optimizer.load_state_dict(saved_optimizer)
+            if self.ema is not None and (folder / "ema.safetensors").is_file():
                 from safetensors.torch import load_file
 
-                ema.load_state_dict(load_file(str(d / "ema.safetensors")))
-            ck.restore_rng(d)
+                self.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+            checkpointing.restore_rng(folder)
+        return saved_optimizer
 
-    model.to(device)
-    if ema is not None:
-        ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
-    fsdp = world > 1 and cfg.scaling.parallel == "fsdp"
-    if world > 1:
-        kwargs = {"use_orig_params": True} if fsdp else None
-        model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.scaling.parallel,
-                                              parallel_strategy_kwargs=kwargs)
-        if fsdp:  # FSDP shards the parameters: the optimizer must be built on the wrapped ones
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    def distribute(self, saved_optimizer: dict | None) -> None:
+        """Move to the device and wrap for DDP / FSDP (more than one worker)."""
+        import ray.train.torch
 
-            optimizer = make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
-            if saved_optimizer is not None:  # a full (rank-0 gathered) optimizer state -> this rank's shard
-                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, saved_optimizer))
-    model.train()
-    no_sync = getattr(model, "no_sync", None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if device.type == "cuda" and cfg.mixed_precision == "bf16" else None)
+        self.model.to(self.device)
+        if self.ema is not None:
+            self.ema.shadow = {k: v.to(self.device) for k, v in self.ema.shadow.items()}
+        if self.world > 1:
+            kwargs = {"use_orig_params": True} if self.fsdp else None
+            self.model = ray.train.torch.prepare_model(self.model, parallel_strategy=self.cfg.scaling.parallel,
+                                                       parallel_strategy_kwargs=kwargs)
+            if self.fsdp:  # FSDP shards the parameters: the optimizer must be built on the wrapped ones
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    null = null_from_tensors(tdata.load_null(cfg.data.path))
-    null = type(null)(*(None if v is None else v.to(device) for v in
-                        (null.text_tokens, null.image_embed, null.first_frame, null.t5_tokens, null.t5_mask)))
-    drop = (cfg.objective.drop_text, cfg.objective.drop_image, cfg.objective.drop_both)
-    gamma = cfg.objective.gamma
-    with_flow = cfg.model.predictnet
-    n_video, n_image = cfg.video_micro_batch, cfg.image_micro_batch
-    primary = tdata.ShardStream(ray.train.get_dataset_shard("train"), n_video or n_image, cfg,
-                                tdata.make_collate(with_flow, image=n_video == 0, **tdata.conditions_for(cfg)))
-    images = None
-    if n_video and n_image:  # joint batches: a second, cycling stream of images
-        pos = state.extra.get("images", {})
-        images = tdata.ShardStream(ray.train.get_dataset_shard("images"), n_image, cfg,
-                                   tdata.make_collate(False, image=True), epoch=int(pos.get("epoch", 0)),
-                                   consumed=int(pos.get("consumed", 0)), seed_offset=5_003)
+                self.optimizer = self._new_optimizer()
+                if saved_optimizer is not None:  # a full (rank-0 gathered) optimizer state -> this rank's shard
+                    self.optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, self.optimizer,
+                                                                                 saved_optimizer))
+        self.model.train()
 
-    def as_micro(mb: TrainBatch) -> TrainBatch | JointBatch:
-        if images is None:
-            return mb.to(device)
-        return JointBatch(mb, images.next_cycling()).to(device)
+    # ------------------------------------------------------------------ data streams
 
-    datalog = _DataLog(str(Path(config["run_dir"]) / "data_order") if cfg.data.log_order else None, rank)
+    def open_data_streams(self) -> None:
+        """The ``train`` stream (clips, or images when ``image_ratio = 1``) and, for joint batches, the
+        cycling ``images`` stream continued from its saved position."""
+        import ray.train
 
-    node = ray.get_runtime_context().get_node_id()
-    nodes = [node] * world
-    if world > 1:  # where every rank runs (logged: placement over the cluster's nodes is visible in MLflow)
-        torch.distributed.all_gather_object(nodes, node)
-    tracker = heldout = heldout_images = None
-    if rank == 0:
+        cfg = self.cfg
+        n_video, n_image = cfg.video_micro_batch, cfg.image_micro_batch
+        self.primary = train_data.ShardStream(
+            ray.train.get_dataset_shard("train"), n_video or n_image, cfg,
+            train_data.make_collate(cfg.model.predictnet, image=n_video == 0, **train_data.conditions_for(cfg)))
+        self.images: train_data.ShardStream | None = None
+        if n_video and n_image:
+            position = self.state.extra.get("images", {})
+            self.images = train_data.ShardStream(
+                ray.train.get_dataset_shard("images"), n_image, cfg, train_data.make_collate(False, image=True),
+                epoch=int(position.get("epoch", 0)), consumed=int(position.get("consumed", 0)),
+                seed_offset=IMAGE_STREAM_SEED_OFFSET)
+
+    def next_micro_batches(self) -> list[MicroBatch] | None:
+        """The micro-batches of the next optimizer step, or None when this epoch of the clips is used up
+        (the time spent waiting for them counts as data wait)."""
+        waiting_since = time.perf_counter()
+        micro_batches: list[MicroBatch] | None = []
+        for _ in range(self.cfg.accumulation):
+            clips = self.primary.next()
+            if clips is None:
+                micro_batches = None
+                break
+            if self.images is not None:
+                micro_batches.append(JointBatch(clips, self.images.next_cycling()).to(self.device))
+            else:
+                micro_batches.append(clips.to(self.device))
+        self.window.data_wait_s += time.perf_counter() - waiting_since
+        return micro_batches
+
+    # ------------------------------------------------------------------ tracking, validation, samples
+
+    def start_tracking(self) -> None:
+        """Rank 0: the MLflow run (continued after a restart), where every rank runs, the held-out batches."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        nodes = [node] * self.world
+        if self.world > 1:  # collective: placement over the cluster's nodes is visible in MLflow
+            torch.distributed.all_gather_object(nodes, node)
+        if self.rank != 0:
+            return
         from training.tracking import Tracker
 
-        tracker = Tracker(cfg, state.mlflow_run_id)
-        state.mlflow_run_id = tracker.run_id
-        tracker.set_tag("ray.worker_nodes", json.dumps(nodes))
-        tracker.set_tag("ray.num_nodes", len(set(nodes)))
-        heldout = tdata.heldout_batch(cfg)
-        if heldout is not None:
-            heldout = heldout.to(device)
-        if n_image:
-            heldout_images = tdata.heldout_batch(cfg, tdata.IMAGE)
-            heldout_images = heldout_images.to(device) if heldout_images is not None else None
-    encoders = load_config(EncoderConfig, data=config["encoders"]) if config.get("encoders") else EncoderConfig()
+        self.tracker = Tracker(self.cfg, self.state.mlflow_run_id)
+        self.state.mlflow_run_id = self.tracker.run_id
+        self.tracker.set_tag("ray.worker_nodes", json.dumps(nodes))
+        self.tracker.set_tag("ray.num_nodes", len(set(nodes)))
+        heldout = train_data.heldout_batch(self.cfg)
+        self.heldout = heldout.to(self.device) if heldout is not None else None
+        if self.cfg.image_micro_batch:
+            images = train_data.heldout_batch(self.cfg, train_data.IMAGE)
+            self.heldout_images = images.to(self.device) if images is not None else None
 
-    def full_params() -> contextlib.AbstractContextManager:
+    def _full_params(self) -> contextlib.AbstractContextManager:
         """FSDP: every rank gathers the full parameters (collective) so rank 0 can run the plain module."""
-        if not fsdp:
+        if not self.fsdp:
             return contextlib.nullcontext()
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        return FSDP.summon_full_params(model, writeback=False)
+        return FSDP.summon_full_params(self.model, writeback=False)
 
-    def evaluate(step: int, do_validate: bool, do_samples: bool) -> dict[str, float]:
+    def evaluate(self, step: int, validate: bool, samples: bool) -> dict[str, float]:
         """Validation loss and/or sample videos on rank 0 (called by every rank: FSDP gathers collectively)."""
-        if not (do_validate or do_samples):
+        if not (validate or samples):
             return {}
-        val: dict[str, float] = {}
-        with full_params():
-            if rank == 0 and do_validate and heldout is not None:
-                val = validation_loss(_unwrap(model), schedule, heldout, cfg.objective.validation_timesteps, cfg.seed)
-                tracker.log_metrics(val, step=step)
-            if rank == 0 and do_validate and heldout_images is not None:
-                val_img = validation_loss(_unwrap(model), schedule, heldout_images,
-                                          cfg.objective.validation_timesteps, cfg.seed)
-                tracker.log_metrics(val_img, step=step)
-                val.update(val_img)
-            if rank == 0 and do_samples:
+        metrics: dict[str, float] = {}
+        timesteps = self.cfg.objective.validation_timesteps
+        with self._full_params():
+            if self.rank != 0:
+                return {}
+            model = _unwrap(self.model)
+            if validate:
+                for batch in (self.heldout, self.heldout_images):
+                    if batch is not None:
+                        losses = validation_loss(model, self.schedule, batch, timesteps, self.cfg.seed)
+                        self.tracker.log_metrics(losses, step=step)
+                        metrics.update(losses)
+            if samples:
                 from training.samples import log_samples
 
-                log_samples(tracker, _unwrap(model), cfg, encoders, heldout, step)
-        return val
+                log_samples(self.tracker, model, self.cfg, self.encoders, self.heldout, step)
+        return metrics
 
-    def save_and_report(metrics: dict[str, Any], final: bool = False) -> None:
-        name = f"checkpoint_step_{state.step:08d}"
-        with tempfile.TemporaryDirectory() as tmp, _full_state_ctx(model):
-            ckpt = None
-            if fsdp:  # collectives on every rank: full model and optimizer state gathered on rank 0
+    # ------------------------------------------------------------------ train, save, report
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> StepResult:
+        cfg, objective = self.cfg, self.cfg.objective
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.state.step, cfg.optim.lr, cfg.optim.warmup_steps)
+        return optimizer_step(
+            self.model, self.optimizer, self.schedule, micro_batches, null=self.null,
+            drop_probs=(objective.drop_text, objective.drop_image, objective.drop_both), gamma=objective.gamma,
+            grad_clip=cfg.optim.grad_clip, seed=cfg.seed, rank=self.rank, step=self.state.step,
+            no_sync=getattr(self.model, "no_sync", None), autocast=self.autocast,
+            image_weight=objective.image_loss_weight, timestep_sampling=objective.timestep_sampling)
+
+    def log_step(self, result: StepResult) -> None:
+        images = {"l_df_video": result.l_df_video, "l_df_image": result.l_df_image} if self.cfg.image_micro_batch else {}
+        self.tracker.log_metrics({
+            "loss": result.loss, "l_df": result.l_df, "l_flow": result.l_flow, "grad_norm": result.grad_norm,
+            **images, "lr": self.optimizer.param_groups[0]["lr"], **self.window.metrics(), "epoch": self.state.epoch,
+        }, step=self.state.step)
+
+    def save_and_report(self, metrics: dict[str, Any], final: bool = False) -> None:
+        """Write a checkpoint on rank 0 (state gathered collectively on FSDP) and report it from every rank."""
+        import ray.train
+
+        name = f"checkpoint_step_{self.state.step:08d}"
+        with tempfile.TemporaryDirectory() as tmp, _full_state_dict_context(self.model):
+            checkpoint = None
+            if self.fsdp:  # collectives on every rank: full model and optimizer state gathered on rank 0
                 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-                full, optim_state = model.state_dict(), FSDP.optim_state_dict(model, optimizer)
+                full_state, optimizer_state = self.model.state_dict(), FSDP.optim_state_dict(self.model, self.optimizer)
             else:
-                full, optim_state = None, optimizer.state_dict()
-            if rank == 0:
-                if fsdp:  # write the gathered state through a plain (unsharded) copy of the model
-                    target = build_model(cfg, None)
-                    target.load_state_dict(full)
+                full_state, optimizer_state = None, self.optimizer.state_dict()
+            if self.rank == 0:
+                if self.fsdp:  # write the gathered state through a plain (unsharded) copy of the model
+                    target = build_model(self.cfg, None)
+                    target.load_state_dict(full_state)
                 else:
-                    target = _unwrap(model)
-                ck.save_training_checkpoint(
-                    Path(tmp), target, optim_state, ema.state_dict() if ema else None, state, cfg,
-                    encoders, meta=config.get("meta", {}))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                    target = _unwrap(self.model)
+                checkpointing.save_training_checkpoint(
+                    Path(tmp), target, optimizer_state, self.ema.state_dict() if self.ema else None, self.state,
+                    self.cfg, self.encoders, meta=self.loop_config.get("meta", {}))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if final:
-                    tracker.log_artifacts(tmp, "checkpoint")
-                    tracker.set_tag("fdreamer.checkpoint", Path(config["run_dir"]) / name)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+                    self.tracker.log_artifacts(tmp, "checkpoint")
+                    self.tracker.set_tag("fdreamer.checkpoint", Path(self.loop_config["run_dir"]) / name)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
-    if state.step == 0:
-        evaluate(0, do_validate=True, do_samples=False)
+    def run(self) -> None:
+        """Train from the restored position to ``cfg.steps`` epoch by epoch, then :meth:`finish`."""
+        state = self.state
+        if state.step == 0:
+            self.evaluate(0, validate=True, samples=False)
+        self.window = ThroughputWindow()
+        while state.step < self.cfg.steps:
+            self.primary.start(state.epoch, state.consumed)
+            while state.step < self.cfg.steps and (micro_batches := self.next_micro_batches()) is not None:
+                self.step(micro_batches)
+            if state.step < self.cfg.steps:  # this epoch of the clips is used up (a partial step is dropped)
+                self.next_epoch()
+        self.finish()
 
-    window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
-    while state.step < cfg.steps:
-        primary.start(state.epoch, state.consumed)
-        exhausted = False
-        while state.step < cfg.steps and not exhausted:
-            t_wait = time.perf_counter()
-            micro: list[TrainBatch | JointBatch] = []
-            for _ in range(cfg.accumulation):
-                mb = primary.next()
-                if mb is None:
-                    exhausted = True
-                    break
-                micro.append(as_micro(mb))
-            window["wait"] += time.perf_counter() - t_wait
-            if exhausted:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(state.step, cfg.optim.lr, cfg.optim.warmup_steps)
-            res = optimizer_step(model, optimizer, schedule, micro, null=null, drop_probs=drop, gamma=gamma,
-                                 grad_clip=cfg.optim.grad_clip, seed=cfg.seed, rank=rank, step=state.step,
-                                 no_sync=no_sync, autocast=autocast, image_weight=cfg.objective.image_loss_weight)
-            datalog.write(state.step, state.epoch, [i for mb in micro for i in mb.clip_ids])
-            state.step += 1
-            state.consumed += len(micro)
-            if images is not None:
-                state.extra["images"] = images.position()
-            window["samples"] += sum(_num_samples(mb) for mb in micro) * world
-            if ema is not None:
-                ema.update(model, state.step)
-            if rank == 0 and (state.step % cfg.tracking.log_every == 0 or state.step == cfg.steps):
-                elapsed = time.perf_counter() - window["t0"]
-                tracker.log_metrics({
-                    "loss": res.loss, "l_df": res.l_df, "l_flow": res.l_flow, "grad_norm": res.grad_norm,
-                    **({"l_df_video": res.l_df_video, "l_df_image": res.l_df_image} if n_image else {}),
-                    "lr": optimizer.param_groups[0]["lr"], "samples_per_s": window["samples"] / max(elapsed, 1e-9),
-                    "data_wait_fraction": window["wait"] / max(elapsed, 1e-9), "epoch": state.epoch,
-                }, step=state.step)
-                window = {"t0": time.perf_counter(), "wait": 0.0, "samples": 0}
-            if state.step < cfg.steps:
-                t = cfg.tracking
-                evaluate(state.step, do_validate=t.validate_every > 0 and state.step % t.validate_every == 0,
-                         do_samples=t.sample_every > 0 and state.step % t.sample_every == 0)
-            if state.step % cfg.checkpoint.every == 0 and state.step < cfg.steps:
-                save_and_report({"step": state.step, "loss": res.loss})
-        if exhausted:
-            if state.consumed == 0:
-                raise ValueError(f"worker {rank} got no batch in epoch {state.epoch}: the data shard has fewer rows "
-                                 f"than {primary.batch_size} per micro-batch x accumulation {cfg.accumulation}")
-            state.epoch += 1
-            state.consumed = 0
-    final_metrics: dict[str, Any] = {"step": state.step}
-    final_metrics.update(evaluate(state.step, do_validate=True, do_samples=cfg.tracking.sample_every >= 0))
-    save_and_report(final_metrics, final=True)
-    if rank == 0 and tracker is not None:
-        tracker.finish()
+    def step(self, micro_batches: list[MicroBatch]) -> None:
+        """One optimizer step, then its logging, periodic validation / samples and checkpoint."""
+        cfg, state, tracking = self.cfg, self.state, self.cfg.tracking
+        result = self.train_step(micro_batches)
+        self.data_order_log.write(state.step, state.epoch, [i for mb in micro_batches for i in mb.clip_ids])
+        state.step += 1
+        state.consumed += len(micro_batches)
+        if self.images is not None:
+            state.extra["images"] = self.images.position()
+        self.window.samples += sum(_num_samples(mb) for mb in micro_batches) * self.world
+        if self.ema is not None:
+            self.ema.update(self.model, state.step)
+        if self.rank == 0 and (state.step % tracking.log_every == 0 or state.step == cfg.steps):
+            self.log_step(result)
+            self.window = ThroughputWindow()
+        if state.step < cfg.steps:  # the last step is validated, sampled and saved by finish()
+            self.evaluate(state.step, validate=tracking.validate_every > 0 and state.step % tracking.validate_every == 0,
+                          samples=tracking.sample_every > 0 and state.step % tracking.sample_every == 0)
+            if state.step % cfg.checkpoint.every == 0:
+                self.save_and_report({"step": state.step, "loss": result.loss})
+
+    def next_epoch(self) -> None:
+        if self.state.consumed == 0:
+            raise ValueError(f"worker {self.rank} got no batch in epoch {self.state.epoch}: the data shard has fewer "
+                             f"rows than {self.primary.batch_size} per micro-batch x accumulation "
+                             f"{self.cfg.accumulation}")
+        self.state.epoch += 1
+        self.state.consumed = 0
+
+    def finish(self) -> None:
+        """Final validation and samples, the final checkpoint (also logged to MLflow), the run closed."""
+        metrics: dict[str, Any] = {"step": self.state.step}
+        metrics.update(self.evaluate(self.state.step, validate=True, samples=self.cfg.tracking.sample_every >= 0))
+        self.save_and_report(metrics, final=True)
+        if self.rank == 0:
+            self.tracker.finish()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point: one :class:`TrainWorker` per worker process."""
+    TrainWorker(config).run()

@@ -23,13 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ["--resume=true" if a == "--resume" else a for a in (sys.argv[1:] if argv is None else argv)]
     try:
         cfg, _ = parse_cli(TrainConfig, args, prog="training/run.py")
-        prepare(cfg)  # every check before Ray starts workers
+        loop_config = prepare(cfg)  # every check before Ray starts workers
     except (ConfigError, DataError, CheckpointError, FileExistsError, ValueError) as exc:
         print(f"training: {exc}", file=sys.stderr)
         return 2
     init_ray(cfg.ray_address)
     try:
-        fit(cfg)
+        fit(cfg, loop_config)
     finally:
         ray.shutdown()
     return 0

@@ -8,7 +8,9 @@ from the columns:
 - Pexels-style: ``id, url, title`` (caption = ``title``; ``width``/``height`` kept when present),
 - generic: ``path, caption[, motion_caption, clip_id, source, width, height, split, motion]``;
   ``split`` and ``motion`` are free-form metadata carried into the output columns of the same
-  name (empty strings when absent, and for the WebVid/Pexels formats).
+  name (empty strings when absent, and for the WebVid/Pexels formats). ``motion_caption`` (a short
+  description of the motion, which the job's ``t5_caption: motion_caption`` option gives to T5) is
+  likewise the empty string when absent or null, and always for WebVid/Pexels.
 
 ``kind`` is ``video`` or ``image`` (:func:`fdreamer.data.images.record_kind`): a generic manifest's
 ``kind`` column when present and non-empty (``video`` | ``image``, anything else is a ManifestError),

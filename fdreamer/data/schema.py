@@ -29,8 +29,15 @@ latents): latents 512 KB, flow 240 KB, ``clip_text_tokens`` 77 x 768 x 2 B = 118
 ~20 tokens x 4096 x 2 B = 160 KB (padded to 120 it would be ~1 MB), first latent 32 KB, the two
 CLIP embeddings 1.5 KB each. The tiny preset's ``clip_text_tokens`` is 77 x 32 (4.9 KB).
 
-Metadata columns are listed in :data:`METADATA_FIELDS`. ``caption`` is the caption the text
-tensors encode; ``captions`` (``list<string>``) holds every distinct caption given for the clip's
+Metadata columns are listed in :data:`METADATA_FIELDS`. ``caption`` is the caption the CLIP text
+tensors (``clip_text_embed``, ``clip_text_tokens``) encode, and ``t5`` too by default.
+``motion_caption`` is the manifest's concise motion description (empty when it has none: WebVid and
+Pexels CSVs, generic manifests without the column). The job's ``t5_caption`` option chooses the text
+of ``t5``: ``caption`` (default), or ``motion_caption``, where a row with an empty motion caption
+falls back to ``caption`` (:func:`t5_text` is the rule). Each shard records the option in its
+Parquet metadata under :data:`T5_CAPTION_META` (:func:`shard_t5_caption`; absent = ``caption``, as
+written before the option existed), so a reader can tell what ``t5`` encodes without a new column
+or schema version. ``captions`` (``list<string>``) holds every distinct caption given for the clip's
 exact-duplicate group (the same frames listed under other ids, or the same video listed twice),
 ``caption`` first (:func:`fdreamer.data.dedup.exact_captions`), so no user-supplied caption is lost
 when copies are dropped. ``clip_id`` is deterministic
@@ -94,6 +101,12 @@ METADATA_FIELDS: tuple[pa.Field, ...] = (
 )
 
 
+# The manifest text the ``t5`` column encodes (the job's ``t5_caption`` option), kept in each shard's
+# Parquet key-value metadata; shards without the key were written with ``caption``.
+T5_CAPTION_FIELDS: tuple[str, ...] = ("caption", "motion_caption")
+T5_CAPTION_META = b"fdreamer.t5_caption"
+
+
 class SchemaError(ValueError):
     """A row or table does not match the clip schema."""
 
@@ -108,6 +121,29 @@ def make_clip_id(source: str, video_id: str, start_frame: int, num_frames: int, 
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     safe_vid = "".join(c if c.isalnum() or c in "_." else "_" for c in str(video_id))[:40]
     return f"{source}-{safe_vid}-{start_frame}-{num_frames}-{digest}"
+
+
+def t5_text(row: Mapping[str, Any], t5_caption: str = "caption") -> tuple[str, bool]:
+    """(text T5 encodes for ``row``, whether it fell back to ``caption``) under the ``t5_caption`` option.
+
+    ``motion_caption`` takes the row's ``motion_caption`` unless it is empty (or only whitespace),
+    then its ``caption`` with ``fell_back = True``; ``caption`` always takes the caption.
+    """
+    if t5_caption not in T5_CAPTION_FIELDS:
+        raise SchemaError(f"t5_caption must be one of {list(T5_CAPTION_FIELDS)}, got {t5_caption!r}")
+    if t5_caption == "caption":
+        return str(row["caption"]), False
+    motion = str(row.get("motion_caption") or "")
+    return (motion, False) if motion.strip() else (str(row["caption"]), True)
+
+
+def shard_t5_caption(metadata: Mapping[bytes, bytes] | None) -> str:
+    """The ``t5_caption`` a shard was written with, from its Parquet schema metadata (absent: ``caption``)."""
+    value = (metadata or {}).get(T5_CAPTION_META, b"caption").decode()
+    if value not in T5_CAPTION_FIELDS:
+        raise SchemaError(f"shard metadata {T5_CAPTION_META.decode()}={value!r}: "
+                          f"expected one of {list(T5_CAPTION_FIELDS)}")
+    return value
 
 
 def arrow_schema() -> pa.Schema:
@@ -154,11 +190,17 @@ def check_row(row: Mapping[str, Any]) -> None:
         raise SchemaError(f"row misses columns {missing}")
 
 
-def rows_to_table(rows: list[Mapping[str, Any]]) -> pa.Table:
-    """Build a table with exactly :func:`arrow_schema` from complete rows."""
+def rows_to_table(rows: list[Mapping[str, Any]], t5_caption: str = "caption") -> pa.Table:
+    """Build a table with exactly :func:`arrow_schema` from complete rows.
+
+    ``t5_caption`` (what the rows' ``t5`` encodes, :func:`t5_text`) goes into the schema metadata.
+    """
+    if t5_caption not in T5_CAPTION_FIELDS:
+        raise SchemaError(f"t5_caption must be one of {list(T5_CAPTION_FIELDS)}, got {t5_caption!r}")
     for r in rows:
         check_row(r)
     schema = arrow_schema()
+    schema = schema.with_metadata(schema.metadata | {T5_CAPTION_META: t5_caption.encode()})
     return pa.Table.from_pylist([{n: r[n] for n in schema.names} for r in rows], schema=schema)
 
 

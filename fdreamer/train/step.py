@@ -4,6 +4,7 @@ The Ray Train loop (``training/loop.py``) and the overhead benchmark's bare PyTo
 (``tests/bench/bench_train.py``) call exactly these, so the two differ only in distribution and data
 loading. Randomness (timesteps, noise, CFG dropout) is drawn from generators seeded by
 ``(seed, rank, step, micro-batch)``: a resumed run draws the same numbers without storing RNG state.
+Timesteps are uniform or logit-normal (``timestep_sampling``, :func:`fdreamer.train.objective.sample_timesteps`).
 
 Joint image-video micro-batches (:class:`~fdreamer.data.batching.JointBatch`, VideoCrafter2): the video
 clips go through the model as usual; the 1-frame images through ``model(..., temporal=False)`` with
@@ -30,7 +31,7 @@ from torch import nn
 
 from fdreamer.data.batching import JointBatch, TrainBatch
 from fdreamer.models.conditions import Conditions, null_conditions
-from fdreamer.train.objective import ObjectiveOutput, diffusion_objective
+from fdreamer.train.objective import ObjectiveOutput, TimestepSampling, diffusion_objective
 from fdreamer.schedule import NoiseSchedule
 
 
@@ -117,11 +118,12 @@ def part_objective(
     model: nn.Module, schedule: NoiseSchedule, part: TrainBatch, *, null: Conditions | None = None,
     drop_probs: tuple[float, float, float] = (0.0, 0.0, 0.0), gamma: float = 1.0,
     generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-    with_flow: bool = True,
+    with_flow: bool = True, timestep_sampling: TimestepSampling = "uniform",
 ) -> ObjectiveOutput:
     """:func:`~fdreamer.train.objective.diffusion_objective` of one part: videos with their fps, images with
     ``temporal=False`` (switches bound to the model call; the objective itself is unchanged).
-    ``with_flow=False`` ignores the part's flow targets (validation: L_DF only)."""
+    ``with_flow=False`` ignores the part's flow targets (validation: L_DF only); ``timestep_sampling`` is how
+    timesteps not given are drawn."""
     call = model
     if part.is_image:
         call = partial(model, temporal=False)
@@ -132,13 +134,13 @@ def part_objective(
         nulls = null_conditions(part.cond, null.text_tokens, null.t5_tokens, null.t5_mask)
     return diffusion_objective(call, schedule, part.latents, part.cond, flow=part.flow if with_flow else None,
                                gamma=gamma, timesteps=timesteps, noise=noise, null=nulls, drop_probs=drop_probs,
-                               generator=generator)
+                               generator=generator, timestep_sampling=timestep_sampling)
 
 
 def joint_objective(
     model: nn.Module, schedule: NoiseSchedule, mb: TrainBatch | JointBatch, *, null: Conditions | None,
     drop_probs: tuple[float, float, float], gamma: float, generators: tuple[torch.Generator, torch.Generator],
-    image_weight: float = 1.0,
+    image_weight: float = 1.0, timestep_sampling: TimestepSampling = "uniform",
 ) -> JointLoss:
     """The loss of one micro-batch: the weighted mean of its video and image parts (module docstring)."""
     if isinstance(mb, TrainBatch):
@@ -148,10 +150,10 @@ def joint_objective(
     video = image = None
     if mb.video is not None:
         video = part_objective(model, schedule, mb.video, null=null, drop_probs=drop_probs, gamma=gamma,
-                               generator=generators[0])
+                               generator=generators[0], timestep_sampling=timestep_sampling)
     if mb.image is not None:
         image = part_objective(model, schedule, mb.image, null=null, drop_probs=drop_probs, gamma=gamma,
-                               generator=generators[1])
+                               generator=generators[1], timestep_sampling=timestep_sampling)
     if image is None:  # videos only: exactly the single-part objective
         return JointLoss(video.loss, video.l_df, video.l_flow, video.l_df, None)
     if video is None:
@@ -178,12 +180,14 @@ def optimizer_step(
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
     image_weight: float = 1.0,
+    timestep_sampling: TimestepSampling = "uniform",
 ) -> StepResult:
     """One optimizer step over ``micro_batches`` (gradient accumulation; mean of their losses).
 
     A micro-batch is a :class:`TrainBatch` (videos, or images when ``is_image``) or a
     :class:`JointBatch`; see the module docstring for how its parts are weighted (``image_weight``).
-    ``no_sync`` (DDP's ``model.no_sync``) skips the gradient all-reduce on all but the last micro-batch.
+    ``no_sync`` (DDP's ``model.no_sync``) skips the gradient all-reduce on all but the last micro-batch;
+    ``timestep_sampling`` (``objective.timestep_sampling``) is how the training timesteps are drawn.
     """
     optimizer.zero_grad(set_to_none=True)
     n = len(micro_batches)
@@ -195,7 +199,7 @@ def optimizer_step(
         sync = contextlib.nullcontext() if (no_sync is None or i == n - 1) else no_sync()
         with sync, (autocast or contextlib.nullcontext()):
             out = joint_objective(model, schedule, mb, null=null, drop_probs=drop_probs, gamma=gamma,
-                                  generators=gens, image_weight=image_weight)
+                                  generators=gens, image_weight=image_weight, timestep_sampling=timestep_sampling)
             (out.loss / n).backward()
         totals["loss"] += float(out.loss.detach()) / n
         totals["l_df"] += float(out.l_df.detach()) / n

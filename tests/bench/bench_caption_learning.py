@@ -1,4 +1,4 @@
-"""How fast does a training recipe learn to read the motion caption? One JSON line (issue 8 diagnostic).
+"""How fast does a training recipe learn to read the motion caption? One JSON line (a learning diagnostic).
 
     python tests/bench/bench_caption_learning.py --data PREPROCESSED [--models models/tiny] [--steps 300]
         [--every 100] [--num 16] [--config training/configs/tiny_learn.yaml] [--temporal-lr-mult 1] [key=value ...]
@@ -52,16 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     from fdreamer.encoders import EncoderConfig, FrozenEncoders
     from fdreamer.models.conditions import Conditions
     from fdreamer.models.unet import FactorizedDreamerUNet
-    from fdreamer.toy.sample_data import MOTION_PHRASES, MOTIONS
+    from fdreamer.toy.scenes import MOTION_PHRASES, MOTIONS
     from fdreamer.schedule import NoiseSchedule
     from fdreamer.train.step import EMA, lr_at, optimizer_step
-    from training import data as tdata
+    from training import data as train_data
     from training.config import TrainConfig
 
     torch.set_num_threads(args.threads)
     cfg = load_config(TrainConfig, args.config, [o.lstrip("-") for o in overrides])
     torch.manual_seed(cfg.seed)
-    rows = pq.read_table(tdata.shard_files(args.data)).to_pylist()
+    rows = pq.read_table(train_data.shard_files(args.data)).to_pylist()
     train = [r for r in rows if r["split"] != "heldout"]
     held = [r for r in rows if r["split"] == "heldout"][: args.num]
     if not train or not held:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                   weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     ema = EMA(model, o.ema_decay, o.ema_start)
-    null = null_from_tensors(tdata.load_null(args.data))
+    null = null_from_tensors(train_data.load_null(args.data))
     drop = (cfg.objective.drop_text, cfg.objective.drop_image, cfg.objective.drop_both)
 
     def batch_of(rs: list[dict]):
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr * scale
         ts = time.perf_counter()
         res = optimizer_step(model, optimizer, schedule, mbs, null=null, drop_probs=drop, gamma=cfg.objective.gamma,
-                             grad_clip=o.grad_clip, seed=cfg.seed, rank=0, step=step)
+                             grad_clip=o.grad_clip, seed=cfg.seed, rank=0, step=step,
+                             timestep_sampling=cfg.objective.timestep_sampling)
         ema.update(model, step + 1)
         train_s += time.perf_counter() - ts
         if (step + 1) % args.every == 0 or step + 1 == args.steps:
