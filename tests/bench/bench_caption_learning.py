@@ -6,7 +6,7 @@
 Trains the config's model in this process (no Ray: the same objective, optimizer step, warmup and EMA
 as ``training/loop.py``, one rank, micro-batches of ``--micro``) on the ``train`` rows of a
 ``pipelines/preprocess.py`` output of the sample clips, and every ``--every`` steps scores the EMA
-weights with :func:`bench_caption_use.caption_losses`: each held-out clip's denoising loss (fixed noise,
+weights with :func:`fdreamer.eval.probes.condition_losses`: each held-out clip's denoising loss (fixed noise,
 t = 300/600/900) under its own caption and under the same caption naming each of the 7 other motions.
 ``true_rank_mean`` ~3.5 = the caption is ignored, 0 = always read. A quick way to compare recipes before
 paying for a Ray Train run and a sampled evaluation; extra ``key=value`` arguments override the config.
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import pyarrow.parquet as pq
     import torch
-    from bench_caption_use import caption_losses, rank_stats
+    from fdreamer.eval.probes import condition_losses, rank_stats
 
     from fdreamer.data.batching import null_from_tensors, pad_tokens, to_train_batch
     from fdreamer.config import load_config
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             for n, v in ema.shadow.items():
                 named[n].copy_(v)
         model.eval()
-        out = rank_stats(caption_losses(model, schedule, hb.latents, noise, conds, (300, 600, 900)), truth)
+        out = rank_stats(condition_losses(model, schedule, hb.latents, noise, conds, (300, 600, 900)), truth)
         model.train()
         with torch.no_grad():
             for n, v in live.items():

@@ -20,19 +20,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def caption_losses(model, schedule, x0, noise, conds, timesteps):
-    """The caption probe's losses (:func:`fdreamer.eval.probes.condition_losses`)."""
-    from fdreamer.eval.probes import condition_losses
-
-    return condition_losses(model, schedule, x0, noise, conds, timesteps)
-
-
-def rank_stats(losses, truth):
-    from fdreamer.eval.probes import rank_stats as stats
-
-    return stats(losses, truth)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -46,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fdreamer.checkpoint import resolve_checkpoint
     from fdreamer.eval.evaluate import build_prompts
+    from fdreamer.eval.probes import condition_losses, rank_stats
     from fdreamer.inference.pipeline import VideoPipeline
     from fdreamer.toy.scenes import MOTION_PHRASES, MOTIONS
 
@@ -64,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             true_phrase = MOTION_PHRASES[item["motion"]]
             conds = [pipe.encode_conditions(item["image"], item["prompt"].replace(true_phrase, MOTION_PHRASES[m]))[0]
                      for m in MOTIONS]
-            losses.append(caption_losses(pipe.model, pipe.schedule, x0, noise, conds, ts))  # [1, M]
+            losses.append(condition_losses(pipe.model, pipe.schedule, x0, noise, conds, ts))  # [1, M]
             truth.append(MOTIONS.index(item["motion"]))
     print(json.dumps({"checkpoint": str(ckpt), "clips": len(truth), "timesteps": ts,
                       **rank_stats(torch.cat(losses), truth)}))
