@@ -19,15 +19,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from fdreamer.config import dump_yaml, load_config, to_dict
 from fdreamer.encoders import EncoderConfig
-from fdreamer.models import FactorizedDreamerUNet, ModelConfig
+from fdreamer.models.config import ModelConfig
 from fdreamer.schedule import ScheduleConfig
+
+if TYPE_CHECKING:  # the network (and diffusers) is imported only where a model is built
+    from fdreamer.models.unet import FactorizedDreamerUNet
 
 FORMAT_VERSION = 1
 META = "fdreamer_checkpoint.json"
@@ -141,6 +144,8 @@ def save_model(
 def build_empty(path: str | Path, model_cfg: ModelConfig | None = None, device: str | torch.device = "cpu") -> FactorizedDreamerUNet:
     """The checkpoint's architecture, randomly initialised (``model_cfg`` overrides its model.yaml)."""
     from diffusers import UNet2DConditionModel
+
+    from fdreamer.models.unet import FactorizedDreamerUNet
 
     folder = Path(path)
     cfg = model_cfg if model_cfg is not None else load_config(ModelConfig, folder / "model.yaml")

@@ -176,6 +176,15 @@ def _freeze(model: Any, device: torch.device) -> Any:
     return model
 
 
+def vae_downsample_factor(vae_dir: str | Path) -> int:
+    """Pixels per latent along each side of the VAE saved in ``vae_dir`` (8 for SD's, 4 for the tiny one),
+    read from its ``config.json`` alone: no diffusers import, no weights. FileNotFoundError without it."""
+    import json
+
+    config = json.loads((Path(vae_dir) / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
     """A frozen diffusers AutoencoderKL from a local folder (``config.json`` + weights), never downloading."""
     from diffusers import AutoencoderKL

@@ -37,6 +37,7 @@ import ray
 from fdreamer.config import to_dict
 from fdreamer.data import schema, storage
 from fdreamer.data.manifests import ManifestRecord, read_manifests
+from fdreamer.encoders import vae_downsample_factor
 from pipelines import stages
 from pipelines.config import PreprocessConfig
 from pipelines.plan import DUPLICATES_SCHEMA, plan_pass2
@@ -90,9 +91,8 @@ def _rows_per_shard(cfg: PreprocessConfig) -> int:
     """Rows per shard from ``shard_target_bytes`` and the fp16 tensor sizes of one clip."""
     enc = cfg.resolved_encoders()
     factor, text_width = 8, 768
-    vae_cfg = Path(enc.vae or "") / "config.json"
-    if vae_cfg.is_file():
-        factor = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1)
+    if (Path(enc.vae or "") / "config.json").is_file():
+        factor = vae_downsample_factor(enc.vae)
     text_cfg = Path(enc.text_encoder or "") / "config.json"
     if text_cfg.is_file():
         text_width = int(json.loads(text_cfg.read_text()).get("hidden_size", text_width))

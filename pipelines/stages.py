@@ -21,12 +21,12 @@ on the option.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -176,12 +176,22 @@ def hash_and_cache(batch: pa.Table, profile: dict, output: str, s3_endpoint: str
     cached = table.filter(pa.array(keep, pa.bool_()))
     if cached.num_rows:
         fs, base = storage.resolve(output, s3_endpoint)
-        name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+        name = part_name(cached.column("record_key").to_pylist())
         storage.write_parquet(fs, storage.join(base, HASH_DIR, name), cached, compression="zstd")
     return table
 
 
 HASH_DIR = "_hashes"
+
+
+def part_name(keys: list[str]) -> str:
+    """``part-<sha1 of the sorted keys, 20 hex>.parquet``: a file's name follows from the rows it holds.
+
+    A retried or lineage-rebuilt task that writes the same rows again replaces its file instead of
+    adding a second copy, and two runs over the same input name (and so order) their shards alike.
+    """
+    digest = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
 
 
 def read_hash_cache(output: str, s3_endpoint: str | None, keys: set[str]) -> dict[str, list[dict]]:
@@ -376,7 +386,7 @@ def write_shard(batch: pa.Table, output: str, s3_endpoint: str | None = None, t5
     name = ""
     if good:
         fs, base = storage.resolve(output, s3_endpoint)
-        name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+        name = part_name([r["clip_id"] for r in good])
         storage.write_parquet(fs, storage.join(base, "shards", name), schema.rows_to_table(good, t5_caption),
                               compression="zstd")
     sec_write = (time.perf_counter() - t0) / max(len(rows), 1)

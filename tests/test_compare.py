@@ -84,3 +84,19 @@ def test_study_options_are_split_from_the_training_keys() -> None:
         parse_study(AblateConfig, ["--rows=[z]"], "ablate")
     with pytest.raises(ConfigError, match="systems are"):
         parse_study(CompareConfig, ["--systems=[vc3]"], "compare")
+
+
+def test_table4_rows_resolve_to_their_switches() -> None:
+    """Each Table 4 row of ``training/ablate.py`` is the shared configuration plus only its own switches
+    (the Ray Train runs of two rows are in tests/test_training.py)."""
+    from training.ablate import VARIANTS, variant_args
+
+    base = ["--config", str(REPO / "training" / "configs" / "tiny_stage1.yaml"), "--steps=2"]
+    cfgs = {r: parse_cli(TrainConfig, variant_args(r, base, "exp-table4"))[0] for r in VARIANTS}
+    got = {r: (c.schedule.shift, c.schedule.rescale, c.model.factorized, c.model.temporal_text_encoder,
+               c.model.predictnet) for r, c in cfgs.items()}
+    assert got == {"a": (False, False, True, "t5", True), "a*": (True, False, True, "t5", True),
+                   "b": (True, True, False, "t5", True), "c": (True, True, True, "clip", True),
+                   "d": (True, True, True, "t5", False), "e": (True, True, True, "t5", True)}
+    assert len({c.name for c in cfgs.values()}) == 6 and {c.tracking.experiment for c in cfgs.values()} == {"exp-table4"}
+    assert all(c.steps == 2 and c.tracking.tags["table4_row"] == r for r, c in cfgs.items())

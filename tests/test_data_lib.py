@@ -439,6 +439,13 @@ def test_t5_caption_option_through_the_stages(rows: list[dict], tiny_dir: Path, 
     out = stages.write_shard(stages.add_flow(pa.Table.from_pylist(got["motion_caption"])), str(tmp_path / "o"),
                              t5_caption="motion_caption")
     assert out.column("t5_fallback").to_pylist() == [False, True]
+    # A retried write task (the same rows again) replaces its shard: the name follows from the clip ids.
+    shard = out.column("shard")[0].as_py()
+    assert shard == stages.part_name([r["clip_id"] for r in got["motion_caption"]]) != stages.part_name(["x"])
+    retried = stages.write_shard(stages.add_flow(pa.Table.from_pylist(got["motion_caption"][::-1])),
+                                 str(tmp_path / "o"), t5_caption="motion_caption")
+    assert set(retried.column("shard").to_pylist()) == {shard}
+    assert [p.name for p in (tmp_path / "o" / "shards").iterdir()] == [shard]
     done, per_option = job.completed_shards(*storage.resolve(str(tmp_path / "o")))
     assert len(done) == 2 and per_option == {"motion_caption": 1}
     job.check_t5_caption(str(tmp_path / "o"), "motion_caption", per_option)

@@ -5,7 +5,8 @@ bad file per quarantine reason go through ``pipelines/preprocess.py`` as a subpr
 the session's head node (``ray_head`` fixture, ``tests/helpers/ray_cluster.py``: ``ray start --head
 --block``, stopped by terminating that process, so no other Ray cluster on the machine is touched).
 Then a rerun must resume without new rows and without decoding again; S3 in and out via a moto
-server; the summary logged to a real MLflow server.
+server; the summary logged to a real MLflow server. ``ray job submit`` of this entry point (the driver
+on the cluster, no ``--ray_address``) is the main job's step 4 (tests/test_e2e.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers.ray_cluster import RAY_BIN, free_port, subprocess_env
+from helpers.ray_cluster import free_port, subprocess_env
 
 from fdreamer.data import schema
 from fdreamer.data.manifests import read_manifest
@@ -281,12 +282,19 @@ def test_sigkill_then_resume(cluster: str, dataset: dict, tiny_dir: Path, first_
 
 
 def test_s3_inputs_and_output_via_moto(cluster: str, dataset: dict, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                       mlflow_server: str) -> None:
-    """Manifest and clips in an S3 bucket, Parquet written to another (moto server on 127.0.0.1).
+                                       mlflow_server: str, encoders: object) -> None:
+    """Manifests and clips in an S3 bucket, Parquet written to another (moto server on 127.0.0.1), with
+    ``--t5_caption=motion_caption``.
 
-    Clips are read and shards written by the workers; the summary goes to a real MLflow server. A
-    rerun on the same S3 output resumes (lists the shards there) and writes nothing.
+    Clips are read and shards written by the workers; the summary goes to a real MLflow server. t5
+    encodes each row's motion caption; a JSONL row without one and a WebVid CSV row fall back to caption
+    and are counted; CLIP stays on caption. A rerun on the same S3 output resumes (lists the shards there)
+    and writes nothing; a rerun with the default t5_caption exits 2 before touching it (no T5 of the
+    other text is reused).
     """
+    import csv
+    import io
+
     import boto3
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
@@ -310,17 +318,25 @@ def test_s3_inputs_and_output_via_moto(cluster: str, dataset: dict, tiny_dir: Pa
             key = f"clips/{Path(r['path']).name}"
             s3.upload_file(r["path"], "videos", key)
             lines.append({"path": f"s3://videos/{key}", "caption": r["caption"], "clip_id": r["clip_id"],
-                          "split": r["split"], "motion": r["motion"]})
+                          "split": r["split"], "motion": r["motion"], "motion_caption": r["motion_caption"]})
+        del lines[2]["motion_caption"]  # falls back to caption
+        webvid = lines.pop()  # a WebVid CSV row: no motion caption column, falls back too
         lines.append({"path": "s3://videos/clips/absent.mp4", "caption": "gone"})
         s3.put_object(Bucket="videos", Key="m.jsonl", Body="".join(json.dumps(x) + "\n" for x in lines).encode())
+        text = io.StringIO()
+        csv.writer(text).writerows([["videoid", "contentUrl", "name"], ["w3", webvid["path"], webvid["caption"]]])
+        s3.put_object(Bucket="videos", Key="w.csv", Body=text.getvalue().encode())
         out = "s3://features/tiny/run1"
-        cmd = _job_cmd(cluster, ["s3://videos/m.jsonl"], tiny_dir, out, f"--s3_endpoint={endpoint}",
+        manifests = ["s3://videos/m.jsonl", "s3://videos/w.csv"]
+        cmd = _job_cmd(cluster, manifests, tiny_dir, out, f"--s3_endpoint={endpoint}", "--t5_caption=motion_caption",
                        f"--mlflow_tracking_uri={mlflow_server}", "--mlflow_experiment=preprocess-s3-test")
         proc = subprocess.run(cmd, check=False, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "MLflow logging failed" not in proc.stderr
         summary = schema.read_summary(out, endpoint)
         assert summary["written"] == 4 and summary["quarantined_by_reason"] == {"missing": 1}
+        assert summary["t5_caption"] == "motion_caption" and summary["t5_caption_fallbacks"] == 2
+        assert "2 of 4 written clips have no motion_caption" in proc.stderr
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket="features")["Contents"]}
         assert {f"tiny/run1/{n}" for n in ("_SUCCESS", "summary.json", "quarantine.parquet", "duplicates.parquet",
                                            schema.NULL_CONDITIONS_FILE)} <= keys
@@ -330,9 +346,24 @@ def test_s3_inputs_and_output_via_moto(cluster: str, dataset: dict, tiny_dir: Pa
         shards = schema.shard_paths(out, endpoint)
         assert shards and all(p.startswith("features/tiny/run1/shards/part-") for p in shards)
         table = pads.dataset(shards, filesystem=fs, format="parquet").to_table()
-        assert table.num_rows == 4 and sorted(table.column("uri").to_pylist()) == sorted(x["path"] for x in lines[:4])
-        assert sorted(table.column("split").to_pylist()) == sorted(r["split"] for r in rows)
+        assert table.num_rows == 4 and sorted(table.column("uri").to_pylist()) == sorted(x["path"] for x in lines[:3] + [webvid])
+        assert sorted(table.column("split").to_pylist()) == sorted([r["split"] for r in rows[:3]] + [""])  # CSV: none
         assert table.schema.metadata[b"fdreamer.schema_version"] == str(schema.SCHEMA_VERSION).encode()
+        assert table.schema.metadata[schema.T5_CAPTION_META] == b"motion_caption"
+        motion = {x["path"]: x["motion_caption"] for x in lines[:2]}
+        df = table.to_pandas().set_index("uri")
+        assert dict(df["motion_caption"]) == {u: motion.get(u, "") for u in df.index}
+        for uri, row in df.iterrows():
+            t5 = schema.columns_to_tensor(row, "t5").astype(np.float32)
+            cap = _t5_of(encoders, row["caption"])
+            if uri in motion:  # the motion caption's tokens, not the caption's
+                np.testing.assert_allclose(t5, _t5_of(encoders, motion[uri]), atol=1e-3, rtol=1e-3)
+                assert len(t5) < len(cap) and np.abs(t5 - cap[: len(t5)]).max() > 0.5
+            else:  # fell back
+                np.testing.assert_allclose(t5, cap, atol=1e-3, rtol=1e-3)
+            clip = encoders.encode_clip_text_tokens([row["caption"]])[0].float().numpy()  # CLIP: the full caption
+            np.testing.assert_allclose(schema.columns_to_tensor(row, "clip_text_tokens").astype(np.float32), clip,
+                                       atol=1e-3, rtol=1e-3)
         assert schema.read_null_conditions(out, endpoint)["clip_text_tokens"].shape == (77, 32)
         # The summary was logged to MLflow.
         client = MlflowClient(tracking_uri=mlflow_server)
@@ -344,31 +375,21 @@ def test_s3_inputs_and_output_via_moto(cluster: str, dataset: dict, tiny_dir: Pa
         assert metrics["quarantined.missing"] == 1 and metrics["stage.encode.clips"] == 4
         assert runs[0].data.params["output"] == out
         # Resume on S3: the completed shards are listed there and nothing is written again.
-        rerun = subprocess.run(_job_cmd(cluster, ["s3://videos/m.jsonl"], tiny_dir, out, f"--s3_endpoint={endpoint}"),
-                               check=False, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+        rerun_cmd = _job_cmd(cluster, manifests, tiny_dir, out, f"--s3_endpoint={endpoint}")
+        rerun = subprocess.run([*rerun_cmd, "--t5_caption=motion_caption"], check=False, env=_env(), cwd=REPO,
+                               capture_output=True, text=True, timeout=240)
         assert rerun.returncode == 0, rerun.stderr[-4000:]
         again = schema.read_summary(out, endpoint)
         assert again["written"] == 0 and again["already_done"] == 4 and again["records_hashed"] == 1
         assert schema.shard_paths(out, endpoint) == shards
+        # The default t5_caption on that output: one line, exit 2, nothing touched.
+        other = subprocess.run(rerun_cmd, check=False, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+        assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-4000:]
+        assert f"holds {len(shards)} shard(s) with t5_caption=motion_caption" in other.stderr
+        assert "this run's t5_caption=caption" in other.stderr
+        assert schema.shard_paths(out, endpoint) == shards and schema.read_summary(out, endpoint) == again
     finally:
         server.stop()
-
-
-def test_ray_job_submit(ray_head: dict[str, str], dataset: dict, tiny_dir: Path) -> None:
-    """``ray job submit`` of the entry point (the driver runs on the cluster and finds it by itself)."""
-    out = dataset["root"] / "submitted"
-    inputs = dataset["inputs"][:2]  # the 24 sample clips
-    entry = _job_cmd("", inputs, tiny_dir, out)[:-1]  # no --ray_address: the job's RAY_ADDRESS is used
-    cmd = [RAY_BIN, "job", "submit", f"--address={ray_head['dashboard']}", "--", *entry]
-    deadline = time.monotonic() + 60
-    while True:  # the dashboard comes up a few seconds after the GCS
-        proc = subprocess.run(cmd, check=False, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
-        if proc.returncode == 0 or time.monotonic() > deadline or (out / "shards").exists():
-            break
-        time.sleep(2)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "succeeded" in proc.stdout + proc.stderr
-    assert json.loads((out / "_SUCCESS").read_text())["written"] == NUM_CLIPS
 
 
 def test_preprocessed_sample_fixture(preprocessed_sample: dict) -> None:
@@ -393,49 +414,3 @@ def test_t5_caption_default_encodes_caption(first_run: dict, encoders: object) -
     for _, row in pd.read_parquet(out / "shards").head(4).iterrows():
         t5 = schema.columns_to_tensor(row, "t5").astype(np.float32)
         np.testing.assert_allclose(t5, _t5_of(encoders, row["caption"]), atol=1e-3, rtol=1e-3)
-
-
-def test_t5_caption_motion_caption(cluster: str, dataset: dict, tiny_dir: Path, encoders: object) -> None:
-    """--t5_caption=motion_caption: t5 encodes each row's motion caption; a generic row without one and a
-    WebVid row fall back to caption and are counted; CLIP stays on caption. A rerun with the default
-    on that output exits 2 before touching it (no T5 of the other text is reused)."""
-    import csv
-
-    rows = [json.loads(x) for x in (dataset["root"] / "sample" / "manifest.jsonl").read_text().splitlines()][:4]
-    root = dataset["root"] / "motion"
-    root.mkdir()
-    lines = [{k: r[k] for k in ("path", "caption", "motion_caption", "clip_id", "split")} for r in rows[:3]]
-    del lines[2]["motion_caption"]
-    (root / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    with (root / "w.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([["videoid", "contentUrl", "name"], ["w3", rows[3]["path"], rows[3]["caption"]]])
-    out = root / "out"
-    cmd = _job_cmd(cluster, [str(root / "m.jsonl"), str(root / "w.csv")], tiny_dir, out, "--t5_caption=motion_caption")
-    proc = subprocess.run(cmd, check=False, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = schema.read_summary(str(out))
-    assert summary["written"] == 4 and summary["t5_caption"] == "motion_caption"
-    assert summary["t5_caption_fallbacks"] == 2 and "2 of 4 written clips have no motion_caption" in proc.stderr
-    df = pd.read_parquet(out / "shards").set_index("uri")
-    motion = {r["path"]: r["motion_caption"] for r in rows[:2]}
-    assert dict(df["motion_caption"]) == {r["path"]: motion.get(r["path"], "") for r in rows}
-    for uri, row in df.iterrows():
-        t5 = schema.columns_to_tensor(row, "t5").astype(np.float32)
-        cap = _t5_of(encoders, row["caption"])
-        if uri in motion:  # the motion caption's tokens, not the caption's
-            np.testing.assert_allclose(t5, _t5_of(encoders, motion[uri]), atol=1e-3, rtol=1e-3)
-            assert len(t5) < len(cap) and np.abs(t5 - cap[: len(t5)]).max() > 0.5
-        else:  # fell back
-            np.testing.assert_allclose(t5, cap, atol=1e-3, rtol=1e-3)
-        clip = encoders.encode_clip_text_tokens([row["caption"]])[0].float().numpy()  # CLIP: the full caption
-        np.testing.assert_allclose(schema.columns_to_tensor(row, "clip_text_tokens").astype(np.float32), clip,
-                                   atol=1e-3, rtol=1e-3)
-    shards = sorted(p.name for p in (out / "shards").glob("part-*.parquet"))
-    assert {pq.read_schema(out / "shards" / n).metadata[schema.T5_CAPTION_META] for n in shards} == {b"motion_caption"}
-    success = (out / "_SUCCESS").read_text()
-    rerun = subprocess.run(cmd[:-1], check=False, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert rerun.returncode == 2 and "Traceback" not in rerun.stderr, rerun.stderr[-4000:]
-    assert f"holds {len(shards)} shard(s) with t5_caption=motion_caption" in rerun.stderr
-    assert "this run's t5_caption=caption" in rerun.stderr
-    assert sorted(p.name for p in (out / "shards").glob("part-*.parquet")) == shards
-    assert (out / "_SUCCESS").read_text() == success

@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         base_cfg, _ = parse_cli(TrainConfig, args, prog="training/ablate.py")
         experiment = f"{base_cfg.tracking.experiment}-table4"
         cfgs = {r: parse_cli(TrainConfig, variant_args(r, args, experiment))[0] for r in rows}
-        for c in cfgs.values():
-            prepare(c)
+        prepared = {r: prepare(c) for r, c in cfgs.items()}  # every variant checked before any trains
     except (ConfigError, ValueError, FileExistsError) as exc:
         print(f"ablate: {exc}", file=sys.stderr)
         return 2
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in rows:
             print(f"== Table 4 ({r}): {VARIANTS[r][0]}", flush=True)
-            fit(cfgs[r])
+            fit(cfgs[r], prepared[r])
             runs[r], summary = evaluate_final(cfgs[r], study.eval)
             if summary is not None:
                 print(f"== Table 4 ({r}) evaluation: {summary['i2v']}", flush=True)

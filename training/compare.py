@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         plans = {s: system_args(s, args, experiment, image_path=image_path, steps=base_cfg.steps,
                                 stage_b_steps=stage_b_steps, run_root=root) for s in systems}
         cfgs = {s: [parse_cli(TrainConfig, a)[0] for a in plan] for s, plan in plans.items()}
-        for stages in cfgs.values():
-            prepare(stages[0])  # later stages are checked when their previous stage exists
+        prepared = {s: prepare(stages[0]) for s, stages in cfgs.items()}  # later stages: once their previous exists
     except (ConfigError, ValueError, FileExistsError) as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
@@ -128,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in systems:
             for i, cfg in enumerate(cfgs[s]):
                 print(f"== {SYSTEMS[s]}: {cfg.name} ({cfg.steps} steps)", flush=True)
-                if i > 0:
-                    prepare(cfg)
-                fit(cfg)
+                fit(cfg, prepared[s] if i == 0 else prepare(cfg))
             runs[s], summary = evaluate_final(cfgs[s][-1], study.eval, modes=("i2v", "t2v"))
             if summary is not None:
                 print(f"== {SYSTEMS[s]} evaluation: {summary}", flush=True)

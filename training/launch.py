@@ -99,10 +99,10 @@ def clip_profile_meta(shard: str, encoders: EncoderConfig) -> dict[str, Any]:
     latent_size = int(rows[0]["latents_shape"][-1])
     meta = {"num_frames": int(rows[0]["num_frames"]), "fps": float(rows[0]["fps"]), "latent_size": latent_size}
     if encoders.vae is not None:
-        from fdreamer.encoders import FrozenEncoders
+        from fdreamer.encoders import vae_downsample_factor
 
         try:
-            meta["size"] = latent_size * FrozenEncoders(encoders).vae_downsample_factor
+            meta["size"] = latent_size * vae_downsample_factor(encoders.vae)
         except FileNotFoundError as exc:  # e.g. the models live on the worker nodes only
             logger.warning("no clip size recorded in the checkpoints (inference uses schedule.height/width): %s", exc)
     return meta

@@ -9,32 +9,58 @@ Public API::
 Never imports Ray.
 """
 
-from fdreamer.models.conditions import (
-    Conditions,
-    drop_conditions,
-    null_conditions,
-    sample_drop_masks,
-)
-from fdreamer.models.config import (
-    GROUPS,
-    PRESETS,
-    SD15_UNET_CONFIG,
-    SD15_UNET_PARAMETERS,
-    AdapterConfig,
-    ModelConfig,
-    PacaConfig,
-    TemporalConfig,
-    preset_model_config,
-    preset_unet_config,
-)
-from fdreamer.models.params import (
-    apply_freeze,
-    count_parameters,
-    group_of,
-    parameter_groups,
-    trainable_parameters,
-)
-from fdreamer.models.unet import FactorizedDreamerOutput, FactorizedDreamerUNet
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names resolve on first use (PEP 562): importing ``fdreamer.models.config`` or ``.conditions`` (configs,
+# data loaders, the training driver, Ray Data tasks) must not import diffusers (~10 s of CPU per process).
+_SOURCES = {
+    "conditions": ("Conditions", "drop_conditions", "null_conditions", "sample_drop_masks"),
+    "config": ("GROUPS", "PRESETS", "SD15_UNET_CONFIG", "SD15_UNET_PARAMETERS", "AdapterConfig", "ModelConfig",
+               "PacaConfig", "TemporalConfig", "preset_model_config", "preset_unet_config"),
+    "params": ("apply_freeze", "count_parameters", "group_of", "parameter_groups", "trainable_parameters"),
+    "unet": ("FactorizedDreamerOutput", "FactorizedDreamerUNet"),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+
+if TYPE_CHECKING:
+    from fdreamer.models.conditions import Conditions, drop_conditions, null_conditions, sample_drop_masks
+    from fdreamer.models.config import (
+        GROUPS,
+        PRESETS,
+        SD15_UNET_CONFIG,
+        SD15_UNET_PARAMETERS,
+        AdapterConfig,
+        ModelConfig,
+        PacaConfig,
+        TemporalConfig,
+        preset_model_config,
+        preset_unet_config,
+    )
+    from fdreamer.models.params import (
+        apply_freeze,
+        count_parameters,
+        group_of,
+        parameter_groups,
+        trainable_parameters,
+    )
+    from fdreamer.models.unet import FactorizedDreamerOutput, FactorizedDreamerUNet
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fdreamer.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"fdreamer.models.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "GROUPS",

@@ -47,19 +47,25 @@ def _run(cmd: list[str], log: Path) -> float:
 
 def run_benchmark(work: Path, *, num_clips: int, config: str, steps: int | None, eval_steps: int,
                   ray_address: str, extra: list[str], num_eval: int | None = None, seed: int = 0,
-                  image_guidance_scale: float = 1.5, guidance_scale: float = 7.5) -> dict:
+                  image_guidance_scale: float = 1.5, guidance_scale: float = 7.5,
+                  prepared: dict | None = None) -> dict:
+    """``prepared``: ``{"sample", "models", "output"}`` of an earlier sample-data + preprocessing (those
+    steps are skipped, ``num_clips`` is then only reported)."""
     from fdreamer.eval.evaluate import EvalSettings, evaluate
 
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     t: dict[str, float] = {}
     sample, models, pre, storage = work / "sample", work / "models", work / "pre", work / "train"
-    t["sample_data_s"] = _run([py, "-m", "fdreamer.cli.main", "sample-data", str(sample), "--num-clips", str(num_clips)],
-                              work / "sample.log")
-    t["tiny_models_s"] = _run([py, "-m", "fdreamer.cli.main", "make-tiny-models", str(models)], work / "models.log")
-    t["preprocess_s"] = _run([py, "pipelines/preprocess.py", "--config", "pipelines/configs/tiny.yaml",
-                              f"--inputs=[{sample / 'manifest.jsonl'}]", f"--output={pre}", f"--models_dir={models}",
-                              f"--ray_address={ray_address}"], work / "preprocess.log")
+    if prepared is not None:
+        sample, models, pre = Path(prepared["sample"]), Path(prepared["models"]), Path(prepared["output"])
+    else:
+        t["sample_data_s"] = _run([py, "-m", "fdreamer.cli.main", "sample-data", str(sample), "--num-clips",
+                                   str(num_clips)], work / "sample.log")
+        t["tiny_models_s"] = _run([py, "-m", "fdreamer.cli.main", "make-tiny-models", str(models)], work / "models.log")
+        t["preprocess_s"] = _run([py, "pipelines/preprocess.py", "--config", "pipelines/configs/tiny.yaml",
+                                  f"--inputs=[{sample / 'manifest.jsonl'}]", f"--output={pre}", f"--models_dir={models}",
+                                  f"--ray_address={ray_address}"], work / "preprocess.log")
     name = "learn"
     train_cmd = [py, "training/run.py", "--config", config, f"--data.path={pre}", f"--models_dir={models}",
                  f"--storage_path={storage}", f"--name={name}", f"--ray_address={ray_address}", f"--seed={seed}"]
@@ -69,7 +75,7 @@ def run_benchmark(work: Path, *, num_clips: int, config: str, steps: int | None,
     settings = EvalSettings(steps=eval_steps, image_guidance_scale=image_guidance_scale, guidance_scale=guidance_scale)
     t0 = time.perf_counter()
     res = evaluate(storage / name, sample, modes=("i2v",), num=num_eval, seed=seed, settings=settings,
-                   out=work / "eval", ray_address=None)
+                   out=work / "eval")
     t["evaluate_s"] = time.perf_counter() - t0
     t["total_s"] = sum(t.values())
     s, real = res.summary["i2v"], res.summary["real"]
