@@ -186,12 +186,19 @@ def _start_node(name: str, args: list[str], log: Path) -> dict[str, int]:
     return {"pid": proc.pid, "sid": proc.pid}
 
 
+class NodeExited(RuntimeError):
+    """A node's ``ray start`` process ended while the cluster was starting (e.g. a chosen port got taken)."""
+
+
 def _wait(what: str, check, state: dict[str, Any], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         for name, node in state["nodes"].items():
             if not alive(node["pid"]):
-                raise RuntimeError(f"the {name} node's `ray start` exited; see {state_dir() / (name + '.log')}")
+                log = state_dir() / (name + ".log")
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
+                raise NodeExited(f"the {name} node's `ray start` exited; see {log}"
+                                 + "".join(f"\n  | {line[:300]}" for line in tail))
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not ready in {timeout_s:.0f} s; see the logs in {state_dir()}")
         time.sleep(0.5)
@@ -206,7 +213,22 @@ def describe(state: dict[str, Any]) -> str:
     ])
 
 
-def up(timeout_s: float = 120.0) -> int:
+def up(timeout_s: float = 120.0, attempts: int = 3) -> int:
+    """Start the cluster; a node that exits during start-up (a port chosen free and taken before Ray bound
+    it, by another process on the machine) is retried with new ports, ``attempts`` times in all."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _up(timeout_s)
+        except NodeExited as exc:
+            if attempt == attempts or os.environ.get("FDREAMER_RAY_PORT"):
+                print(f"up failed: {exc}; stopped what was started", file=sys.stderr)
+                return 1
+            print(f"up: attempt {attempt} failed ({str(exc).splitlines()[0]}); retrying with new ports",
+                  file=sys.stderr)
+    return 1
+
+
+def _up(timeout_s: float) -> int:
     state = read_state()
     if is_running(state):
         print(f"local Ray cluster already running (head pid {state['nodes']['head']['pid']}, "
@@ -260,6 +282,9 @@ def up(timeout_s: float = 120.0) -> int:
         write_state(state)
         _wait("two alive nodes", lambda: len(alive_nodes(state["dashboard"])) >= 2, state, timeout_s)
         _wait("the Jobs API", lambda: jobs_api_ready(state["dashboard"]), state, timeout_s)
+    except NodeExited:
+        _stop(state, quiet=True)
+        raise
     except (RuntimeError, TimeoutError) as exc:
         print(f"up failed: {exc}; stopping what was started", file=sys.stderr)
         _stop(state, quiet=True)

@@ -61,6 +61,24 @@ def memory(no_asset: Path) -> tm.TinyModels:
 
 
 @pytest.fixture(scope="session")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 sample clips (``fdreamer.toy.sample_data``, seed 0) with their ``manifest.jsonl``."""
+    from fdreamer.toy.sample_data import write_sample_data
+
+    out = tmp_path_factory.mktemp("sample")
+    write_sample_data(out, 8, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rows(sample: Path) -> list[dict]:
+    """The manifest records of ``sample``."""
+    import json
+
+    return [json.loads(line) for line in (sample / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A 2-CPU Ray head (``ray start --head``, dashboard for ``ray job submit``) for the whole session.
 

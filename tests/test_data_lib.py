@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import av
@@ -16,20 +15,7 @@ import pytest
 import torch
 
 from fdreamer.data import dedup, flow, manifests, quarantine, schema, storage
-from fdreamer.toy.sample_data import write_sample_data
 from fdreamer.data.video import VideoDecodeError, probe_video, read_video, write_video
-
-
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sample")
-    write_sample_data(out, 8, workers=1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def rows(sample: Path) -> list[dict]:
-    return [json.loads(line) for line in (sample / "manifest.jsonl").read_text().splitlines()]
 
 
 def _clip(path: str | Path) -> np.ndarray:
@@ -347,111 +333,3 @@ def test_every_quarantine_reason(rows: list[dict], tmp_path: Path) -> None:
     assert quarantine.classify(FileNotFoundError("s3://b/k")) == "missing"
     assert quarantine.classify(probe_video(files["too_small"]), 48) == "too_small"
     assert set(quarantine.REASONS) == set(files) | {"decode_timeout"}
-
-
-# ------------------------------------------------------------------------- profile keys in the stages
-
-
-def test_profile_keys_change_pass_1_and_2(rows: list[dict]) -> None:
-    """clips_per_video, fps, min_side and decode_timeout_s, through ProfileConfig as the job passes them."""
-    from pipelines import stages
-    from pipelines.config import ProfileConfig
-
-    first = manifests.read_manifest(str(Path(rows[0]["path"]).parents[1] / "manifest.jsonl"))[0]
-    recs = pa.Table.from_pylist([dict(first)])
-
-    def hashed(**kw: object) -> list[dict]:
-        return stages.hash_videos(recs, ProfileConfig(**kw).stage_dict()).to_pylist()
-
-    # 24 source frames; 4 frames at stride 2 span 7: at most 3 non-overlapping clips.
-    assert [r["start_frame"] for r in hashed(num_frames=4, clips_per_video=2)] == [0, 7]
-    assert [r["start_frame"] for r in hashed(num_frames=4, clips_per_video=5)] == [0, 7, 14]
-    assert [r["fps"] for r in hashed(fps=4.0, stride=None)] == [4.0] and hashed()[0]["fps"] == 6.0
-    assert [(r["status"], r["reason"]) for r in hashed(min_side=97)] == [("quarantined", "too_small")]
-    assert [r["reason"] for r in hashed(decode_timeout_s=1e-4)] == ["decode_timeout"]
-    ok = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "phash"} for r in hashed()])
-    assert stages.decode_clips(ok, ProfileConfig().stage_dict()).column("status").to_pylist() == ["ok"]
-    late = stages.decode_clips(ok, ProfileConfig(decode_timeout_s=1e-4).stage_dict()).to_pylist()
-    assert [(r["status"], r["reason"]) for r in late] == [("quarantined", "decode_timeout")]
-
-
-# ------------------------------------------------------------------------------- pass-1 hash cache
-
-
-def test_hash_cache_round_trip_skips_transient(rows: list[dict], tmp_path: Path) -> None:
-    from pipelines import job, stages
-
-    profile = {"num_frames": 8, "fps": None, "stride": 2, "size": 64, "clips_per_video": 1, "min_side": 48,
-               "decode_timeout_s": 0, "tag": "s2-64"}
-    recs = [r for m in ("manifest.jsonl",) for r in manifests.read_manifest(str(Path(rows[0]["path"]).parents[1] / m))][:2]
-    recs.append(dict(recs[0], uri=str(tmp_path / "absent.mp4"), video_id="absent"))
-    items = [dict(r, record_key=job.record_key(dict(r), profile)) for r in recs]
-    assert len({it["record_key"] for it in items}) == 3
-    assert job.record_key(dict(recs[0]), profile) != job.record_key(dict(recs[0]), profile | {"size": 32})
-    out = stages.hash_and_cache(pa.Table.from_pylist(items), profile, str(tmp_path / "out"))
-    assert out.column("status").to_pylist() == ["ok", "ok", "quarantined"]
-    assert out.column("split").to_pylist()[:2] == [r["split"] for r in rows[:2]]
-    cached = stages.read_hash_cache(str(tmp_path / "out"), None, {it["record_key"] for it in items})
-    assert set(cached) == {items[0]["record_key"], items[1]["record_key"]}  # "missing" is retried next time
-    assert cached[items[0]["record_key"]][0]["content_hash"] == out.column("content_hash")[0].as_py()
-    # A second copy of the same block (a retried task) does not double the rows.
-    stages.hash_and_cache(pa.Table.from_pylist(items[:1]), profile, str(tmp_path / "out"))
-    again = stages.read_hash_cache(str(tmp_path / "out"), None, {items[0]["record_key"]})
-    assert len(again[items[0]["record_key"]]) == 1
-
-
-# ------------------------------------------------------------------------------- t5_caption option
-
-
-def test_t5_caption_option_through_the_stages(rows: list[dict], tiny_dir: Path, tmp_path: Path) -> None:
-    """motion_caption: t5 of the motion caption, an empty one falls back (flagged); CLIP stays on caption."""
-    from fdreamer.config import ConfigError, load_config
-    from pipelines import job, stages
-    from pipelines.config import PreprocessConfig, ProfileConfig
-
-    recs = [dict(r) for r in manifests.read_manifest(str(Path(rows[0]["path"]).parents[1] / "manifest.jsonl"))[:2]]
-    recs[1]["motion_caption"] = ""  # as read from a WebVid/Pexels CSV
-    profile = ProfileConfig().stage_dict()
-    hashed = stages.hash_videos(pa.Table.from_pylist(recs), profile).drop_columns(["phash"])
-    decoded = stages.decode_clips(hashed, profile)
-    enc_cfg = dataclasses.asdict(PreprocessConfig(models_dir=str(tiny_dir)).resolved_encoders())
-    default, motion = stages.EncodeClips(enc_cfg), stages.EncodeClips(enc_cfg, t5_caption="motion_caption")
-    got = {"caption": default(decoded).to_pylist(), "motion_caption": motion(decoded).to_pylist()}
-
-    def t5_of(text: str) -> np.ndarray:
-        return default.enc.encode_t5_unpadded([text])[0].float().numpy()  # [L, D]
-
-    def t5_row(r: dict) -> np.ndarray:
-        return schema.columns_to_tensor(r, "t5").astype(np.float32)
-
-    moved, fell_back = got["motion_caption"]
-    assert recs[0]["motion_caption"] and moved["motion_caption"] == recs[0]["motion_caption"]
-    np.testing.assert_allclose(t5_row(moved), t5_of(recs[0]["motion_caption"]), atol=1e-3, rtol=1e-3)
-    cap = t5_of(recs[0]["caption"])
-    n = min(len(cap), moved["t5_length"])
-    assert moved["t5_length"] < len(cap) and np.abs(t5_row(moved)[:n] - cap[:n]).max() > 0.5
-    np.testing.assert_allclose(t5_row(fell_back), t5_of(recs[1]["caption"]), atol=1e-3, rtol=1e-3)
-    assert [r["t5_fallback"] for r in got["motion_caption"]] == [False, True]
-    for r, rec, same in zip(got["caption"], recs, got["motion_caption"]):  # default: caption, no fallback
-        np.testing.assert_allclose(t5_row(r), t5_of(rec["caption"]), atol=1e-3, rtol=1e-3)
-        assert not r["t5_fallback"] and r["clip_text_tokens"] == same["clip_text_tokens"]  # CLIP: caption
-    # Shards record the option; fallbacks come back from the writer; another option cannot resume there.
-    out = stages.write_shard(stages.add_flow(pa.Table.from_pylist(got["motion_caption"])), str(tmp_path / "o"),
-                             t5_caption="motion_caption")
-    assert out.column("t5_fallback").to_pylist() == [False, True]
-    # A retried write task (the same rows again) replaces its shard: the name follows from the clip ids.
-    shard = out.column("shard")[0].as_py()
-    assert shard == stages.part_name([r["clip_id"] for r in got["motion_caption"]]) != stages.part_name(["x"])
-    retried = stages.write_shard(stages.add_flow(pa.Table.from_pylist(got["motion_caption"][::-1])),
-                                 str(tmp_path / "o"), t5_caption="motion_caption")
-    assert set(retried.column("shard").to_pylist()) == {shard}
-    assert [p.name for p in (tmp_path / "o" / "shards").iterdir()] == [shard]
-    done, per_option = job.completed_shards(*storage.resolve(str(tmp_path / "o")))
-    assert len(done) == 2 and per_option == {"motion_caption": 1}
-    job.check_t5_caption(str(tmp_path / "o"), "motion_caption", per_option)
-    mismatch = r"1 shard\(s\) with t5_caption=motion_caption, .* this run's t5_caption=caption"
-    with pytest.raises(job.OutputMismatchError, match=mismatch):
-        job.check_t5_caption(str(tmp_path / "o"), "caption", per_option)
-    assert schema.shard_t5_caption(None) == "caption"  # shards written before the option
-    with pytest.raises(ConfigError, match="t5_caption"):
-        load_config(PreprocessConfig, overrides=["--t5_caption=motion"])

@@ -140,3 +140,29 @@ def test_local_cluster_lifecycle(cluster_env) -> None:
     current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     assert not (current.is_file() and current.read_text().strip().endswith(f":{recorded['gcs_port']}"))
     print(f"local cluster life cycle: {time.monotonic() - t0:.1f} s")
+
+
+def test_up_retries_a_node_that_exits_during_start(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A node whose ``ray start`` exits while the cluster starts (a port chosen free, then taken by another
+    process before Ray bound it: seen once under load) is retried with new ports, 3 attempts in all; a
+    fixed ``FDREAMER_RAY_PORT`` is not retried. (The start itself: test_local_cluster_lifecycle.)"""
+    from cluster import local
+
+    calls: list[int] = []
+
+    def flaky(timeout_s: float) -> int:
+        calls.append(1)
+        if len(calls) < 3:
+            raise local.NodeExited("the head node's `ray start` exited; see head.log\n  | address in use")
+        return 0
+
+    monkeypatch.setattr(local, "_up", flaky)
+    monkeypatch.delenv("FDREAMER_RAY_PORT", raising=False)
+    assert local.up() == 0 and len(calls) == 3
+    assert capsys.readouterr().err.count("retrying with new ports") == 2
+    calls.clear()
+    assert local.up(attempts=2) == 1 and len(calls) == 2
+    assert "up failed: the head node's `ray start` exited" in capsys.readouterr().err
+    calls.clear()
+    monkeypatch.setenv("FDREAMER_RAY_PORT", "6390")
+    assert local.up() == 1 and len(calls) == 1
