@@ -188,7 +188,7 @@ def part_name(keys: list[str]) -> str:
     """``part-<sha1 of the sorted keys, 20 hex>.parquet``: a file's name follows from the rows it holds.
 
     A retried or lineage-rebuilt task that writes the same rows again replaces its file instead of
-    adding a second copy, and two runs over the same input name (and so order) their shards alike.
+    adding a second copy; two runs whose batches form alike name (and so order) their files alike.
     """
     digest = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
     return f"part-{digest}.parquet"
