@@ -61,7 +61,7 @@ def memory(no_asset: Path) -> tm.TinyModels:
 
 
 @pytest.fixture(scope="session")
-def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sample_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 sample clips (``fdreamer.toy.sample_data``, seed 0) with their ``manifest.jsonl``."""
     from fdreamer.toy.sample_data import write_sample_data
 
@@ -71,11 +71,11 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def rows(sample: Path) -> list[dict]:
-    """The manifest records of ``sample``."""
+def rows(sample_clips: Path) -> list[dict]:
+    """The manifest records of ``sample_clips``."""
     import json
 
-    return [json.loads(line) for line in (sample / "manifest.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (sample_clips / "manifest.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")

@@ -126,10 +126,10 @@ def test_null_conditions_from_tiny_encoders(tiny_dir: Path) -> None:
 # --------------------------------------------------------------------------------------- manifests
 
 
-def test_manifests_detect_formats(sample: Path, rows: list[dict], tmp_path: Path) -> None:
-    web = manifests.read_manifest(str(sample / "webvid.csv"))
-    pex = manifests.read_manifest(str(sample / "pexels.csv"))
-    gen = manifests.read_manifest(str(sample / "manifest.jsonl"))
+def test_manifests_detect_formats(sample_clips: Path, rows: list[dict], tmp_path: Path) -> None:
+    web = manifests.read_manifest(str(sample_clips / "webvid.csv"))
+    pex = manifests.read_manifest(str(sample_clips / "pexels.csv"))
+    gen = manifests.read_manifest(str(sample_clips / "manifest.jsonl"))
     assert len(web) + len(pex) == len(gen) == 8
     assert {r["source"] for r in web} == {"webvid"} and {r["source"] for r in pex} == {"pexels"}
     assert gen[0]["motion_caption"] == rows[0]["motion_caption"] and gen[0]["caption"] == rows[0]["caption"]
