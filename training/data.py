@@ -1,7 +1,7 @@
 """The training data on Ray Data: read the preprocessing job's Parquet shards, select columns, filter.
 
-Scores are columns of the data (``motion_score``, ``split``, ``num_frames``): a stage selects rows with
-:func:`filter_rows` at read time instead of deleting anything. Order is deterministic (Ray Data
+Which rows and columns a stage reads is :mod:`training.rows` (torch-free, so the Ray Data read tasks that
+filter rows do not import torch); this module builds the datasets and the torch batches. Order is deterministic (Ray Data
 ``preserve_order``), so a worker's data position (epoch, micro-batches consumed) reproduces exactly.
 
 Two kinds of rows (VideoCrafter2 joint training): video clips (``num_frames >= 2``, from
@@ -19,81 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from fdreamer.data.batching import FLOW_COLUMNS, IMAGE_COLUMNS, TRAIN_COLUMNS, TrainBatch, to_train_batch
-from fdreamer.data.schema import SCHEMA_VERSION
-from training.config import DataConfig, TrainConfig
-
-FILTER_COLUMNS = ("split", "motion_score", "num_frames", "schema_version")
-VIDEO, IMAGE = "video", "image"
-
-
-class DataError(ValueError):
-    """The training data is missing or does not fit this code / this run's configuration."""
-
-
-def shard_files(path: str) -> list[str]:
-    """The completed Parquet shards of a preprocessing output (sorted; temp files ignored)."""
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"training data {path!r} does not exist (run pipelines/preprocess.py first)")
-    files = sorted(str(p) for p in (root / "shards").glob("part-*.parquet"))
-    if not files:
-        raise DataError(f"{path}: no shards/part-*.parquet (is this a pipelines/preprocess.py output?)")
-    return files
-
-
-def check_schema(files: list[str], columns: tuple[str, ...] = TRAIN_COLUMNS) -> None:
-    """Fail with a precise message when the shards were written by another schema version."""
-    schema = pq.read_schema(files[0])
-    meta = schema.metadata or {}
-    version = meta.get(b"fdreamer.schema_version")
-    if version is None or int(version) != SCHEMA_VERSION:
-        raise DataError(
-            f"{files[0]}: schema version {version.decode() if version else 'missing'}, this code reads "
-            f"version {SCHEMA_VERSION}; re-run pipelines/preprocess.py with this checkout"
-        )
-    missing = [c for c in (*columns, *FILTER_COLUMNS) if c not in schema.names]
-    if missing:
-        raise DataError(f"{files[0]}: missing columns {missing}")
-
-
-def row_mask(table: pa.Table, cfg: DataConfig, split: str | None, kind: str = VIDEO) -> pa.Array:
-    """Boolean mask of the rows a stage trains on: clips (``num_frames >= 2``; split, motion score range,
-    frame count) or images (``num_frames == 1``; split only: images have no motion score)."""
-    mask = pa.array(np.ones(table.num_rows, dtype=bool))
-    if split is not None and "split" in table.column_names:
-        mask = pc.and_(mask, pc.fill_null(pc.equal(table["split"], split), False))
-    if kind == IMAGE:
-        return pc.and_(mask, pc.fill_null(pc.equal(table["num_frames"], 1), False))
-    mask = pc.and_(mask, pc.fill_null(pc.greater_equal(table["num_frames"], 2), False))
-    if cfg.min_motion_score is not None:
-        mask = pc.and_(mask, pc.fill_null(pc.greater_equal(table["motion_score"], cfg.min_motion_score), False))
-    if cfg.max_motion_score is not None:
-        mask = pc.and_(mask, pc.fill_null(pc.less_equal(table["motion_score"], cfg.max_motion_score), False))
-    if cfg.num_frames is not None:
-        mask = pc.and_(mask, pc.equal(table["num_frames"], cfg.num_frames))
-    return mask
-
-
-def filter_rows(batch: pa.Table, cfg: dict[str, Any], split: str | None, kind: str = VIDEO) -> pa.Table:
-    """Ray Data ``map_batches`` form of :func:`row_mask` (then drops the filter-only columns)."""
-    table = batch.filter(row_mask(batch, DataConfig(**cfg), split, kind))
-    return table.drop_columns([c for c in FILTER_COLUMNS if c in table.column_names])
-
-
-def columns_for(cfg: TrainConfig, kind: str = VIDEO) -> list[str]:
-    if kind == IMAGE:
-        return list(IMAGE_COLUMNS) + list(FILTER_COLUMNS)
-    cols = list(TRAIN_COLUMNS) + list(FILTER_COLUMNS)
-    if cfg.model.predictnet:
-        cols += list(FLOW_COLUMNS)
-    return cols
-
+from fdreamer.data.batching import TrainBatch, to_train_batch
+from training.config import TrainConfig
+from training.rows import (IMAGE, IMAGE_COLUMNS, TRAIN_COLUMNS, VIDEO, DataError, check_schema, columns_for,
+                           count, filter_rows, row_mask, shard_files)
 
 def _path(cfg: TrainConfig, kind: str) -> str:
     return cfg.data.image_path if kind == IMAGE else cfg.data.path
@@ -109,7 +41,7 @@ def dataset(cfg: TrainConfig, kind: str = VIDEO):  # -> ray.data.Dataset
     """The ``kind`` rows of the stage as a Ray Dataset (column selection + filters; nothing loaded yet)."""
     import ray.data
 
-    ds = ray.data.read_parquet(_files(cfg, kind), columns=columns_for(cfg, kind), shuffle=None)
+    ds = ray.data.read_parquet(_files(cfg, kind), columns=columns_for(cfg.model.predictnet, kind), shuffle=None)
     ds = ds.map_batches(filter_rows, batch_format="pyarrow",
                         fn_kwargs={"cfg": _plain(cfg.data), "split": cfg.data.split, "kind": kind})
     return ds.materialize() if cfg.data.materialize else ds
@@ -129,8 +61,7 @@ def train_datasets(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _count(cfg: TrainConfig, kind: str) -> int:
-    table = pq.read_table(_files(cfg, kind), columns=list(FILTER_COLUMNS))
-    return int(pc.sum(row_mask(table, cfg.data, cfg.data.split, kind).cast(pa.int64())).as_py() or 0)
+    return count(_files(cfg, kind), cfg.data, cfg.data.split, kind)
 
 
 def count_rows(cfg: TrainConfig) -> int:
@@ -150,7 +81,7 @@ def heldout_batch(cfg: TrainConfig, kind: str = VIDEO) -> TrainBatch | None:
     """The validation rows (``heldout_split``, at most ``max_heldout``) of the clips or the images."""
     if cfg.data.heldout_split is None or (kind == IMAGE and not cfg.data.image_path):
         return None
-    table = pq.read_table(shard_files(_path(cfg, kind)), columns=columns_for(cfg, kind))
+    table = pq.read_table(shard_files(_path(cfg, kind)), columns=columns_for(cfg.model.predictnet, kind))
     table = table.filter(row_mask(table, cfg.data, cfg.data.heldout_split, kind))
     if table.num_rows == 0:
         return None

@@ -13,6 +13,7 @@ from fdreamer.config import to_dict
 from fdreamer.encoders import EncoderConfig
 from training import checkpointing
 from training import data as train_data
+from training import rows as selection
 from training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -66,13 +67,13 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
     """Every driver-side check; returns the ``train_loop_config`` for the workers."""
     cfg.check_ready()
     cfg = absolute_paths(cfg)
-    files = train_data.shard_files(cfg.data.path)
-    train_data.check_schema(files)
+    files = selection.shard_files(cfg.data.path)
+    selection.check_schema(files)
     train_data.null_conditions_file(cfg.data.path)
     rows = train_data.count_rows(cfg)
     per_worker = rows // cfg.scaling.num_workers
     if per_worker < cfg.micro_batch * cfg.accumulation:
-        raise train_data.DataError(
+        raise selection.DataError(
             f"{rows} training rows after filters: {per_worker} per worker, fewer than one optimizer step needs "
             f"(micro_batch {cfg.micro_batch} x accumulation {cfg.accumulation})")
     init = None

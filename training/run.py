@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from fdreamer.checkpoint import CheckpointError
     from fdreamer.config import ConfigError, parse_cli
     from training.config import TrainConfig
-    from training.data import DataError
+    from training.rows import DataError
     from training.launch import fit, prepare
 
     args = ["--resume=true" if a == "--resume" else a for a in (sys.argv[1:] if argv is None else argv)]

@@ -23,18 +23,6 @@ import torch
 from fdreamer.data.schema import decode_tensor
 from fdreamer.models.conditions import Conditions
 
-#: Columns the training loop reads (column selection at read time); ``flow`` only when it is used.
-TRAIN_COLUMNS: tuple[str, ...] = (
-    "clip_id", "latents", "latents_shape", "latents_dtype", "first_latent", "first_latent_shape",
-    "first_latent_dtype", "clip_image_embed", "clip_image_embed_shape", "clip_image_embed_dtype",
-    "clip_text_tokens", "clip_text_tokens_shape", "clip_text_tokens_dtype", "t5", "t5_shape", "t5_dtype", "fps",
-)
-#: Columns of image rows (no first frame / CLIP image embedding / T5: the image path reads text only).
-IMAGE_COLUMNS: tuple[str, ...] = (
-    "clip_id", "latents", "latents_shape", "latents_dtype", "clip_text_tokens", "clip_text_tokens_shape",
-    "clip_text_tokens_dtype",
-)
-FLOW_COLUMNS: tuple[str, ...] = ("flow", "flow_shape", "flow_dtype")
 
 
 @dataclass
@@ -172,6 +160,6 @@ def null_from_tensors(null: Mapping[str, torch.Tensor]) -> Conditions:
 
 
 __all__ = [
-    "FLOW_COLUMNS", "IMAGE_COLUMNS", "TRAIN_COLUMNS", "JointBatch", "TrainBatch", "decode_tensor_column",
+    "JointBatch", "TrainBatch", "decode_tensor_column",
     "null_from_tensors", "pad_tokens", "stack_column", "to_train_batch",
 ]

@@ -6,10 +6,18 @@
 Trains the config's model in this process (no Ray: the same objective, optimizer step, warmup and EMA
 as ``training/loop.py``, one rank, micro-batches of ``--micro``) on the ``train`` rows of a
 ``pipelines/preprocess.py`` output of the sample clips, and every ``--every`` steps scores the EMA
-weights with :func:`fdreamer.eval.probes.condition_losses`: each held-out clip's denoising loss (fixed noise,
-t = 300/600/900) under its own caption and under the same caption naming each of the 7 other motions.
-``true_rank_mean`` ~3.5 = the caption is ignored, 0 = always read. A quick way to compare recipes before
-paying for a Ray Train run and a sampled evaluation; extra ``key=value`` arguments override the config.
+weights with the probes of :mod:`fdreamer.eval.probes` (fixed noise, t = 300/600/900):
+
+- caption probe: each held-out clip's denoising loss under its own caption and under the same caption naming
+  each of the 7 other motions (``true_rank_mean`` ~3.5 = ignored, 0 = always read);
+- first-frame probe (``ff_*``): the loss with the clip's own conditioning frame vs the frames of ``--ff-swaps``
+  other held-out clips (``ff_true_rank_mean`` ~ swaps/2 = the first frame is not used to place anything).
+
+``--save DIR`` writes the final EMA weights as a training checkpoint (the format ``training/run.py`` writes),
+and ``--eval-data SAMPLE_DIR`` then samples image-to-video on ``--eval-num`` held-out clips with
+:func:`fdreamer.eval.evaluate.evaluate` (direction accuracy, frame-0 PSNR). A quick way to compare recipes
+(the ablation ladder in docs/results.md) before paying for a Ray Train run; extra ``key=value`` arguments
+override the config.
 Progress goes to stderr; the last line on stdout is the JSON result with the whole curve.
 """
 
@@ -38,16 +46,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=16, help="held-out clips scored")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--temporal-lr-mult", type=float, default=1.0, help="lr multiplier of the temporal layers")
+    p.add_argument("--ff-swaps", type=int, default=3, help="other clips' first frames in the first-frame probe")
+    p.add_argument("--save", default=None, help="write the final EMA weights as a checkpoint folder here")
+    p.add_argument("--eval-data", default=None, help="sample-data folder: sample I2V on its held-out clips (needs --save)")
+    p.add_argument("--eval-num", type=int, default=32)
+    p.add_argument("--eval-steps", type=int, default=20)
     args, overrides = p.parse_known_args(argv)
     if args.batch % args.micro:
         p.error("--batch must be a multiple of --micro")
+    if args.eval_data and not args.save:
+        p.error("--eval-data needs --save")
+    if not 0 < args.ff_swaps < args.num:
+        p.error(f"--ff-swaps must be in [1, {args.num - 1}]")
 
     import numpy as np
     import pyarrow.parquet as pq
     import torch
-    from fdreamer.eval.probes import condition_losses, rank_stats
+    from fdreamer.eval.probes import condition_losses, rank_stats, swapped_first_frames
 
+    from fdreamer.checkpoint import save_model
     from fdreamer.data.batching import null_from_tensors, pad_tokens, to_train_batch
+    from fdreamer.data.schema import shard_t5_caption
     from fdreamer.config import load_config
     from fdreamer.encoders import EncoderConfig, FrozenEncoders
     from fdreamer.models.conditions import Conditions
@@ -56,12 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     from fdreamer.schedule import NoiseSchedule
     from fdreamer.train.step import EMA, lr_at, optimizer_step
     from training import data as train_data
+    from training import rows
     from training.config import TrainConfig
 
     torch.set_num_threads(args.threads)
     cfg = load_config(TrainConfig, args.config, [o.lstrip("-") for o in overrides])
     torch.manual_seed(cfg.seed)
-    rows = pq.read_table(train_data.shard_files(args.data)).to_pylist()
+    files = rows.shard_files(args.data)
+    rows = pq.read_table(files).to_pylist()
+    t5_field = shard_t5_caption(pq.read_schema(files[0]).metadata)  # the text the t5 column encodes
     train = [r for r in rows if r["split"] != "heldout"]
     held = [r for r in rows if r["split"] == "heldout"][: args.num]
     if not train or not held:
@@ -82,15 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     def batch_of(rs: list[dict]):
         return to_train_batch({k: [r[k] for r in rs] for k in rs[0]}, with_flow=cfg.model.predictnet)
 
-    # The held-out clips under all 8 motion phrases (CLIP tokens + T5 re-encoded, image conditions kept).
+    # The held-out clips under all 8 motion phrases (CLIP tokens + T5 re-encoded from the text each was
+    # trained on, image conditions kept).
     enc = FrozenEncoders.load(EncoderConfig.tiny(args.models), ["clip_text", "t5"])
     hb = batch_of(held)
     conds = []
     for m in MOTIONS:
         caps = [r["caption"].replace(MOTION_PHRASES[r["motion"]], MOTION_PHRASES[m]) for r in held]
-        t5, mask = pad_tokens([x.float().numpy() for x in enc.encode_t5_unpadded(caps)])
+        t5_caps = [r[t5_field].replace(MOTION_PHRASES[r["motion"]], MOTION_PHRASES[m]) for r in held]
+        t5, mask = pad_tokens([x.float().numpy() for x in enc.encode_t5_unpadded(t5_caps)])
         conds.append(Conditions(text_tokens=enc.encode_clip_text_tokens(caps).float(), image_embed=hb.cond.image_embed,
                                 first_frame=hb.cond.first_frame, t5_tokens=t5, t5_mask=mask))
+    ff_conds = swapped_first_frames(hb.cond, args.ff_swaps)  # true frame first, then other clips' frames
     truth = [MOTIONS.index(r["motion"]) for r in held]
     noise = torch.randn(hb.latents.shape, generator=torch.Generator().manual_seed(0))
 
@@ -102,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 named[n].copy_(v)
         model.eval()
         out = rank_stats(condition_losses(model, schedule, hb.latents, noise, conds, (300, 600, 900)), truth)
+        ff = rank_stats(condition_losses(model, schedule, hb.latents, noise, ff_conds, (300, 600, 900)), [0] * len(held))
+        out.update({f"ff_{k}": v for k, v in ff.items()})
         model.train()
         with torch.no_grad():
             for n, v in live.items():
@@ -130,10 +157,26 @@ def main(argv: list[str] | None = None) -> int:
             point = {"step": step + 1, "loss": round(res.loss, 4), **probe()}
             curve.append(point)
             print(json.dumps(point), file=sys.stderr, flush=True)
-    print(json.dumps({"bench": "caption_learning", "config": args.config, "overrides": overrides,
-                      "temporal_lr_mult": args.temporal_lr_mult, "steps": args.steps, "batch": args.batch,
-                      "clips_scored": len(held), "final": curve[-1], "curve": curve,
-                      "train_s_per_step": round(train_s / args.steps, 3), "total_s": round(time.perf_counter() - t0, 1)}))
+    result = {"bench": "caption_learning", "config": args.config, "overrides": overrides,
+              "temporal_lr_mult": args.temporal_lr_mult, "steps": args.steps, "batch": args.batch,
+              "clips_scored": len(held), "final": curve[-1], "curve": curve,
+              "train_s_per_step": round(train_s / args.steps, 3)}
+    if args.save:
+        from training.launch import clip_profile_meta
+
+        encoders = EncoderConfig.tiny(args.models)
+        ckpt = save_model(Path(args.save), model, cfg.schedule, encoders, ema=ema.shadow,
+                          meta={"step": args.steps, "stage": cfg.stage, "preset": cfg.preset,
+                                **clip_profile_meta(files[0], encoders)})
+        result["checkpoint"] = str(ckpt)
+        if args.eval_data:
+            from fdreamer.eval.evaluate import EvalSettings, evaluate
+
+            ev = evaluate(ckpt, args.eval_data, num=args.eval_num, settings=EvalSettings(steps=args.eval_steps),
+                          log=False, out=Path(args.save) / "eval")
+            result["eval"] = {k: round(v, 4) for k, v in ev.summary["i2v"].items()}
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(result))
     return 0
 
 

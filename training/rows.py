@@ -1,0 +1,108 @@
+"""Which rows and columns a training stage reads from the preprocessing job's shards (no torch).
+
+Scores are columns of the data (``motion_score``, ``split``, ``num_frames``): a stage selects rows with
+:func:`row_mask` at read time instead of deleting anything. This module imports only pyarrow and numpy,
+so the Ray Data read tasks that run :func:`filter_rows` start without importing torch (a few seconds per
+task process); ``training/data.py`` builds the datasets and the torch batches on top of it.
+
+Two kinds of rows: video clips (``num_frames >= 2``) and images (``num_frames == 1``, VideoCrafter2 joint
+training).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from fdreamer.data.schema import SCHEMA_VERSION
+
+#: Columns the training loop reads (column selection at read time); ``flow`` only when it is used.
+TRAIN_COLUMNS: tuple[str, ...] = (
+    "clip_id", "latents", "latents_shape", "latents_dtype", "first_latent", "first_latent_shape",
+    "first_latent_dtype", "clip_image_embed", "clip_image_embed_shape", "clip_image_embed_dtype",
+    "clip_text_tokens", "clip_text_tokens_shape", "clip_text_tokens_dtype", "t5", "t5_shape", "t5_dtype", "fps",
+)
+#: Columns of image rows (no first frame / CLIP image embedding / T5: the image path reads text only).
+IMAGE_COLUMNS: tuple[str, ...] = (
+    "clip_id", "latents", "latents_shape", "latents_dtype", "clip_text_tokens", "clip_text_tokens_shape",
+    "clip_text_tokens_dtype",
+)
+FLOW_COLUMNS: tuple[str, ...] = ("flow", "flow_shape", "flow_dtype")
+#: Read for the row filters only, dropped after them.
+FILTER_COLUMNS: tuple[str, ...] = ("split", "motion_score", "num_frames", "schema_version")
+VIDEO, IMAGE = "video", "image"
+
+
+class DataError(ValueError):
+    """The training data is missing or does not fit this code / this run's configuration."""
+
+
+def shard_files(path: str) -> list[str]:
+    """The completed Parquet shards of a preprocessing output (sorted; temp files ignored)."""
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"training data {path!r} does not exist (run pipelines/preprocess.py first)")
+    files = sorted(str(p) for p in (root / "shards").glob("part-*.parquet"))
+    if not files:
+        raise DataError(f"{path}: no shards/part-*.parquet (is this a pipelines/preprocess.py output?)")
+    return files
+
+
+def check_schema(files: list[str], columns: tuple[str, ...] = TRAIN_COLUMNS) -> None:
+    """Fail with a precise message when the shards were written by another schema version."""
+    schema = pq.read_schema(files[0])
+    meta = schema.metadata or {}
+    version = meta.get(b"fdreamer.schema_version")
+    if version is None or int(version) != SCHEMA_VERSION:
+        raise DataError(
+            f"{files[0]}: schema version {version.decode() if version else 'missing'}, this code reads "
+            f"version {SCHEMA_VERSION}; re-run pipelines/preprocess.py with this checkout"
+        )
+    missing = [c for c in (*columns, *FILTER_COLUMNS) if c not in schema.names]
+    if missing:
+        raise DataError(f"{files[0]}: missing columns {missing}")
+
+
+def row_mask(table: pa.Table, data: Any, split: str | None, kind: str = VIDEO) -> pa.Array:
+    """Boolean mask of the rows a stage trains on: clips (``num_frames >= 2``; split, motion score range,
+    frame count) or images (``num_frames == 1``; split only: images have no motion score). ``data``: the
+    run's ``DataConfig`` (or anything with its ``min_motion_score`` / ``max_motion_score`` / ``num_frames``)."""
+    mask = pa.array(np.ones(table.num_rows, dtype=bool))
+    if split is not None and "split" in table.column_names:
+        mask = pc.and_(mask, pc.fill_null(pc.equal(table["split"], split), False))
+    if kind == IMAGE:
+        return pc.and_(mask, pc.fill_null(pc.equal(table["num_frames"], 1), False))
+    mask = pc.and_(mask, pc.fill_null(pc.greater_equal(table["num_frames"], 2), False))
+    if data.min_motion_score is not None:
+        mask = pc.and_(mask, pc.fill_null(pc.greater_equal(table["motion_score"], data.min_motion_score), False))
+    if data.max_motion_score is not None:
+        mask = pc.and_(mask, pc.fill_null(pc.less_equal(table["motion_score"], data.max_motion_score), False))
+    if data.num_frames is not None:
+        mask = pc.and_(mask, pc.equal(table["num_frames"], data.num_frames))
+    return mask
+
+
+def filter_rows(batch: pa.Table, cfg: dict[str, Any], split: str | None, kind: str = VIDEO) -> pa.Table:
+    """Ray Data ``map_batches`` form of :func:`row_mask` (``cfg``: the ``DataConfig`` as a dict), then drops
+    the filter-only columns."""
+    table = batch.filter(row_mask(batch, SimpleNamespace(**cfg), split, kind))
+    return table.drop_columns([c for c in FILTER_COLUMNS if c in table.column_names])
+
+
+def columns_for(predictnet: bool, kind: str = VIDEO) -> list[str]:
+    """The columns a stage reads: the batch columns of ``kind``, flow when the PredictNet trains, the filters."""
+    if kind == IMAGE:
+        return list(IMAGE_COLUMNS) + list(FILTER_COLUMNS)
+    return list(TRAIN_COLUMNS) + list(FILTER_COLUMNS) + (list(FLOW_COLUMNS) if predictnet else [])
+
+
+def count(files: list[str], data: Any, split: str | None, kind: str = VIDEO) -> int:
+    """Rows of ``files`` that :func:`row_mask` selects (reads only the filter columns)."""
+    table = pq.read_table(files, columns=list(FILTER_COLUMNS))
+    return int(pc.sum(row_mask(table, data, split, kind).cast(pa.int64())).as_py() or 0)
