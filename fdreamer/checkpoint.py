@@ -238,7 +238,28 @@ def load_model(path: str | Path, *, use_ema: bool = True, device: str | torch.de
                        load_config(EncoderConfig, folder / "encoders.yaml"), meta)
 
 
+def export_image_model(path: str | Path, out: str | Path, *, use_ema: bool = True) -> Path:
+    """Write checkpoint ``path``'s spatial UNet as a Stable-Diffusion-layout image model under ``out``:
+
+    - ``out/unet``: a diffusers ``UNet2DConditionModel`` folder (the Eq. 1 image model of
+      :meth:`~fdreamer.models.unet.FactorizedDreamerUNet.image_unet`; EMA weights when saved);
+    - ``out/scheduler``: a ``DDIMScheduler`` on the checkpoint's training schedule (its betas as
+      ``trained_betas``, its prediction type, trailing spacing), so a ``StableDiffusionPipeline`` samples
+      the way the model was trained.
+
+    What a text-to-image stage hands on: ``pretrained_unet`` of the next stage and the T2I step of
+    text-to-video read these folders as they read SD's. Returns ``out``."""
+    from fdreamer.schedule import NoiseSchedule
+
+    loaded = load_model(path, use_ema=use_ema)
+    target = Path(out)
+    loaded.model.image_unet().save_pretrained(target / "unet")
+    NoiseSchedule(loaded.schedule).make_scheduler("ddim", steps_offset=1).save_pretrained(target / "scheduler")
+    return target
+
+
 __all__ = [
+    "export_image_model",
     "latest_checkpoint",
     "resolve_checkpoint",
     "CheckpointError", "LoadedModel", "build_empty", "is_checkpoint", "load_model", "load_weights_into",

@@ -279,14 +279,15 @@ def test_clear_errors(preprocessed_sample: dict, stage1: dict, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_ablate_trains_rows_and_reads_the_table_back(preprocessed_sample: dict, ray_head: dict, mlflow_server: str,
-                                                     tmp_path: Path) -> None:
-    """``training/ablate.py --rows=[a,e]`` on tiny settings: one Ray Train run per row (2 steps, 1 worker), one
-    MLflow run per Table 4 row in one experiment, and the markdown table read back from MLflow. Rows (a) and
-    (e) differ in the schedule; every row's switches are checked without training in tests/test_compare.py."""
+def test_ablate_trains_a_row_and_reads_the_table_back(preprocessed_sample: dict, ray_head: dict, mlflow_server: str,
+                                                      tmp_path: Path) -> None:
+    """``training/ablate.py --rows=[e]`` on tiny settings: the row's Ray Train run (2 steps, 1 worker) as an
+    MLflow run tagged with its Table 4 row, and the markdown table read back from MLflow. Every row's
+    switches are checked without training in tests/test_compare.py (a second trained row would only repeat
+    the same loop at another ~70 s)."""
     cmd = [sys.executable, str(REPO / "training" / "ablate.py"), "--config",
            str(REPO / "training" / "configs" / "tiny_stage1.yaml"), f"--data.path={preprocessed_sample['output']}",
-           f"--models_dir={preprocessed_sample['models']}", f"--storage_path={tmp_path}", "--rows=[a,e]",
+           f"--models_dir={preprocessed_sample['models']}", f"--storage_path={tmp_path}", "--rows=[e]",
            f"--ray_address={ray_head['address']}", "--steps=2", "--checkpoint.every=2", "--scaling.num_workers=1",
            "--global_batch=4", "--micro_batch=2", "--tracking.validate_every=2", "--tracking.sample_every=-1",
            f"--tracking.tracking_uri={mlflow_server}", "--tracking.experiment=test-ablate"]
@@ -294,17 +295,14 @@ def test_ablate_trains_rows_and_reads_the_table_back(preprocessed_sample: dict, 
                           check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| (")]
-    assert [r.split("|")[1].strip() for r in rows] == ["(a)", "(e)"], proc.stdout[-3000:]
+    assert [r.split("|")[1].strip() for r in rows] == ["(e)"], proc.stdout[-3000:]
     client = mlflow.tracking.MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("test-ablate-table4")
-    runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags["table4_row"] for r in runs) == ["a", "e"]
-    for run in runs:  # every cell of the table is a number read back from that run
-        row = next(r for r in rows if r.split("|")[1].strip() == f"({run.data.tags['table4_row']})")
-        assert f"{run.data.metrics['val_loss']:.4f}" in row
-    by_row = {r.data.tags["table4_row"]: r for r in runs}
-    assert by_row["a"].data.params["schedule.shift"] == "False" and by_row["e"].data.params["schedule.shift"] == "True"
-    assert "l_flow" in by_row["e"].data.metrics  # PredictNet's γ·L_flow (no l_flow without it: test_stage_chaining)
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.tags["table4_row"] == "e" and run.info.status == "FINISHED"
+    assert f"{run.data.metrics['val_loss']:.4f}" in rows[0]  # the cell is the number read back from that run
+    assert run.data.params["schedule.shift"] == "True" and run.data.params["model.predictnet"] == "True"
+    assert "l_flow" in run.data.metrics  # PredictNet's γ·L_flow (no l_flow without it: test_stage_chaining)
 
 
 def _config_attribute_reads(roots: list[Path]) -> set[str]:

@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "fdreamer.cli.describe",
     "fdreamer.cli.generate",
     "fdreamer.cli.evaluate",
+    "fdreamer.cli.export",
 )
 
 

@@ -83,18 +83,6 @@ def _merge_defaults(base: dict[str, Any], given: dict[str, Any] | None) -> dict[
     return out
 
 
-def _shared_unet2d(video_unet: torch.nn.Module) -> torch.nn.Module:
-    """A diffusers UNet2DConditionModel using ``video_unet``'s spatial parameters (shared, not copied)
-    with diffusers' default attention processors: the image model without the adapter (Eq. 1)."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(video_unet.config)
-    state = {k: v for k, v in video_unet.state_dict(keep_vars=True).items() if ".processor." not in k}
-    unet.load_state_dict(state, strict=True, assign=True)
-    return unet.eval()
-
-
 @dataclass
 class _Plan:
     """A request with every default resolved and checked against the pipeline's limits."""
@@ -277,7 +265,7 @@ class VideoPipeline:
             output_type = "np"
         else:
             if self._unet2d is None:
-                self._unet2d = _shared_unet2d(self.model.unet)
+                self._unet2d = self.model.image_unet()
             enc = self.encoders
             pipe = StableDiffusionPipeline(vae=enc.vae, text_encoder=enc.text_encoder, tokenizer=enc.tokenizer,
                                            unet=self._unet2d, safety_checker=None,

@@ -149,6 +149,16 @@ class FactorizedDreamerUNet(nn.Module):
                 torch.manual_seed(seed)
             return cls(UNet2DConditionModel(**unet_kwargs), cfg)
 
+    def image_unet(self) -> UNet2DConditionModel:
+        """The spatial UNet as a plain diffusers image model: a ``UNet2DConditionModel`` that *shares* this
+        model's spatial parameters (no copy) with diffusers' default attention processors, so the adapter
+        branch of Eq. 2 is absent and it computes exactly Eq. 1, as the pretrained T2I model does."""
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(self.unet.config)
+        state = {k: v for k, v in self.unet.state_dict(keep_vars=True).items() if ".processor." not in k}
+        unet.load_state_dict(state, strict=True, assign=True)
+        return unet.eval()
+
     def attach_predictnet(self) -> None:
         """(Re)build the PredictNet from the current up-path weights (the paper's final stage)."""
         ref = next(self.unet.parameters())
