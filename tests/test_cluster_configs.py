@@ -163,3 +163,28 @@ def test_runtime_env() -> None:
         assert heavy in env["excludes"]
     assert env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")
     assert all(isinstance(v, str) for v in env["env_vars"].values())
+
+
+def _head_resources() -> tuple[dict, dict]:
+    """The head's custom resources in the KubeRay RayCluster and in the AWS cluster launcher config."""
+    import json
+
+    kube = _load(RAYCLUSTER)["spec"]["headGroupSpec"]["rayStartParams"]["resources"]
+    aws = _load(CLUSTER / "aws" / "cluster.yaml")
+    return json.loads(yaml.safe_load(kube)), aws["available_node_types"][aws["head_node_type"]]["resources"]
+
+
+@pytest.mark.parametrize("kind", sorted(RAYJOBS))
+def test_rayjob_driver_is_placed_on_the_head(kind: str) -> None:
+    """Ray Jobs put the driver where its entrypoint resources fit: a CPU request cannot fit the 0-CPU head,
+    so it would land on a GPU / decode node. The RayJobs ask for the head's custom resource instead, and
+    both cluster definitions advertise the same number of driver slots."""
+    import json
+
+    spec = _load(RAYJOBS[kind])["spec"]
+    kube, aws = _head_resources()
+    assert spec.get("entrypointNumCpus", 0) == 0 and spec.get("entrypointNumGpus", 0) == 0
+    wants = json.loads(spec["entrypointResources"])
+    assert wants == {"head": 1}
+    assert kube["head"] == aws["head"] >= 2  # preprocessing and training drivers can run at once
+    assert aws["CPU"] == 0 and _load(RAYCLUSTER)["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
