@@ -37,7 +37,8 @@ def make_untrained_tiny_models(out: Path, **kwargs: object) -> dict:
 
 @pytest.fixture(scope="session")
 def no_asset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A VAE asset folder that does not exist: tests behave the same before and after training."""
+    """A VAE asset folder that does not exist (its sibling ``tiny_t2i`` neither): tests behave the same
+    before and after the tiny VAE / T2I are trained."""
     return tmp_path_factory.mktemp("assets") / "tiny_vae"
 
 
@@ -45,7 +46,7 @@ def no_asset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory, no_asset: Path) -> Path:
     """Tiny models (random VAE, seed 0) written once per session."""
     out = tmp_path_factory.mktemp("tiny") / "models"
-    make_untrained_tiny_models(out, seed=0, vae_asset_dir=no_asset)
+    make_untrained_tiny_models(out, seed=0, vae_asset_dir=no_asset, t2i_asset_dir=no_asset.parent / "tiny_t2i")
     return out
 
 
@@ -54,7 +55,8 @@ def memory(no_asset: Path) -> tm.TinyModels:
     """The same models, in memory, before saving."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return tm.build_tiny_models(seed=0, allow_untrained_vae=True, vae_asset_dir=no_asset)
+        return tm.build_tiny_models(seed=0, allow_untrained_vae=True, vae_asset_dir=no_asset,
+                                    t2i_asset_dir=no_asset.parent / "tiny_t2i")
 
 
 # ------------------------------------------------------------------ real local services (helpers/)

@@ -50,3 +50,23 @@ def test_export_of_a_missing_checkpoint_is_one_line(tmp_path: Path, capsys) -> N
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fdreamer export-image-model:"), err
     assert not (tmp_path / "o").exists()
+
+
+def test_make_tiny_models_installs_a_trained_t2i_asset(tiny_dir: Path, no_asset: Path, tmp_path: Path) -> None:
+    """A committed T2I asset (an export's ``unet/`` + ``scheduler/``) becomes the tiny models' ``unet/`` and
+    ``scheduler/`` byte for byte; a folder made before the asset existed is rebuilt once it does."""
+    from conftest import make_untrained_tiny_models
+
+    from fdreamer.checkpoint import export_image_model
+
+    asset = tmp_path / "assets" / "tiny_t2i"
+    out = tmp_path / "models"
+    before = make_untrained_tiny_models(out, vae_asset_dir=no_asset, t2i_asset_dir=asset)  # no asset yet
+    assert before["unet_trained"] is False and not (out / "scheduler").exists()
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", tiny_dir, seed=7)
+    export_image_model(ckpt, asset)
+    after = make_untrained_tiny_models(out, vae_asset_dir=no_asset, t2i_asset_dir=asset)
+    assert after["unet_trained"] is True and "trained text-to-image" in after["components"]["unet"]
+    for f in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
+        assert (out / f).read_bytes() == (asset / f).read_bytes(), f
+    assert (out / "vae" / "config.json").is_file()  # the other components are written as before

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fdreamer.toy import tiny_models as tm
+from fdreamer.toy import tiny_tokenizers as tt
 
 from conftest import make_untrained_tiny_models as _make
 
@@ -70,7 +71,7 @@ def test_saved_weights_equal_in_memory_models(tiny_dir: Path, memory: tm.TinyMod
 def test_clip_tokenizer_round_trip(tiny_dir: Path, tmp_path: Path) -> None:
     from transformers import CLIPTokenizer
 
-    before = tm.build_clip_tokenizer()(CAPTION)["input_ids"]
+    before = tt.build_clip_tokenizer()(CAPTION)["input_ids"]
     for folder in ("tokenizer", "clip"):
         after = CLIPTokenizer.from_pretrained(tiny_dir / folder, local_files_only=True)
         assert after(CAPTION)["input_ids"] == before
@@ -90,7 +91,7 @@ def test_every_word_is_one_token(tiny_dir: Path) -> None:
 
     clip_tok = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer", local_files_only=True)
     t5_tok = T5Tokenizer.from_pretrained(tiny_dir / "t5", local_files_only=True)
-    for word in tm.WORDS:
+    for word in tt.WORDS:
         assert len(clip_tok(word, add_special_tokens=False)["input_ids"]) == 1, word
         assert len(t5_tok(word, add_special_tokens=False)["input_ids"]) == 1, word
 
@@ -98,7 +99,7 @@ def test_every_word_is_one_token(tiny_dir: Path) -> None:
 def test_t5_tokenizer_round_trip(tiny_dir: Path) -> None:
     from transformers import T5Tokenizer
 
-    before = tm.build_t5_tokenizer()
+    before = tt.build_t5_tokenizer()
     after = T5Tokenizer.from_pretrained(tiny_dir / "t5", local_files_only=True)
     texts = [CAPTION, "A Blue square spins, zebra 42!"]
     assert after(texts)["input_ids"] == before(texts)["input_ids"]
@@ -109,14 +110,14 @@ def test_t5_tokenizer_round_trip(tiny_dir: Path) -> None:
 
 
 def test_clip_bpe_vocab_structure() -> None:
-    vocab, merges = tm.build_clip_bpe()
+    vocab, merges = tt.build_clip_bpe()
     assert sorted(vocab.values()) == list(range(len(vocab)))
-    assert vocab[tm.CLIP_EOS] == len(vocab) - 1 and vocab[tm.CLIP_BOS] == len(vocab) - 2
+    assert vocab[tt.CLIP_EOS] == len(vocab) - 1 and vocab[tt.CLIP_BOS] == len(vocab) - 2
     assert len(set(merges)) == len(merges)
     assert all(a + b in vocab for a, b in merges)
-    assert len(tm.bytes_to_unicode()) == 256 and len(set(tm.bytes_to_unicode().values())) == 256
+    assert len(tt.bytes_to_unicode()) == 256 and len(set(tt.bytes_to_unicode().values())) == 256
     with pytest.raises(ValueError, match="lowercase"):
-        tm.build_clip_bpe(("Red",))
+        tt.build_clip_bpe(("Red",))
 
 
 def test_deterministic_and_rng_untouched(tiny_dir: Path, no_asset: Path, tmp_path: Path) -> None:

@@ -4,13 +4,15 @@ The tiny models stand in for SD1.5 (VAE, UNet, CLIP text encoder + tokenizer), T
 CLIP ViT-L/14 in tests, CI and CPU demos. They are written in exactly the layouts the real models
 use, so :class:`fdreamer.encoders.FrozenEncoders` (and the UNet loaders) load both with the same
 code. Everything is built offline: the tokenizers are constructed in memory from a fixed English
-word list (:data:`WORDS`), and all weights come from ``torch.manual_seed``-seeded initialisation,
+word list (:data:`fdreamer.toy.tiny_tokenizers.WORDS`), and all weights come from ``torch.manual_seed``-seeded initialisation,
 so the same seed always gives the same bytes.
 
 Layout written under ``DIR``::
 
     vae/           diffusers AutoencoderKL (trained weights from fdreamer/toy/assets/tiny_vae/)
-    unet/          diffusers UNet2DConditionModel (SD layout, random init)
+    unet/          diffusers UNet2DConditionModel (SD layout; the trained tiny T2I from
+                   fdreamer/toy/assets/tiny_t2i/ when committed, else random init)
+    scheduler/     DDIMScheduler the tiny T2I was trained with (only with the trained T2I)
     text_encoder/  transformers CLIPTextModel (SD's text encoder slot)
     tokenizer/     CLIPTokenizer (tokenizer.json + vocab.json + merges.txt)
     t5/            transformers T5EncoderModel + T5Tokenizer in the same folder
@@ -23,39 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import string
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # heavy imports stay inside functions so ``fdreamer --help`` is fast
-    from transformers import CLIPTokenizer, T5Tokenizer
+from fdreamer.toy.tiny_tokenizers import WORDS, build_clip_bpe, build_clip_tokenizer, build_t5_tokenizer, write_bpe_files
 
 MANIFEST_NAME = "tiny_models.json"
 MANIFEST_FORMAT = 1
 TINY_VAE_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny_vae"
-
-# Words that become single tokens in both tiny tokenizers; any other word still tokenizes (into
-# characters). Lowercase letters only: the CLIP tokenizer lowercases and splits on non-letters.
-WORDS: tuple[str, ...] = tuple(dict.fromkeys("""
-    a an the to and or over under with without on in of at from into onto by is are it its this
-    that while then as near behind above below through along past between one two three four
-    red green blue yellow orange purple pink white black gray grey brown cyan magenta violet
-    gold silver colour color colored coloured bright dark light pale deep
-    circle square triangle rectangle star ball box disk disc dot dots ring cube shape shapes
-    line lines stripe stripes blob object objects pattern
-    slides slide moves move moving spins spin spinning rotates rotate rotating grows grow growing
-    shrinks shrink shrinking stays stay still bounces bounce bouncing falls fall falling rises
-    rise rising drifts drift drifting jumps jump turns turn flies fly rolls roll shakes shake
-    fades fade pulses pulse appears appear disappears zooms zoom flickers flashes static
-    left right up down across around toward towards away back forth center centre middle top
-    bottom side sides edge corner diagonally clockwise counterclockwise horizontally vertically
-    background foreground small large big tiny huge textured soft smooth rough noisy plain
-    striped checkered gradient solid blurry sharp slowly quickly slow fast steadily gently
-    video clip scene frame frames camera screen image picture photo view
-""".split()))
+# The trained tiny text-to-image model (training/configs/tiny_t2i.yaml, then fdreamer export-image-model):
+# unet/ + scheduler/ + training.json.
+TINY_T2I_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny_t2i"
 
 # Tiny UNet in the SD1.5 layout: cross-attention only at the lower (8x8) resolution.
 TINY_UNET_CONFIG: dict[str, Any] = dict(
@@ -91,8 +74,6 @@ TINY_CLIP_VISION_CONFIG: dict[str, Any] = dict(
 )
 TINY_CLIP_PROJECTION_DIM = 32
 
-CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
-T5_CHARS = string.ascii_letters + string.digits + string.punctuation
 _VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 _SEED_OFFSETS = {"vae": 0, "unet": 1, "text_encoder": 2, "t5": 3, "clip": 4}
 EXPECTED_FILES = (
@@ -105,120 +86,6 @@ EXPECTED_FILES = (
     "clip/config.json", "clip/model.safetensors", "clip/tokenizer.json",
     "clip/tokenizer_config.json", "clip/preprocessor_config.json",
 )
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """Byte -> printable unicode char table of byte-level BPE (the GPT-2/CLIP convention).
-
-    Printable latin-1 bytes map to themselves; the remaining 68 bytes (controls, space, ...) map to
-    ``chr(256 + k)`` in byte order, so every byte has a visible, whitespace-free symbol.
-    """
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    table: dict[int, str] = {}
-    shifted = 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + shifted)
-            shifted += 1
-    return table
-
-
-def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Segment one word by BPE: repeatedly merge (all occurrences of) the lowest-ranked pair."""
-    pieces = list(symbols)
-    while len(pieces) > 1:
-        ranked = [(ranks[p], p) for p in zip(pieces, pieces[1:]) if p in ranks]
-        if not ranked:
-            break
-        _, best = min(ranked)
-        merged: list[str] = []
-        i = 0
-        while i < len(pieces):
-            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
-                merged.append(pieces[i] + pieces[i + 1])
-                i += 2
-            else:
-                merged.append(pieces[i])
-                i += 1
-        pieces = merged
-    return pieces
-
-
-def build_clip_bpe(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocab and merges of a byte-level CLIP BPE in which every word of ``words`` is one token.
-
-    Vocab order mirrors OpenAI CLIP: the 256 byte symbols, the same with ``</w>``, one entry per
-    merge, then ``<|startoftext|>`` and ``<|endoftext|>``. Merges are appended word by word, each
-    joining the first two pieces of the word's current segmentation (building it left to right);
-    appended merges rank after all earlier ones, so earlier words keep their single token.
-    """
-    byte_symbol = bytes_to_unicode()
-    base = [byte_symbol[b] for b in range(256)]
-    vocab = {sym: i for i, sym in enumerate(base)}
-    for sym in base:
-        vocab[sym + "</w>"] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        if not word.isalpha() or word != word.lower():
-            raise ValueError(f"tokenizer word list entry {word!r} must be lowercase letters only")
-        symbols = [byte_symbol[b] for b in word.encode("utf-8")]
-        symbols[-1] += "</w>"
-        pieces = _apply_merges(symbols, ranks)
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
-            pieces = _apply_merges(symbols, ranks)
-    vocab[CLIP_BOS] = len(vocab)
-    vocab[CLIP_EOS] = len(vocab)
-    return vocab, merges
-
-
-def build_clip_tokenizer(words: tuple[str, ...] = WORDS) -> CLIPTokenizer:
-    """In-memory CLIPTokenizer over :func:`build_clip_bpe`; checks every word is a single token."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = build_clip_bpe(words)
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    for word in words:
-        ids = tok(word, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise RuntimeError(f"CLIP BPE construction bug: {word!r} tokenizes to {len(ids)} tokens")
-    return tok
-
-
-def build_t5_tokenizer(words: tuple[str, ...] = WORDS) -> T5Tokenizer:
-    """In-memory Unigram T5Tokenizer: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, then ``▁word`` pieces.
-
-    Whole words (lowercase and capitalised) score -4, the bare ``▁`` -6 and single characters -8,
-    so known words come out as one piece and anything else as ``▁`` + characters.
-    """
-    from transformers import T5Tokenizer
-
-    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0}
-    for word in words:
-        pieces.setdefault("\u2581" + word, -4.0)
-        pieces.setdefault("\u2581" + word.capitalize(), -4.0)
-    pieces.setdefault("\u2581", -6.0)
-    for ch in T5_CHARS:
-        pieces.setdefault(ch, -8.0)
-    tok = T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=512)
-    for word in words:
-        ids = tok(word, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise RuntimeError(f"T5 vocab construction bug: {word!r} tokenizes to {len(ids)} pieces")
-    return tok
-
-
-def _write_bpe_files(tok_dir: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    """Also write ``vocab.json`` + ``merges.txt`` like the SD/OpenAI tokenizer folders have."""
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (tok_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 @dataclass
@@ -235,6 +102,7 @@ class TinyModels:
     clip_image_processor: Any  # CLIPImageProcessor (PIL backend)
     seeds: dict[str, int]
     vae_asset_dir: Path | None  # where the trained VAE came from; None = random init
+    t2i_asset_dir: Path | None = None  # where the trained T2I UNet (+ scheduler) came from; None = random init
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per model folder."""
@@ -274,7 +142,8 @@ def _tiny_vae(seed: int, allow_untrained_vae: bool, asset_dir: Path) -> tuple[An
 
 
 def build_tiny_models(
-    *, seed: int = 0, allow_untrained_vae: bool = False, vae_asset_dir: str | Path | None = None
+    *, seed: int = 0, allow_untrained_vae: bool = False, vae_asset_dir: str | Path | None = None,
+    t2i_asset_dir: str | Path | None = None,
 ) -> TinyModels:
     """Build every tiny model in memory, each component seeded with ``seed`` + a fixed offset.
 
@@ -296,7 +165,11 @@ def build_tiny_models(
     asset_dir = Path(vae_asset_dir) if vae_asset_dir is not None else TINY_VAE_ASSET_DIR
     seeds = {name: seed + offset for name, offset in _SEED_OFFSETS.items()}
     vae, vae_source = _tiny_vae(seeds["vae"], allow_untrained_vae, asset_dir)
-    unet = _seeded_build(seeds["unet"], lambda: UNet2DConditionModel(**TINY_UNET_CONFIG))
+    t2i = trained_t2i(Path(t2i_asset_dir) if t2i_asset_dir is not None else TINY_T2I_ASSET_DIR)
+    if t2i is not None:
+        unet = UNet2DConditionModel.from_pretrained(t2i / "unet", local_files_only=True)
+    else:
+        unet = _seeded_build(seeds["unet"], lambda: UNet2DConditionModel(**TINY_UNET_CONFIG))
 
     clip_tok = build_clip_tokenizer()
     ids = dict(bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id)
@@ -318,7 +191,13 @@ def build_tiny_models(
     models = (vae, unet, text_encoder, t5, clip)
     for model in models:
         model.eval()
-    return TinyModels(vae, unet, text_encoder, clip_tok, t5, t5_tok, clip, processor, seeds, vae_source)
+    return TinyModels(vae, unet, text_encoder, clip_tok, t5, t5_tok, clip, processor, seeds, vae_source, t2i)
+
+
+def trained_t2i(asset_dir: Path) -> Path | None:
+    """``asset_dir`` when it holds a trained tiny T2I (``unet/`` weights + ``scheduler/``), else None."""
+    need = ("unet/config.json", f"unet/{_VAE_WEIGHTS}", "scheduler/scheduler_config.json")
+    return asset_dir if all((asset_dir / f).is_file() for f in need) else None
 
 
 def _manifest_complete(root: Path) -> dict[str, Any] | None:
@@ -337,13 +216,15 @@ def make_tiny_models(
     allow_untrained_vae: bool = False,
     force: bool = False,
     vae_asset_dir: str | Path | None = None,
+    t2i_asset_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write all tiny models under ``out_dir`` and return the manifest (also in tiny_models.json).
 
     Idempotent: a complete folder made with the same seed is returned as is unless ``force``; one
     made with another seed raises :class:`FileExistsError` (pass ``force`` to overwrite). A folder
     holding a random VAE is rebuilt once trained VAE weights exist. See :func:`build_tiny_models`
-    for ``allow_untrained_vae`` and ``vae_asset_dir``.
+    for ``allow_untrained_vae``, ``vae_asset_dir`` and ``t2i_asset_dir`` (a folder is also rebuilt once
+    trained T2I weights exist).
     """
     root = Path(out_dir)
     asset_dir = Path(vae_asset_dir) if vae_asset_dir is not None else TINY_VAE_ASSET_DIR
@@ -356,13 +237,16 @@ def make_tiny_models(
                 f"{root} already holds tiny models made with seed {existing.get('seed')}, not {seed}; "
                 "pass force=True (--force) to overwrite"
             )
-        if existing.get("vae_trained") or not (asset_dir / "config.json").is_file():
+        t2i_dir = Path(t2i_asset_dir) if t2i_asset_dir is not None else TINY_T2I_ASSET_DIR
+        vae_done = existing.get("vae_trained") or not (asset_dir / "config.json").is_file()
+        if vae_done and (existing.get("unet_trained") or trained_t2i(t2i_dir) is None):
             return existing
 
-    models = build_tiny_models(seed=seed, allow_untrained_vae=allow_untrained_vae, vae_asset_dir=asset_dir)
+    models = build_tiny_models(seed=seed, allow_untrained_vae=allow_untrained_vae, vae_asset_dir=asset_dir,
+                               t2i_asset_dir=t2i_asset_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST_NAME).unlink(missing_ok=True)  # incomplete until rewritten at the end
-    for name in ("vae", "unet", "text_encoder", "tokenizer", "t5", "clip"):
+    for name in ("vae", "unet", "scheduler", "text_encoder", "tokenizer", "t5", "clip"):
         if (root / name).exists():
             shutil.rmtree(root / name)
 
@@ -372,7 +256,11 @@ def make_tiny_models(
             shutil.copyfile(models.vae_asset_dir / name, root / "vae" / name)
     else:
         models.vae.save_pretrained(root / "vae")
-    models.unet.save_pretrained(root / "unet")
+    if models.t2i_asset_dir is not None:  # byte-identical copy of the trained T2I and its scheduler
+        for name in ("unet", "scheduler"):
+            shutil.copytree(models.t2i_asset_dir / name, root / name)
+    else:
+        models.unet.save_pretrained(root / "unet")
     models.text_encoder.save_pretrained(root / "text_encoder")
     models.t5.save_pretrained(root / "t5")
     models.t5_tokenizer.save_pretrained(root / "t5")
@@ -381,7 +269,7 @@ def make_tiny_models(
     vocab, merges = build_clip_bpe()
     for folder in ("tokenizer", "clip"):
         models.tokenizer.save_pretrained(root / folder)
-        _write_bpe_files(root / folder, vocab, merges)
+        write_bpe_files(root / folder, vocab, merges)
 
     vae_source = "random init (untrained)" if models.vae_asset_dir is None else "trained (fdreamer train-tiny-vae)"
     manifest: dict[str, Any] = {
@@ -391,9 +279,11 @@ def make_tiny_models(
         "seed": seed,
         "seeds": models.seeds,
         "vae_trained": models.vae_asset_dir is not None,
+        "unet_trained": models.t2i_asset_dir is not None,
         "components": {
             "vae": f"diffusers AutoencoderKL, downsample x4, 4 latent channels; {vae_source}",
-            "unet": "diffusers UNet2DConditionModel, SD layout, cross-attention at 8x8 only",
+            "unet": "diffusers UNet2DConditionModel, SD layout, cross-attention at 8x8 only; "
+            + ("trained text-to-image (training/configs/tiny_t2i.yaml)" if models.t2i_asset_dir else "random init"),
             "text_encoder": "transformers CLIPTextModel (SD text encoder slot), hidden 32",
             "tokenizer": f"CLIPTokenizer, byte-level BPE, {len(WORDS)} single-token words",
             "t5": "transformers T5EncoderModel (v1.1 style, d_model 64) + Unigram T5Tokenizer",
