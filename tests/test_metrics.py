@@ -18,6 +18,7 @@ from fdreamer.eval.metrics import (
     classify_motion,
     clip_scores,
     direction_accuracy,
+    subject_colour,
     dis_flow,
     feature_stats,
     frame_consistency,
@@ -313,3 +314,22 @@ def test_direction_accuracy_on_sample_clips(sample_clips, size: int | None) -> N
               for v, _, _ in sample_clips]
     acc = direction_accuracy(videos, [c for _, c, _ in sample_clips], [m for _, _, m in sample_clips])
     assert acc >= 0.95
+
+
+def test_subject_colour_names_the_subject_and_nothing_in_noise() -> None:
+    """The T2V colour check: frame 0 of rendered sample scenes (subject, maybe a smaller distractor of
+    another colour, textured background) is named by its subject's colour; noise and flat frames by none."""
+    from dataclasses import replace
+
+    specs = make_specs(48, seed=3)
+    named = [subject_colour(render_clip(replace(s, num_frames=1))[0]) for s in specs]
+    hits = sum(n == s.shapes[0].color for n, s in zip(named, specs, strict=True))
+    assert hits >= 46, [(n, s.shapes[0].color) for n, s in zip(named, specs, strict=True) if n != s.shapes[0].color]
+    rng = np.random.default_rng(0)
+    assert [subject_colour(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(4)] == [None] * 4
+    assert subject_colour(np.full((64, 64, 3), 128, np.uint8)) is None
+    frame = np.full((64, 64, 3), (128, 128, 128), np.uint8)
+    cv2.circle(frame, (30, 30), 10, COLORS["cyan"], -1)
+    assert subject_colour(frame) == "cyan"
+    cv2.circle(frame, (30, 30), 10, (250, 250, 250), -1)  # a white disc: no named colour within reach
+    assert subject_colour(frame) is None

@@ -13,8 +13,9 @@ Prompt set (default: the ``heldout`` split of a ``fdreamer sample-data`` folder,
 Prompt ``i`` is generated with seed ``--seed + i`` through :class:`fdreamer.inference.pipeline.VideoPipeline`,
 the server's pipeline. Per video: CLIP FC / PC (the checkpoint's own CLIP encoders: the tiny CLIP in
 CI), mean flow magnitude and warping error (DIS flow), the motion class of the commanded shape
-(:func:`fdreamer.eval.metrics.classify_motion` against the manifest's ``motion`` and ``subject_color``)
-and the PSNR of generated frame 0 vs the conditioning image (I2V) or the T2I image (T2V). Per mode:
+(:func:`fdreamer.eval.metrics.classify_motion` against the manifest's ``motion`` and ``subject_color``),
+the colour of frame 0's subject (:func:`~fdreamer.eval.metrics.subject_colour`; ``colour_accuracy``: the
+T2V check that the T2I step drew the prompt's colour) and the PSNR of generated frame 0 vs the conditioning image (I2V) or the T2I image (T2V). Per mode:
 the means, the direction accuracy and a Fréchet distance to the real clips with
 :class:`~fdreamer.eval.metrics.PixelFlowFeatures` (``method="eigh"``; *not* FVD: a weight-free CI feature).
 
@@ -45,7 +46,7 @@ from fdreamer.config import nested, opt
 from fdreamer.inference.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE
 
 MODES = ("i2v", "t2v")
-SUMMARY_KEYS = ("direction_accuracy", "fc", "pc", "flow_magnitude", "warping_error", "psnr0", "fd_pixelflow")
+SUMMARY_KEYS = ("direction_accuracy", "colour_accuracy", "fc", "pc", "flow_magnitude", "warping_error", "psnr0", "fd_pixelflow")
 PER_VIDEO_KEYS = ("fc", "pc", "flow_magnitude", "warping_error", "psnr0")
 
 
@@ -169,7 +170,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def score_video(frames: np.ndarray, item: dict[str, Any], reference: np.ndarray, clip_encoder: Any,
                 pair_mode: str = "consecutive") -> dict[str, Any]:
     """Per-video metrics (see the module docstring); ``reference`` is the frame-0 target image."""
-    from fdreamer.eval.metrics import classify_motion, clip_scores, motion_metrics
+    from fdreamer.eval.metrics import classify_motion, clip_scores, motion_metrics, subject_colour
 
     out: dict[str, Any] = dict(clip_scores(frames, item["prompt"], clip_encoder, pair_mode=pair_mode))
     out.update(motion_metrics(frames))
@@ -177,6 +178,8 @@ def score_video(frames: np.ndarray, item: dict[str, Any], reference: np.ndarray,
     out["predicted_motion"] = label
     out["correct"] = bool(label == item["motion"])
     out["psnr0"] = psnr(frames[0], reference)
+    out["colour"] = subject_colour(frames[0])  # T2V: does the first frame show the prompt's colour?
+    out["colour_correct"] = bool(out["colour"] == item["subject_color"])
     return out
 
 
@@ -257,7 +260,8 @@ def summarize(rows: list[dict[str, Any]], videos: list[np.ndarray], real: list[n
         idx = [i for i, r in enumerate(rows) if r["mode"] == mode]
         if not idx:
             continue
-        s = {"n": float(len(idx)), "direction_accuracy": float(np.mean([rows[i]["correct"] for i in idx]))}
+        s = {"n": float(len(idx)), "direction_accuracy": float(np.mean([rows[i]["correct"] for i in idx])),
+             "colour_accuracy": float(np.mean([rows[i]["colour_correct"] for i in idx]))}
         for k in PER_VIDEO_KEYS:
             s[k] = float(np.mean([rows[i][k] for i in idx]))
         if len(idx) >= 2 and len(real) >= 2:
@@ -268,13 +272,14 @@ def summarize(rows: list[dict[str, Any]], videos: list[np.ndarray], real: list[n
 
 def reference_summary(real: list[np.ndarray], items: list[dict[str, Any]]) -> dict[str, float]:
     """The metrics on the *real* clips: the classifier's accuracy there is the ceiling of the score."""
-    from fdreamer.eval.metrics import classify_motion, motion_metrics
+    from fdreamer.eval.metrics import classify_motion, motion_metrics, subject_colour
 
     first = {it["clip_id"]: it for it in items}
     rows = list(first.values())
     acc = float(np.mean([classify_motion(v, r["subject_color"])[0] == r["motion"] for v, r in zip(real, rows, strict=True)]))
+    colour = float(np.mean([subject_colour(v[0]) == r["subject_color"] for v, r in zip(real, rows, strict=True)]))
     mm = [motion_metrics(v) for v in real]
-    return {"direction_accuracy": acc, "flow_magnitude": float(np.mean([m["flow_magnitude"] for m in mm])),
+    return {"direction_accuracy": acc, "colour_accuracy": colour, "flow_magnitude": float(np.mean([m["flow_magnitude"] for m in mm])),
             "warping_error": float(np.mean([m["warping_error"] for m in mm]))}
 
 

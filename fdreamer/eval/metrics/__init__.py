@@ -21,6 +21,7 @@ from fdreamer.eval.metrics.direction import (
     UNKNOWN,
     classify_motion,
     direction_accuracy,
+    subject_colour,
     track_subject,
 )
 from fdreamer.eval.metrics.frechet import (
@@ -42,7 +43,7 @@ from fdreamer.eval.metrics.motion import (
 
 __all__ = [
     "PAIR_MODES", "UNKNOWN", "ClipCallables", "ClipEncoder", "I3DFeatureExtractor", "PixelFlowFeatures",
-    "VideoFeatureExtractor", "classify_motion", "clip_scores", "direction_accuracy", "dis_flow",
+    "VideoFeatureExtractor", "classify_motion", "clip_scores", "direction_accuracy", "dis_flow", "subject_colour",
     "feature_stats", "frame_consistency", "frame_consistency_from_embeddings", "frame_embeddings",
     "frechet_distance", "frechet_distance_from_stats", "load_clip", "mean_flow_magnitude",
     "motion_metrics", "prompt_consistency", "text_embedding", "track_subject", "video_frechet_distance",

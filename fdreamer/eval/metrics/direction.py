@@ -61,6 +61,7 @@ FALLBACK_DIFF = 60.0  # RGB distance from the frame-0 background estimate that m
 TRANSLATE_MIN = 0.08  # total centroid displacement, fraction of the frame width/height
 SCALE_MIN = math.log(1.5)  # total |log area ratio|
 ROTATE_MIN = 0.075  # mean normalised shape change vs frame 0
+COLOUR_MAX_DISTANCE = 90.0  # RGB distance from a named colour within which subject_colour names it
 
 
 def _subject_rgb(subject_color: str | Sequence[float] | None) -> np.ndarray | None:
@@ -123,6 +124,20 @@ def estimate_subject_rgb(frame: np.ndarray) -> np.ndarray | None:
     core = cv2.erode(region.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     pick = core if core.sum() >= MIN_AREA_PX else region
     return frame[pick].astype(np.float32).mean(axis=0)
+
+
+def subject_colour(frame: np.ndarray, max_distance: float = COLOUR_MAX_DISTANCE) -> str | None:
+    """The name in ``COLORS`` nearest to the mean colour of uint8 ``frame``'s largest foreground region
+    (:func:`estimate_subject_rgb`: the subject, the largest shape of a sample scene), or None when there
+    is no such region or no named colour within ``max_distance`` (RGB). The text-to-image check: does the
+    first frame show the colour the prompt names?"""
+    rgb = estimate_subject_rgb(np.ascontiguousarray(frame))
+    if rgb is None:
+        return None
+    names = list(COLORS)
+    dist = np.linalg.norm(np.asarray([COLORS[n] for n in names], dtype=np.float32) - rgb, axis=-1)
+    best = int(np.argmin(dist))
+    return names[best] if dist[best] <= max_distance else None
 
 
 def _moments(alpha: np.ndarray) -> tuple[float, float, float, float]:
