@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -63,6 +64,7 @@ def test_make_tiny_models_installs_a_trained_t2i_asset(tiny_dir: Path, no_asset:
     out = tmp_path / "models"
     before = make_untrained_tiny_models(out, vae_asset_dir=no_asset, t2i_asset_dir=asset)  # no asset yet
     assert before["unet_trained"] is False and not (out / "scheduler").exists()
+    assert not (out / "model_index.json").exists()  # a random UNet is no T2I model
     ckpt = tiny_checkpoint(tmp_path / "ckpt", tiny_dir, seed=7)
     export_image_model(ckpt, asset)
     after = make_untrained_tiny_models(out, vae_asset_dir=no_asset, t2i_asset_dir=asset)
@@ -70,3 +72,9 @@ def test_make_tiny_models_installs_a_trained_t2i_asset(tiny_dir: Path, no_asset:
     for f in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
         assert (out / f).read_bytes() == (asset / f).read_bytes(), f
     assert (out / "vae" / "config.json").is_file()  # the other components are written as before
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)  # DIR is an SD folder now
+    assert pipe.safety_checker is None and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.prediction_type == json.loads((asset / "scheduler" / "scheduler_config.json")
+                                                               .read_text())["prediction_type"]

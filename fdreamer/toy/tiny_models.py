@@ -13,6 +13,8 @@ Layout written under ``DIR``::
     unet/          diffusers UNet2DConditionModel (SD layout; the trained tiny T2I from
                    fdreamer/toy/assets/tiny_t2i/ when committed, else random init)
     scheduler/     DDIMScheduler the tiny T2I was trained with (only with the trained T2I)
+    model_index.json  only with the trained T2I: DIR is then a StableDiffusionPipeline folder (the T2I
+                   step of text-to-video: VideoPipeline's ``t2i_path``)
     text_encoder/  transformers CLIPTextModel (SD's text encoder slot)
     tokenizer/     CLIPTokenizer (tokenizer.json + vocab.json + merges.txt)
     t5/            transformers T5EncoderModel + T5Tokenizer in the same folder
@@ -39,6 +41,14 @@ TINY_VAE_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny_vae"
 # The trained tiny text-to-image model (training/configs/tiny_t2i.yaml, then fdreamer export-image-model):
 # unet/ + scheduler/ + training.json.
 TINY_T2I_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny_t2i"
+# model_index.json of an SD1.x folder (no safety checker): what makes DIR a StableDiffusionPipeline.
+SD_MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"],
+    "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+    "requires_safety_checker": False,
+}
 
 # Tiny UNet in the SD1.5 layout: cross-attention only at the lower (8x8) resolution.
 TINY_UNET_CONFIG: dict[str, Any] = dict(
@@ -256,9 +266,12 @@ def make_tiny_models(
             shutil.copyfile(models.vae_asset_dir / name, root / "vae" / name)
     else:
         models.vae.save_pretrained(root / "vae")
+    (root / "model_index.json").unlink(missing_ok=True)
     if models.t2i_asset_dir is not None:  # byte-identical copy of the trained T2I and its scheduler
         for name in ("unet", "scheduler"):
             shutil.copytree(models.t2i_asset_dir / name, root / name)
+        # with a trained UNet the folder is a Stable Diffusion pipeline (StableDiffusionPipeline.from_pretrained)
+        (root / "model_index.json").write_text(json.dumps(SD_MODEL_INDEX, indent=2) + "\n", encoding="utf-8")
     else:
         models.unet.save_pretrained(root / "unet")
     models.text_encoder.save_pretrained(root / "text_encoder")
