@@ -209,36 +209,19 @@ def test_worker_killed_mid_run_restarts_from_checkpoint(resumed: dict) -> None:
     assert steps[restart:] == list(range(steps[restart], 12)), steps
 
 
-def test_stage_chaining_and_flow_loss(stage1: dict, preprocessed_sample: dict, storage: Path, ray_head: dict,
-                                      mlflow_server: str) -> None:
-    """Stage 3 (PredictNet added, γ·L_flow) from stage 1's MLflow run id, 2 steps; stage 2's ``init_from`` =
-    stage 1's run folder resolves (driver side, no workers) to the run's latest checkpoint."""
+def test_stage2_init_from_a_run_folder_resolves_to_its_latest_checkpoint(stage1: dict, preprocessed_sample: dict,
+                                                                       storage: Path) -> None:
+    """Stage 2's ``init_from`` = stage 1's run folder resolves (driver side, no workers) to the run's latest
+    checkpoint. Chaining through a Ray Train run (``runs:/<id>``, PredictNet added, γ·L_flow) is
+    ``test_ablate_row_e_chains_from_stage1_and_adds_the_flow_loss``."""
     from fdreamer.config import parse_cli
-    from fdreamer.models import FactorizedDreamerUNet
     from training.config import TrainConfig
     from training.launch import prepare
 
-    final = Path(stage1["summary"]["checkpoint"])
     stage2, _ = parse_cli(TrainConfig, ["--config", str(REPO / "training/configs/tiny_stage2.yaml"),
                                         f"--data.path={preprocessed_sample['output']}", f"--storage_path={storage}",
                                         f"--init_from={stage1['run_dir']}"])
-    assert prepare(stage2)["init_from"] == str(final)
-    s3 = _summary(_train("tiny_stage3", preprocessed_sample, storage, ray_head["address"],
-                         f"--init_from=runs:/{stage1['summary']['mlflow_run_id']}", "--steps=2", "--checkpoint.every=2",
-                         f"--tracking.tracking_uri={mlflow_server}", "--tracking.experiment=test-training",
-                         "--tracking.sample_every=-1", "--tracking.validate_every=0"))
-    client = mlflow.tracking.MlflowClient(mlflow_server)
-    assert "l_flow" in client.get_run(s3["mlflow_run_id"]).data.metrics
-    assert "l_flow" not in client.get_run(stage1["summary"]["mlflow_run_id"]).data.metrics
-    w1 = load_file(str(final / "model.safetensors"))
-    w3 = load_file(str(Path(s3["checkpoint"]) / "model.safetensors"))
-    assert any(k.startswith("predictnet.") for k in w3) and not any(k.startswith("predictnet.") for k in w1)
-    fresh = FactorizedDreamerUNet.from_preset("tiny", stage2.model, seed=0).state_dict()
-    temporal = [k for k in w1 if k.startswith("temporal.")]
-    assert not all(torch.equal(w1[k], w3[k]) for k in temporal)  # trained further ...
-    from_stage1 = sum(float((w3[k] - w1[k]).pow(2).sum()) for k in temporal)
-    from_fresh = sum(float((w3[k] - fresh[k]).pow(2).sum()) for k in temporal)
-    assert from_stage1 < 0.25 * from_fresh, (from_stage1, from_fresh)  # ... from stage 1's weights
+    assert prepare(stage2)["init_from"] == str(Path(stage1["summary"]["checkpoint"]))
 
 
 def _fails(args: list[str], needle: str) -> None:
@@ -279,15 +262,26 @@ def test_clear_errors(preprocessed_sample: dict, stage1: dict, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_ablate_trains_a_row_and_reads_the_table_back(preprocessed_sample: dict, ray_head: dict, mlflow_server: str,
-                                                      tmp_path: Path) -> None:
-    """``training/ablate.py --rows=[e]`` on tiny settings: the row's Ray Train run (2 steps, 1 worker) as an
-    MLflow run tagged with its Table 4 row, and the markdown table read back from MLflow. Every row's
-    switches are checked without training in tests/test_compare.py (a second trained row would only repeat
-    the same loop at another ~70 s)."""
+def test_ablate_row_e_chains_from_stage1_and_adds_the_flow_loss(stage1: dict, preprocessed_sample: dict,
+                                                                ray_head: dict, mlflow_server: str,
+                                                                tmp_path: Path) -> None:
+    """``training/ablate.py --rows=[e] --init_from=runs:/<stage 1's MLflow run>``: one Ray Train run (2 steps,
+    1 worker) that is both the ablation plumbing and stage chaining (as ``tiny_stage3.yaml`` does it):
+
+    - the row's MLflow run is tagged with its Table 4 row, and the markdown table is read back from MLflow
+      (every row's switches are checked without training in tests/test_compare.py);
+    - ``init_from`` as an MLflow run id resolves to stage 1's final checkpoint, the PredictNet of row (e)
+      is added to those weights (Eq. 4) and ``γ·L_flow`` is logged (stage 1 has no l_flow);
+    - the temporal weights continue from stage 1's, not from a fresh model."""
+    from fdreamer.checkpoint import latest_checkpoint
+    from fdreamer.config import load_config
+    from fdreamer.models import FactorizedDreamerUNet
+    from training.config import TrainConfig
+
     cmd = [sys.executable, str(REPO / "training" / "ablate.py"), "--config",
            str(REPO / "training" / "configs" / "tiny_stage1.yaml"), f"--data.path={preprocessed_sample['output']}",
            f"--models_dir={preprocessed_sample['models']}", f"--storage_path={tmp_path}", "--rows=[e]",
+           f"--init_from=runs:/{stage1['summary']['mlflow_run_id']}",
            f"--ray_address={ray_head['address']}", "--steps=2", "--checkpoint.every=2", "--scaling.num_workers=1",
            "--global_batch=4", "--micro_batch=2", "--tracking.validate_every=2", "--tracking.sample_every=-1",
            f"--tracking.tracking_uri={mlflow_server}", "--tracking.experiment=test-ablate"]
@@ -302,7 +296,19 @@ def test_ablate_trains_a_row_and_reads_the_table_back(preprocessed_sample: dict,
     assert run.data.tags["table4_row"] == "e" and run.info.status == "FINISHED"
     assert f"{run.data.metrics['val_loss']:.4f}" in rows[0]  # the cell is the number read back from that run
     assert run.data.params["schedule.shift"] == "True" and run.data.params["model.predictnet"] == "True"
-    assert "l_flow" in run.data.metrics  # PredictNet's γ·L_flow (no l_flow without it: test_stage_chaining)
+    assert "l_flow" in run.data.metrics
+    assert "l_flow" not in client.get_run(stage1["summary"]["mlflow_run_id"]).data.metrics
+
+    w1 = load_file(str(Path(stage1["summary"]["checkpoint"]) / "model.safetensors"))
+    w3 = load_file(str(latest_checkpoint(tmp_path / "ablate_e") / "model.safetensors"))
+    assert any(k.startswith("predictnet.") for k in w3) and not any(k.startswith("predictnet.") for k in w1)
+    tiny = load_config(TrainConfig, REPO / "training" / "configs" / "tiny_stage1.yaml")
+    fresh = FactorizedDreamerUNet.from_preset("tiny", tiny.model, seed=0).state_dict()
+    temporal = [k for k in w1 if k.startswith("temporal.")]
+    assert not all(torch.equal(w1[k], w3[k]) for k in temporal)  # trained further ...
+    from_stage1 = sum(float((w3[k] - w1[k]).pow(2).sum()) for k in temporal)
+    from_fresh = sum(float((w3[k] - fresh[k]).pow(2).sum()) for k in temporal)
+    assert from_stage1 < 0.25 * from_fresh, (from_stage1, from_fresh)  # ... from stage 1's weights
 
 
 def _config_attribute_reads(roots: list[Path]) -> set[str]:
