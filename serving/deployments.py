@@ -286,6 +286,7 @@ class VideoModel(_ModelReplica):
                                                             "error_type": first["error_type"]})
             request = VideoRequest(
                 prompt=p["prompt"], image=first["image"], negative_prompt=p["negative_prompt"],
+                motion_prompt=p.get("motion_prompt"),
                 num_frames=p["num_frames"], height=p["height"], width=p["width"], fps=p["fps"],
                 num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
                 image_guidance_scale=p["image_guidance_scale"], guidance_rescale=p["guidance_rescale"],

@@ -47,6 +47,8 @@ class VideoCreate(BaseModel):
 
     prompt: Annotated[str, Field(description="text prompt (the motion caption for image-to-video)")]
     negative_prompt: str = ""
+    motion_prompt: Annotated[str | None, Field(description="text for the temporal layers' T5 (the motion "
+                                                           "phrase); default: prompt")] = None
     image: Annotated[str | None, Field(description="base64 image (optionally a data: URL)")] = None
     num_frames: int | None = None
     height: int | None = None
@@ -244,12 +246,12 @@ def effective_limits(model: dict[str, Any], config: Limits) -> dict[str, Any]:
 def resolve_params(req: VideoCreate, has_image: bool, lim: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """The job's parameters (the checkpoint's ``defaults`` where the request leaves them out), or
     ApiError(422) naming the field. ``lim``: :func:`effective_limits`."""
-    if len(req.prompt) > lim["max_prompt_chars"] or len(req.negative_prompt) > lim["max_prompt_chars"]:
+    if max(len(req.prompt), len(req.negative_prompt), len(req.motion_prompt or "")) > lim["max_prompt_chars"]:
         raise ApiError(422, "limit_exceeded", f"prompt: at most {lim['max_prompt_chars']} characters")
     if has_image and not lim["supports_image"]:
         raise ApiError(422, "invalid_value", "image: this checkpoint is text-to-video only")
     d = defaults
-    p = {"prompt": req.prompt, "negative_prompt": req.negative_prompt,
+    p = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "motion_prompt": req.motion_prompt,
          "num_frames": req.num_frames if req.num_frames is not None else d["num_frames"],
          "height": req.height if req.height is not None else d["height"],
          "width": req.width if req.width is not None else d["width"],

@@ -78,6 +78,9 @@ def test_prompts_use_first_frames_and_motion_captions(sample: Path) -> None:
     for it, clip in zip(i2v, real, strict=True):
         assert it["image"].shape == (64, 64, 3) and np.array_equal(it["image"], clip[0])
         assert clip.shape == (8, 64, 64, 3)
+    assert all(it["motion_prompt"] is None for it in items)  # T5 trained on the caption: it reads the prompt
+    mc, _ = build_prompts(sample, modes=("t2v",), num_frames=8, size=(64, 64), t5_caption="motion_caption")
+    assert [(it["prompt"], it["motion_prompt"]) for it in mc] == [(r["caption"], r["motion_caption"]) for r in held]
 
 
 def test_resolve_checkpoint_from_run_folder(checkpoint: Path) -> None:

@@ -200,6 +200,19 @@ def test_guidance_formula_with_a_stub_model() -> None:
                                                     guidance_rescale=1.0)), std(e11))
 
 
+def test_motion_prompt_reaches_t5_only(pipe: VideoPipeline, image: np.ndarray) -> None:
+    """``motion_prompt`` is what the temporal layers' T5 reads; CLIP (spatial layers, T2I) keeps ``prompt``."""
+    first = pipe.prepare_image(image, 32, 32)
+    full, _ = pipe.encode_conditions(first, PROMPT)
+    split, null = pipe.encode_conditions(first, PROMPT, motion_prompt="slides to the left")
+    motion, _ = pipe.encode_conditions(first, "slides to the left")
+    torch.testing.assert_close(split.text_tokens, full.text_tokens, rtol=0, atol=0)
+    torch.testing.assert_close(split.t5_tokens, motion.t5_tokens, rtol=0, atol=0)
+    assert not torch.equal(split.t5_mask, full.t5_mask) or not torch.equal(split.t5_tokens, full.t5_tokens)
+    other = pipe.encode_conditions(first, PROMPT)[1]  # the negative prompt's T5 tokens are unchanged
+    torch.testing.assert_close(null.t5_tokens[null.t5_mask], other.t5_tokens[other.t5_mask], rtol=0, atol=0)
+
+
 def test_guidance_on_the_real_model(pipe: VideoPipeline, image: np.ndarray) -> None:
     first = pipe.prepare_image(image, 32, 32)
     cond, null = pipe.encode_conditions(first, PROMPT, "blurry")
@@ -244,6 +257,8 @@ def test_cancel_from_the_callback(pipe: VideoPipeline, image: np.ndarray) -> Non
 # ---------------------------------------------------------------------------------- validation
 
 INVALID_REQUESTS = [
+    ({"motion_prompt": ""}, "motion_prompt"),
+    ({"motion_prompt": 3}, "motion_prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   "}, "prompt"),
     ({"prompt": None}, "prompt"),

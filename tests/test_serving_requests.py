@@ -31,6 +31,9 @@ def test_parse_json_bounds_nesting_and_names_the_field() -> None:
     assert (ok.num_frames, ok.num_inference_steps, ok.guidance_scale, ok.image_guidance_scale) == (
         4, DEFAULT_STEPS, DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE)
     assert VideoCreate(prompt="a").num_inference_steps == DEFAULT_STEPS
+    both = parse_body("application/json", b'{"prompt": "a red circle", "motion_prompt": "slides to the left"}')[0]
+    assert (both.prompt, both.motion_prompt, VideoCreate(prompt="a").motion_prompt) == (
+        "a red circle", "slides to the left", None)
     for body, name in ((deep_json(5000), "x"), (deep_json(10**5, "y\u00e9"), "y\u00e9"),
                        (b"[" * 10**6, "body"), (b'{"prompt": "a",\n "z": ' + b'{"a":' * 5000, "z")):
         with pytest.raises(ApiError) as err:

@@ -136,6 +136,7 @@ def test_stage1_logs_run_params_metrics_and_sample_video(stage1: dict, mlflow_se
     assert state["step"] == 12 and state["world_size"] == 2
     meta = read_meta(final)  # inference defaults: pixel size = 16 latent px x the tiny VAE's factor 4
     assert (meta["num_frames"], meta["latent_size"], meta["size"]) == (8, 16, 64), meta
+    assert meta["t5_caption"] == "caption"  # what T5 read, so inference feeds it the same text
 
 
 @pytest.fixture(scope="module")

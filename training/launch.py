@@ -89,16 +89,20 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def clip_profile_meta(shard: str, encoders: EncoderConfig) -> dict[str, Any]:
-    """Frame count, fps and latent size of the training clips, plus their pixel size = latent size x the
+    """Frame count, fps, latent size and ``t5_caption`` (the text T5 read) of the training clips, plus their pixel size = latent size x the
     VAE's downsample factor (read from the VAE's config) when a VAE is configured: the defaults of the
     inference pipeline recorded in checkpoints (without ``size`` it falls back to ``schedule.height/width``)."""
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(shard, columns=["num_frames", "fps", "latents_shape"]).slice(0, 1).to_pylist()
+    from fdreamer.data.schema import shard_t5_caption
+
+    table = pq.read_table(shard, columns=["num_frames", "fps", "latents_shape"])
+    rows = table.slice(0, 1).to_pylist()
     if not rows:
         return {}
     latent_size = int(rows[0]["latents_shape"][-1])
-    meta = {"num_frames": int(rows[0]["num_frames"]), "fps": float(rows[0]["fps"]), "latent_size": latent_size}
+    meta = {"num_frames": int(rows[0]["num_frames"]), "fps": float(rows[0]["fps"]), "latent_size": latent_size,
+            "t5_caption": shard_t5_caption(table.schema.metadata)}  # what T5 read: inference gives it the same
     if encoders.vae is not None:
         from fdreamer.encoders import vae_downsample_factor
 

@@ -127,13 +127,15 @@ def read_manifest(data_dir: str | Path) -> list[dict[str, Any]]:
 
 def build_prompts(data_dir: str | Path, *, modes: tuple[str, ...] = ("i2v",), split: str | None = "heldout",
                   num: int | None = None, num_frames: int = 8, size: tuple[int, int] = (64, 64),
-                  fps: float | None = None, seed: int = 0,
-                  i2v_prompt: str = "motion_caption") -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+                  fps: float | None = None, seed: int = 0, i2v_prompt: str = "motion_caption",
+                  t5_caption: str = "caption") -> tuple[list[dict[str, Any]], list[np.ndarray]]:
     """Prompt items (one per clip and mode) and the real clips (``[T, H, W, 3]`` uint8, the FD reference).
 
     Each item: ``id``, ``mode``, ``clip_id``, ``prompt``, ``image`` (I2V: frame 0; T2V: None),
     ``motion``, ``subject_color``, ``seed`` (``seed + index within the mode``). ``i2v_prompt``: the
-    manifest field that prompts I2V (``motion_caption``, or ``caption`` as in training).
+    manifest field that prompts I2V (``motion_caption``, or ``caption`` as in training). ``t5_caption``: what
+    the checkpoint's T5 read in training (its ``t5_caption`` meta); ``motion_caption`` gives every item a
+    ``motion_prompt`` (the manifest's motion caption, for T5), else None (T5 reads the prompt).
     """
     if i2v_prompt not in ("motion_caption", "caption"):
         raise ValueError(f"i2v_prompt must be 'motion_caption' or 'caption', got {i2v_prompt!r}")
@@ -153,6 +155,7 @@ def build_prompts(data_dir: str | Path, *, modes: tuple[str, ...] = ("i2v",), sp
                 "id": f"{mode}:{r['clip_id']}", "mode": mode, "clip_id": r["clip_id"],
                 "prompt": r[i2v_prompt] if mode == "i2v" else r["caption"],
                 "image": clip[0] if mode == "i2v" else None,
+                "motion_prompt": r["motion_caption"] if t5_caption == "motion_caption" else None,
                 "motion": r["motion"], "subject_color": r["subject_color"], "seed": seed + i,
             })
     return items, real
@@ -205,7 +208,8 @@ class GenerateAndScore:
         if image is not None and not self.pipe.supports_image:
             image = None  # Table 4 (b): a direct T2V model gets the motion caption alone
         t0 = time.perf_counter()
-        res = self.pipe(VideoRequest(prompt=item["prompt"], image=image, num_inference_steps=s.steps,
+        res = self.pipe(VideoRequest(prompt=item["prompt"], motion_prompt=item.get("motion_prompt") or None,
+                                     image=image, num_inference_steps=s.steps,
                                      guidance_scale=s.guidance_scale, image_guidance_scale=s.image_guidance_scale,
                                      sampler=s.sampler, seed=int(item["seed"])))
         t1 = time.perf_counter()
@@ -322,7 +326,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, modes: tuple[str, ...]
     hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     num_frames = int(meta.get("num_frames") or sched.num_frames)
     items, real = build_prompts(data, modes=modes, split=split, num=num, num_frames=num_frames, size=hw,
-                                fps=meta.get("fps"), seed=seed, i2v_prompt=i2v_prompt)
+                                fps=meta.get("fps"), seed=seed, i2v_prompt=i2v_prompt,
+                                t5_caption=meta.get("t5_caption", "caption"))
     t1 = time.perf_counter()
     outs = (runner or run_in_process)(ckpt, items, settings)
     t2 = time.perf_counter()

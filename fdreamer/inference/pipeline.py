@@ -218,6 +218,7 @@ class VideoPipeline:
             first = self.prepare_image(image, plan.height, plan.width)
         t1 = time.perf_counter()
         latents = self.video_latents(first, request.prompt, negative_prompt=request.negative_prompt,
+                                     motion_prompt=request.motion_prompt,
                                      num_frames=plan.num_frames, height=plan.height, width=plan.width,
                                      guidance_scale=request.guidance_scale,
                                      image_guidance_scale=request.image_guidance_scale,
@@ -290,16 +291,17 @@ class VideoPipeline:
         return (np.clip(out[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
     @torch.no_grad()
-    def encode_conditions(self, image: np.ndarray | None, prompt: str, negative_prompt: str = ""
-                          ) -> tuple[Conditions, Conditions]:
+    def encode_conditions(self, image: np.ndarray | None, prompt: str, negative_prompt: str = "",
+                          motion_prompt: str | None = None) -> tuple[Conditions, Conditions]:
         """(conditions, null conditions) of batch 1 for the video model; ``image`` already at the
-        output size (:meth:`prepare_image`) or None for the direct T2V model."""
+        output size (:meth:`prepare_image`) or None for the direct T2V model. T5 reads ``motion_prompt``
+        when given (:class:`VideoRequest`), else ``prompt``."""
         enc, cfg = self.encoders, self.model.cfg
         dev, dtype = self.device, self.model.dtype
         clip = enc.encode_clip_text_tokens([prompt, negative_prompt]).to(dev, dtype)
         t5 = t5_mask = t5_null = t5_null_mask = None
         if cfg.temporal_text_encoder == "t5":
-            a, b = enc.encode_t5_unpadded([prompt, negative_prompt])
+            a, b = enc.encode_t5_unpadded([motion_prompt or prompt, negative_prompt])
             tokens, masks = pad_tokens([a.to(dev, dtype), b.to(dev, dtype)])  # [2, L, D], [2, L]
             t5, t5_null, t5_mask, t5_null_mask = tokens[:1], tokens[1:], masks[:1], masks[1:]
         image_embed = first_latent = None
@@ -314,7 +316,8 @@ class VideoPipeline:
         null = null_conditions(cond, clip[1:], t5_null, t5_null_mask)
         return cond, null
 
-    def video_latents(self, image: np.ndarray | None, prompt: str, *, negative_prompt: str = "", num_frames: int,
+    def video_latents(self, image: np.ndarray | None, prompt: str, *, negative_prompt: str = "",
+                      motion_prompt: str | None = None, num_frames: int,
                       height: int, width: int, num_inference_steps: int, guidance_scale: float,
                       image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE, guidance_rescale: float = 0.0, sampler: str = "ddim",
                       seed: int, callback: StepCallback | None = None) -> torch.Tensor:
@@ -322,7 +325,7 @@ class VideoPipeline:
         ``height``×``width``; None for the direct T2V model)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"`sampler` has to be one of {list(SAMPLERS)} but is {sampler!r}.")
-        cond, null = self.encode_conditions(image, prompt, negative_prompt)
+        cond, null = self.encode_conditions(image, prompt, negative_prompt, motion_prompt)
         f = self.encoders.vae_downsample_factor
         shape = (1, self.model.unet.config.in_channels, num_frames, height // f, width // f)
         return denoise(self.model, self._scheduler(sampler), shape, cond, null,

@@ -46,6 +46,10 @@ class VideoRequest:
     prompt: str
     image: np.ndarray | None = None  # uint8 [H, W, 3] conditioning first frame (I2V)
     negative_prompt: str = ""
+    # the text the temporal layers' T5 reads; None = ``prompt``. A model trained with T5 on the motion
+    # caption alone (preprocessing ``t5_caption: motion_caption``, recorded as ``t5_caption`` in its
+    # checkpoint) reads the motion phrase here while CLIP / the T2I step read the full ``prompt``
+    motion_prompt: str | None = None
     num_frames: int | None = None
     height: int | None = None
     width: int | None = None
@@ -64,6 +68,8 @@ class VideoRequest:
         """Raise ValueError (naming the field) for anything no model could accept."""
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError(f"`prompt` has to be a non-empty string but is {self.prompt!r}.")
+        if self.motion_prompt is not None and (not isinstance(self.motion_prompt, str) or not self.motion_prompt.strip()):
+            raise ValueError(f"`motion_prompt` has to be a non-empty string or None but is {self.motion_prompt!r}.")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(  # noqa: TRY004  (every invalid field is a ValueError: the server's 4xx)
                 f"`negative_prompt` has to be a string but is {type(self.negative_prompt).__name__}.")
