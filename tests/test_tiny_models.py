@@ -131,11 +131,12 @@ def test_idempotent_seed_guard_and_force(tiny_dir: Path, no_asset: Path, tmp_pat
     copy = tmp_path / "copy"
     shutil.copytree(tiny_dir, copy)
     stamp = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
-    manifest = tm.make_tiny_models(copy, seed=0, vae_asset_dir=no_asset)  # complete: no VAE needed
+    no_t2i = no_asset.parent / "tiny_t2i"
+    manifest = tm.make_tiny_models(copy, seed=0, vae_asset_dir=no_asset, t2i_asset_dir=no_t2i)  # complete: no VAE needed
     assert manifest == json.loads((tiny_dir / tm.MANIFEST_NAME).read_text())
     assert {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()} == stamp
     with pytest.raises(FileExistsError, match="seed 0"):
-        tm.make_tiny_models(copy, seed=1, vae_asset_dir=no_asset)
+        tm.make_tiny_models(copy, seed=1, vae_asset_dir=no_asset, t2i_asset_dir=no_t2i)
     _make(copy, seed=1, force=True, vae_asset_dir=no_asset)
     new, old = _files(copy), _files(tiny_dir)
     assert new["unet/diffusion_pytorch_model.safetensors"] != old["unet/diffusion_pytorch_model.safetensors"]
