@@ -28,8 +28,9 @@ class EvalJobConfig(EvalConfig):
 
 
 def _to_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The image column is ragged (None for T2V): ship each as bytes + a JSON shape."""
+    """The image column is ragged (None for T2V): ship each as bytes + a JSON shape; no motion prompt as ""."""
     return [{**{k: v for k, v in it.items() if k != "image"},
+             "motion_prompt": it.get("motion_prompt") or "",  # a None column would arrive as NaN
              "image_bytes": b"" if it["image"] is None else np.ascontiguousarray(it["image"]).tobytes(),
              "image_shape": json.dumps(None if it["image"] is None else list(it["image"].shape))}
             for it in items]

@@ -208,7 +208,8 @@ class GenerateAndScore:
         if image is not None and not self.pipe.supports_image:
             image = None  # Table 4 (b): a direct T2V model gets the motion caption alone
         t0 = time.perf_counter()
-        res = self.pipe(VideoRequest(prompt=item["prompt"], motion_prompt=item.get("motion_prompt") or None,
+        motion = item.get("motion_prompt")  # "" (Ray Data rows) or None: T5 reads the prompt
+        res = self.pipe(VideoRequest(prompt=item["prompt"], motion_prompt=motion if isinstance(motion, str) and motion else None,
                                      image=image, num_inference_steps=s.steps,
                                      guidance_scale=s.guidance_scale, image_guidance_scale=s.image_guidance_scale,
                                      sampler=s.sampler, seed=int(item["seed"])))
