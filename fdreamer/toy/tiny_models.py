@@ -84,7 +84,7 @@ TINY_CLIP_VISION_CONFIG: dict[str, Any] = dict(
 )
 TINY_CLIP_PROJECTION_DIM = 32
 
-_VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 _SEED_OFFSETS = {"vae": 0, "unet": 1, "text_encoder": 2, "t5": 3, "clip": 4}
 EXPECTED_FILES = (
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
@@ -136,12 +136,12 @@ def _tiny_vae(seed: int, allow_untrained_vae: bool, asset_dir: Path) -> tuple[An
     from fdreamer.toy.vae_train import TINY_VAE_CONFIG
 
     if (asset_dir / "config.json").is_file():
-        if not (asset_dir / _VAE_WEIGHTS).is_file():
-            raise FileNotFoundError(f"tiny VAE asset {asset_dir} has config.json but no {_VAE_WEIGHTS}")
+        if not (asset_dir / _DIFFUSERS_WEIGHTS).is_file():
+            raise FileNotFoundError(f"tiny VAE asset {asset_dir} has config.json but no {_DIFFUSERS_WEIGHTS}")
         return AutoencoderKL.from_pretrained(asset_dir, local_files_only=True), asset_dir
     if not allow_untrained_vae:
         raise FileNotFoundError(
-            f"trained tiny VAE weights not found at {asset_dir} (config.json + {_VAE_WEIGHTS}); "
+            f"trained tiny VAE weights not found at {asset_dir} (config.json + {_DIFFUSERS_WEIGHTS}); "
             "run `fdreamer train-tiny-vae` first, or pass --allow-untrained-vae "
             "(allow_untrained_vae=True) to write a randomly initialised VAE"
         )
@@ -206,7 +206,7 @@ def build_tiny_models(
 
 def trained_t2i(asset_dir: Path) -> Path | None:
     """``asset_dir`` when it holds a trained tiny T2I (``unet/`` weights + ``scheduler/``), else None."""
-    need = ("unet/config.json", f"unet/{_VAE_WEIGHTS}", "scheduler/scheduler_config.json")
+    need = ("unet/config.json", f"unet/{_DIFFUSERS_WEIGHTS}", "scheduler/scheduler_config.json")
     return asset_dir if all((asset_dir / f).is_file() for f in need) else None
 
 
@@ -262,7 +262,7 @@ def make_tiny_models(
 
     if models.vae_asset_dir is not None:  # byte-identical copy of the trained weights
         (root / "vae").mkdir()
-        for name in ("config.json", _VAE_WEIGHTS):
+        for name in ("config.json", _DIFFUSERS_WEIGHTS):
             shutil.copyfile(models.vae_asset_dir / name, root / "vae" / name)
     else:
         models.vae.save_pretrained(root / "vae")
