@@ -6,10 +6,15 @@ Runs exactly what a user runs on a real cluster, on the sample data:
 2. an MLflow server (sqlite backend) on a free port;
 3. ``cluster/local.sh up`` (head + worker node);
 4. ``ray job submit --working-dir . -- python pipelines/preprocess.py --config pipelines/configs/tiny.yaml ...``;
-5. ``ray job submit --working-dir . -- python training/run.py --config training/configs/tiny_stage1.yaml ...``
-   (2 workers spread over both nodes);
-6. ``serve deploy`` of ``serving/config.yaml`` pointed at the trained checkpoint;
-7. one text-to-video request through HTTP, the mp4 probed and decoded with PyAV (``fdreamer.data.video``);
+5. ``ray job submit --working-dir . -- python training/run.py --config training/configs/tiny_finetune.yaml ...``
+   (2 workers spread over both nodes): a fine-tune of the committed tiny I2V (``models/i2v``, installed by
+   ``make-tiny-models``) on the sample clips preprocessed with T5 on the motion caption, as it was trained;
+   without the committed I2V, ``tiny_stage1.yaml`` from scratch;
+6. ``serve deploy`` of ``serving/config.yaml`` pointed at the trained checkpoint (and at the committed tiny
+   T2I, ``models/``, for text-to-video's first frame);
+7. one text-to-video request through HTTP ("a red circle slides to the right ..."), the mp4 probed and
+   decoded with PyAV (``fdreamer.data.video``), and what it shows measured: the subject's colour in frame 0
+   and its motion class (``fdreamer.eval.metrics``) in ``served_video``;
 
 then prints where the mp4, the Parquet summary and the MLflow run are, and (unless ``--keep``) stops the
 cluster (and with it the Serve app) and the MLflow server. Steps 1-3 start together (separate processes:
@@ -168,11 +173,40 @@ def check_video(path: Path) -> dict[str, Any]:
     return {**asdict(info), "decoded_frames": int(clip.frames.shape[0])}
 
 
+PROMPT = {"prompt": "a red circle slides to the right over a soft grey textured background",
+          "motion_prompt": "a red circle slides to the right", "colour": "red", "motion": "right"}
+
+
+def training_plan(models: Path) -> dict[str, Any]:
+    """What steps 4-6 run for the tiny models in ``models``: a fine-tune of the committed I2V when
+    ``make-tiny-models`` installed it (``i2v_trained``), else stage 1 from scratch; the committed T2I as
+    text-to-video's first frame when installed (``unet_trained``)."""
+    manifest = json.loads((models / "tiny_models.json").read_text())
+    if manifest.get("i2v_trained"):
+        plan = {"config": "training/configs/tiny_finetune.yaml", "init_from": str(models / "i2v"),
+                "t5_caption": "motion_caption", "name": "main_tiny_finetune"}
+    else:
+        plan = {"config": "training/configs/tiny_stage1.yaml", "init_from": None, "t5_caption": "caption",
+                "name": "main_tiny_stage1"}
+    return plan | {"t2i_path": str(models) if manifest.get("unet_trained") else None}
+
+
+def describe_video(path: Path, colour: str) -> dict[str, Any]:
+    """What the served video shows: the subject's colour in frame 0 and the motion class of the subject
+    of ``colour`` (:func:`fdreamer.eval.metrics.classify_motion`)."""
+    from fdreamer.data.video import probe_video, read_video
+    from fdreamer.eval.metrics import classify_motion, subject_colour
+
+    frames = read_video(path, probe_video(path).num_frames, stride=1, backend="pyav").frames
+    motion, _ = classify_motion(frames, colour)
+    return {"colour": subject_colour(frames[0]), "motion": motion}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=str(REPO / "runs" / "main-job"), help="outputs (git-ignored)")
     p.add_argument("--clips", type=int, default=48)
-    p.add_argument("--steps", type=int, default=20, help="training steps of tiny stage 1")
+    p.add_argument("--steps", type=int, default=20, help="training steps (of the fine-tune, or of stage 1 from scratch)")
     p.add_argument("--keep", action="store_true", help="leave the cluster, the app and MLflow running")
     p.add_argument("--keep-mlflow", action="store_true",
                    help="stop the cluster but leave MLflow running after a successful run (pid printed)")
@@ -232,28 +266,32 @@ def main(argv: list[str] | None = None) -> int:
 
         current = "4/7 ray job submit: preprocessing (Ray Data)"
         t = step(current)
+        plan = training_plan(models)
+        result["plan"] = plan
         pre = work / "preprocessed"
         shutil.rmtree(pre, ignore_errors=True)
         result["preprocess_job"] = submit(dashboard, [
             "python", "pipelines/preprocess.py", "--config", "pipelines/configs/tiny.yaml",
             f"--inputs=[{sample / 'manifest.jsonl'}]", f"--output={pre}", f"--models_dir={models}",
-            f"--mlflow_tracking_uri={mlflow_uri}"], timeout_s=900)
+            f"--mlflow_tracking_uri={mlflow_uri}", f"--t5_caption={plan['t5_caption']}"], timeout_s=900)
         timings["preprocess_s"] = time.monotonic() - t
 
-        current = "5/7 ray job submit: training stage 1 (Ray Train, 2 workers)"
+        what = "fine-tune of the committed tiny I2V" if plan["init_from"] else "training stage 1"
+        current = f"5/7 ray job submit: {what} (Ray Train, 2 workers)"
         t = step(current)
         storage = Path(os.environ["FDREAMER_STORAGE_PATH"])
-        shutil.rmtree(storage / "main_tiny_stage1", ignore_errors=True)
+        shutil.rmtree(storage / plan["name"], ignore_errors=True)
         result["train_job"] = submit(dashboard, [
-            "python", "training/run.py", "--config", "training/configs/tiny_stage1.yaml", f"--data.path={pre}",
-            f"--models_dir={models}", f"--storage_path={storage}", "--name=main_tiny_stage1",
+            "python", "training/run.py", "--config", plan["config"], f"--data.path={pre}",
+            f"--models_dir={models}", f"--storage_path={storage}", f"--name={plan['name']}",
             f"--steps={args.steps}", f"--checkpoint.every={args.steps}", f"--tracking.tracking_uri={mlflow_uri}",
-            "--tracking.experiment=main-job", "--scaling.placement_strategy=SPREAD"], timeout_s=1200)
+            "--tracking.experiment=main-job", "--scaling.placement_strategy=SPREAD",
+            *([f"--init_from={plan['init_from']}"] if plan["init_from"] else [])], timeout_s=1200)
         from training.checkpointing import latest_checkpoint, read_trainer_state
 
-        ckpt = latest_checkpoint(storage / "main_tiny_stage1")
+        ckpt = latest_checkpoint(storage / plan["name"])
         if ckpt is None:
-            raise StepFailed(f"the training job SUCCEEDED but left no checkpoint under {storage / 'main_tiny_stage1'}")
+            raise StepFailed(f"the training job SUCCEEDED but left no checkpoint under {storage / plan['name']}")
         run_id = read_trainer_state(ckpt).mlflow_run_id
         timings["train_s"] = time.monotonic() - t
 
@@ -266,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["http_options"].update(host="127.0.0.1", port=http_port)
         app = cfg["applications"][0]
         app["args"].update(checkpoint=str(ckpt), store=str(work / "serving-jobs"))
+        if plan["t2i_path"]:
+            app["args"]["t2i_path"] = plan["t2i_path"]
         # serve deploy takes only remote working_dir URIs: on this machine the checkout is shared by both
         # nodes, so the replicas import it through PYTHONPATH (a real cluster bakes it into the image)
         serve_cfg = work / "serve.yaml"
@@ -277,8 +317,11 @@ def main(argv: list[str] | None = None) -> int:
 
         current = "7/7 text-to-video over HTTP"
         t = step(current)
-        body = json.dumps({"prompt": "a red circle moving to the right", "num_frames": 8, "height": 64, "width": 64,
-                           "num_inference_steps": 10, "seed": 7}).encode()
+        request = {"prompt": PROMPT["prompt"], "num_frames": 8, "height": 64, "width": 64, "num_inference_steps": 20,
+                   "seed": 7}
+        if plan["t5_caption"] == "motion_caption":
+            request["motion_prompt"] = PROMPT["motion_prompt"]  # T5 reads what it was trained on
+        body = json.dumps(request).encode()
         req = urllib.request.Request(f"{base}/v1/videos?wait=true", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=600) as r:
@@ -288,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             mp4.write_bytes(r.read())
         video = check_video(mp4)
         timings["request_s"] = time.monotonic() - t
+        shows = describe_video(mp4, PROMPT["colour"])
+        result["served_video"] = {**shows, "prompt_colour": PROMPT["colour"], "prompt_motion": PROMPT["motion"]}
+        print(f"the served video shows a {shows['colour']} subject, motion {shows['motion']!r} "
+              f"(the prompt: {PROMPT['colour']}, {PROMPT['motion']!r})", flush=True)
         result.update({
             "mp4": str(mp4), "mp4_stream": video, "parquet_summary": str(pre / "summary.json"),
             "checkpoint": str(ckpt), "mlflow_ui": mlflow_uri, "mlflow_run_id": run_id,

@@ -258,8 +258,29 @@ def export_image_model(path: str | Path, out: str | Path, *, use_ema: bool = Tru
     return target
 
 
+def export_video_model(path: str | Path, out: str | Path, *, encoders: EncoderConfig | None = None,
+                       use_ema: bool = True) -> Path:
+    """Write checkpoint ``path`` as an inference checkpoint under ``out``: one ``model.safetensors`` with the
+    EMA weights folded in (no ``ema.safetensors``, no optimizer or trainer state: about half the size), the
+    same ``model.yaml`` / ``unet_config.json`` / ``schedule.yaml``, and its meta plus ``weights`` ("ema" or
+    "raw") and ``exported_from``. ``encoders`` replaces the saved ``encoders.yaml`` (e.g. the encoders'
+    folders where the export will be installed). What a trained video stage hands on: ``init_from`` of
+    the next stage and the checkpoint serving and evaluation load. Returns ``out``."""
+    folder = Path(path)
+    loaded = load_model(folder, use_ema=use_ema)
+    meta = {k: v for k, v in read_meta(folder).items() if k != "format"}
+    meta |= {"weights": "ema" if use_ema and (folder / "ema.safetensors").is_file() else "raw",
+             "exported_from": str(folder)}
+    target = Path(out)
+    if target.exists():
+        for name in ("ema.safetensors", "trainer_state.json"):
+            (target / name).unlink(missing_ok=True)
+    return save_model(target, loaded.model, loaded.schedule, encoders or loaded.encoders, meta=meta)
+
+
 __all__ = [
     "export_image_model",
+    "export_video_model",
     "latest_checkpoint",
     "resolve_checkpoint",
     "CheckpointError", "LoadedModel", "build_empty", "is_checkpoint", "load_model", "load_weights_into",

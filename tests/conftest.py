@@ -33,6 +33,8 @@ def make_untrained_tiny_models(out: Path, **kwargs: object) -> dict:
     ``vae_asset_dir`` and no ``t2i_asset_dir``, the T2I asset beside it is missing too (a random UNet)."""
     if "vae_asset_dir" in kwargs and "t2i_asset_dir" not in kwargs:
         kwargs["t2i_asset_dir"] = Path(str(kwargs["vae_asset_dir"])).parent / "tiny_t2i"
+    if "vae_asset_dir" in kwargs and "i2v_asset_dir" not in kwargs:
+        kwargs["i2v_asset_dir"] = Path(str(kwargs["vae_asset_dir"])).parent / "tiny_i2v"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return tm.make_tiny_models(out, allow_untrained_vae=True, **kwargs)

@@ -28,7 +28,7 @@ import pytest
 from helpers.ffprobe import ffprobe_stream
 from helpers.ray_cluster import REPO, free_port, subprocess_env
 
-from cluster.main_job import check_video
+from cluster.main_job import PROMPT, check_video, describe_video, training_plan
 from fdreamer.data.video import VideoDecodeError, write_video
 
 MAIN_JOB = REPO / "cluster" / "main_job.py"
@@ -83,6 +83,38 @@ def test_main_job_says_what_is_missing_before_any_work(tmp_path: Path) -> None:
                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and bad.stderr.splitlines()[-1].endswith("error: --clips must be >= 1, got 0")
     assert not work.exists()
+
+
+def test_training_plan_fine_tunes_the_committed_i2v_when_installed(tmp_path: Path) -> None:
+    """With the committed I2V installed (``i2v_trained``) the main job fine-tunes it on clips preprocessed as
+    it was trained (T5 on the motion caption) and serves text-to-video through the committed T2I; without,
+    stage 1 from scratch."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny_models.json").write_text(json.dumps({"i2v_trained": True, "unet_trained": True}))
+    plan = training_plan(models)
+    assert plan == {"config": "training/configs/tiny_finetune.yaml", "init_from": str(models / "i2v"),
+                    "t5_caption": "motion_caption", "name": "main_tiny_finetune", "t2i_path": str(models)}
+    assert (REPO / plan["config"]).is_file()
+    (models / "tiny_models.json").write_text(json.dumps({"i2v_trained": False, "unet_trained": False}))
+    plan = training_plan(models)
+    assert (plan["config"], plan["init_from"], plan["t5_caption"], plan["t2i_path"]) == (
+        "training/configs/tiny_stage1.yaml", None, "caption", None)
+
+
+def test_the_served_video_is_described_by_colour_and_motion(sample_clips: Path, tmp_path: Path) -> None:
+    """``served_video`` reads what a video shows: on real sample clips (8 frames, as served) the subject's
+    colour and its motion class are the manifest's; the prompt the main job sends names a sample motion."""
+    rows = [json.loads(line) for line in (sample_clips / "manifest.jsonl").read_text().splitlines()]
+    from fdreamer.data.video import probe_video, read_video
+
+    for row in [r for r in rows if r["motion"] in ("left", "right", "up", "down")]:
+        clip = read_video(row["path"], 8, stride=3, backend="pyav").frames
+        path = tmp_path / f"{row['clip_id']}.mp4"
+        write_video(path, clip, 4.0)
+        assert probe_video(path).num_frames == 8
+        assert describe_video(path, row["subject_color"]) == {"colour": row["subject_color"], "motion": row["motion"]}
+    assert PROMPT["motion_prompt"] in PROMPT["prompt"] and PROMPT["colour"] in PROMPT["motion_prompt"]
 
 
 @pytest.mark.e2e

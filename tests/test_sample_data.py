@@ -223,6 +223,29 @@ def test_changed_parameters_rebuild_and_drop_stale_clips(tmp_path: Path) -> None
     assert forced["skipped"] is False
 
 
+def test_one_split_writes_the_same_clips_and_ids(dataset: tuple[Path, dict], tmp_path: Path) -> None:
+    """``split="heldout"``: only the held-out clips of the N (an evaluation set), byte-identical to the full
+    dataset's, with the same clip ids and CSV ids; a changed split rebuilds; an unknown split is an error."""
+    out, _ = dataset
+    held = write_sample_data(tmp_path, NUM_CLIPS, seed=0, workers=1, split="heldout")
+    full_rows = {r["clip_id"]: r for r in read_manifest(out)}
+    rows = read_manifest(tmp_path)
+    expected = sorted(c for c, r in full_rows.items() if r["split"] == "heldout")
+    assert expected and sorted(r["clip_id"] for r in rows) == expected
+    assert held["counts"]["clips"] == held["counts"]["heldout"] == len(expected) and held["counts"]["train"] == 0
+    for row in rows:
+        assert {k: v for k, v in row.items() if k != "path"} == {k: v for k, v in full_rows[row["clip_id"]].items()
+                                                                 if k != "path"}
+        assert Path(row["path"]).read_bytes() == Path(full_rows[row["clip_id"]]["path"]).read_bytes()
+    ids = {int(w["videoid"]) for w in read_csv(tmp_path / "webvid.csv")[1]} | {int(p["id"]) for p in read_csv(tmp_path / "pexels.csv")[1]}
+    assert ids == {int(c.removeprefix("clip_")) for c in expected}
+    assert write_sample_data(tmp_path, NUM_CLIPS, seed=0, workers=1, split="heldout")["skipped"] is True
+    everything = write_sample_data(tmp_path, NUM_CLIPS, seed=0, workers=1)  # another split: rebuilt
+    assert everything["skipped"] is False and len(read_manifest(tmp_path)) == NUM_CLIPS
+    with pytest.raises(ValueError, match="split must be one of"):
+        write_sample_data(tmp_path, NUM_CLIPS, split="test")
+
+
 def test_cli_registers_sample_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="fdreamer")
     register_cli(parser.add_subparsers(dest="command", required=True))

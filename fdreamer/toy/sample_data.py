@@ -27,6 +27,7 @@ from fdreamer.toy.scenes import (
     FORMAT_VERSION,
     MOTIONS,
     PEXELS_COLUMNS,
+    SPLITS,
     WEBVID_COLUMNS,
     ClipSpec,
     make_specs,
@@ -81,19 +82,23 @@ def manifest_row(spec: ClipSpec, path: Path) -> dict[str, Any]:
 def write_sample_data(
     out_dir: str | os.PathLike, num_clips: int = 320, seed: int = 0, *, workers: int = 2,
     width: int = 128, height: int = 96, num_frames: int = 24, fps: float = 12, crf: int = 18,
-    force: bool = False,
+    force: bool = False, split: str | None = None,
 ) -> dict[str, Any]:
     """Write clips/<clip_id>.mp4, webvid.csv, pexels.csv, manifest.jsonl and finally _DONE.json.
 
-    Paths in the CSVs and manifest are absolute. If _DONE.json already records the same parameters
+    ``split`` ("train" or "heldout") writes only that split's clips of the ``num_clips`` (same ids, same
+    content: an evaluation set of the held-out clips without rendering the rest). Paths in the CSVs and
+    manifest are absolute. If _DONE.json already records the same parameters
     (and ``force`` is false) nothing is rewritten and its summary is returned with ``skipped=True``.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if split not in (None, *SPLITS):
+        raise ValueError(f"split must be one of {SPLITS} (or None: all clips), got {split!r}")
     out = Path(out_dir).resolve()
     params = dict(num_clips=num_clips, seed=seed, width=width, height=height,
                   num_frames=num_frames, fps=float(fps), crf=crf, out_dir=str(out),
-                  format_version=FORMAT_VERSION)
+                  format_version=FORMAT_VERSION, **({"split": split} if split else {}))
     done_path = out / "_DONE.json"
     if done_path.is_file() and not force:
         done = json.loads(done_path.read_text(encoding="utf-8"))
@@ -102,7 +107,7 @@ def write_sample_data(
         logger.info("parameters changed since %s; rebuilding", done_path)
 
     started = time.perf_counter()
-    specs = make_specs(num_clips, seed, width, height, num_frames, fps)
+    specs = [s for s in make_specs(num_clips, seed, width, height, num_frames, fps) if split in (None, s.split)]
     clips_dir = out / "clips"
     clips_dir.mkdir(parents=True, exist_ok=True)
     done_path.unlink(missing_ok=True)  # an interrupted rebuild must not look finished
@@ -130,18 +135,19 @@ def write_sample_data(
             ) from exc
 
     # videoid/id is the clip index; page_dir mimics WebVid's "000000_000049" buckets.
+    index = {s.clip_id: int(s.clip_id.removeprefix("clip_")) for s in specs}
     webvid = [[i, str(paths[s.clip_id]), _iso_duration(s.num_frames / s.fps),
                f"{i // 50 * 50:06d}_{i // 50 * 50 + 49:06d}", s.caption]
-              for i, s in enumerate(specs) if s.source == "webvid"]
-    pexels = [[i, str(paths[s.clip_id]), s.caption, max(1, round(s.num_frames / s.fps)), s.width,
-               s.height] for i, s in enumerate(specs) if s.source == "pexels"]
+              for s in specs if s.source == "webvid" for i in (index[s.clip_id],)]
+    pexels = [[index[s.clip_id], str(paths[s.clip_id]), s.caption, max(1, round(s.num_frames / s.fps)), s.width,
+               s.height] for s in specs if s.source == "pexels"]
     _write_csv(out / "webvid.csv", list(WEBVID_COLUMNS), webvid)
     _write_csv(out / "pexels.csv", list(PEXELS_COLUMNS), pexels)
     _atomic_write_text(out / "manifest.jsonl", "".join(
         json.dumps(manifest_row(s, paths[s.clip_id])) + "\n" for s in specs))
 
     counts: dict[str, int] = {"clips": len(specs), "webvid": len(webvid), "pexels": len(pexels)}
-    counts |= {key: sum(s.split == key for s in specs) for key in ("train", "heldout")}
+    counts |= {key: sum(s.split == key for s in specs) for key in SPLITS}
     counts |= {f"motion_{m}": sum(s.motion == m for s in specs) for m in MOTIONS}
     summary = {"params": params, "counts": counts,
                "seconds": round(time.perf_counter() - started, 3)}
@@ -154,9 +160,12 @@ def write_sample_data(
 
 def _cli_sample_data(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    if args.images and args.split:
+        print("fdreamer sample-data: error: --images writes every clip's first frame; drop --split", file=sys.stderr)
+        return 2
     try:
         summary = write_sample_data(args.dir, args.num_clips, args.seed, workers=args.workers,
-                                    force=args.force)
+                                    force=args.force, split=args.split)
     except (ValueError, FileExistsError) as exc:
         print(f"fdreamer sample-data: error: {exc}", file=sys.stderr)
         return 2
@@ -180,6 +189,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--force", action="store_true", help="rebuild even if already complete")
+    p.add_argument("--split", choices=SPLITS, default=None,
+                   help="write only this split's clips of the --num-clips (e.g. heldout: an evaluation set)")
     p.add_argument("--images", action="store_true",
                    help="also write the clips' clean first frames as PNGs + images.jsonl (an image manifest)")
     p.set_defaults(func=_cli_sample_data)

@@ -44,6 +44,7 @@ _DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "dow
 WEBVID_COLUMNS = ("videoid", "contentUrl", "duration", "page_dir", "name")
 PEXELS_COLUMNS = ("id", "url", "title", "duration", "width", "height")
 HELDOUT_PERIOD = 10  # one clip in ten (per motion) is held out
+SPLITS: tuple[str, ...] = ("train", "heldout")
 FORMAT_VERSION = 1  # bump when rendering changes so cached datasets are rebuilt
 
 

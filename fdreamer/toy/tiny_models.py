@@ -17,6 +17,9 @@ Layout written under ``DIR``::
                    step of text-to-video: VideoPipeline's ``t2i_path``)
     text_encoder/  transformers CLIPTextModel (SD's text encoder slot)
     tokenizer/     CLIPTokenizer (tokenizer.json + vocab.json + merges.txt)
+    i2v/           the trained tiny image-to-video checkpoint (fdreamer/toy/assets/tiny_i2v/, when committed
+                   and the VAE is the trained one), its encoders.yaml pointing at this folder: what
+                   ``fdreamer generate``, evaluation, serving and a fine-tune's ``init_from`` load
     t5/            transformers T5EncoderModel + T5Tokenizer in the same folder
     clip/          transformers CLIPModel + CLIPTokenizer + CLIPImageProcessor
     tiny_models.json  what each folder is, seeds, parameter counts (written last = complete)
@@ -41,6 +44,9 @@ TINY_VAE_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny_vae"
 # The trained tiny text-to-image model (training/configs/tiny_t2i.yaml, then fdreamer export-image-model):
 # unet/ + scheduler/ + training.json.
 TINY_T2I_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny_t2i"
+# The trained tiny image-to-video model (training/configs/tiny_i2v.yaml from the T2I, then fdreamer
+# export-video-model): an inference checkpoint folder + training.json.
+TINY_I2V_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny_i2v"
 # model_index.json of an SD1.x folder (no safety checker): what makes DIR a StableDiffusionPipeline.
 SD_MODEL_INDEX: dict[str, Any] = {
     "_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"],
@@ -210,6 +216,22 @@ def trained_t2i(asset_dir: Path) -> Path | None:
     return asset_dir if all((asset_dir / f).is_file() for f in need) else None
 
 
+def trained_i2v(asset_dir: Path) -> Path | None:
+    """``asset_dir`` when it holds a trained tiny I2V checkpoint (weights, configs, meta), else None."""
+    need = ("model.safetensors", "model.yaml", "unet_config.json", "schedule.yaml", "fdreamer_checkpoint.json")
+    return asset_dir if all((asset_dir / f).is_file() for f in need) else None
+
+
+def _install_i2v(asset_dir: Path, root: Path) -> None:
+    """Copy the I2V checkpoint to ``root/i2v`` with an encoders.yaml naming ``root``'s encoder folders."""
+    from fdreamer.config import dump_yaml
+    from fdreamer.encoders import EncoderConfig
+
+    target = root / "i2v"
+    shutil.copytree(asset_dir, target, ignore=shutil.ignore_patterns("training.json", "encoders.yaml"))
+    (target / "encoders.yaml").write_text(dump_yaml(EncoderConfig.tiny(root.resolve())), encoding="utf-8")
+
+
 def _manifest_complete(root: Path) -> dict[str, Any] | None:
     """The manifest of a complete tiny-model folder, or None if anything is missing."""
     manifest_path = root / MANIFEST_NAME
@@ -227,6 +249,7 @@ def make_tiny_models(
     force: bool = False,
     vae_asset_dir: str | Path | None = None,
     t2i_asset_dir: str | Path | None = None,
+    i2v_asset_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write all tiny models under ``out_dir`` and return the manifest (also in tiny_models.json).
 
@@ -234,10 +257,13 @@ def make_tiny_models(
     made with another seed raises :class:`FileExistsError` (pass ``force`` to overwrite). A folder
     holding a random VAE is rebuilt once trained VAE weights exist. See :func:`build_tiny_models`
     for ``allow_untrained_vae``, ``vae_asset_dir`` and ``t2i_asset_dir`` (a folder is also rebuilt once
-    trained T2I weights exist).
+    trained T2I weights exist). The trained I2V checkpoint (``i2v_asset_dir``, default
+    ``fdreamer/toy/assets/tiny_i2v``) is installed as ``i2v/`` when it exists and the VAE is the trained one
+    (its latents are that VAE's).
     """
     root = Path(out_dir)
     asset_dir = Path(vae_asset_dir) if vae_asset_dir is not None else TINY_VAE_ASSET_DIR
+    i2v = trained_i2v(Path(i2v_asset_dir) if i2v_asset_dir is not None else TINY_I2V_ASSET_DIR)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"tiny model output path {root} exists and is not a directory")
     existing = _manifest_complete(root)
@@ -249,14 +275,15 @@ def make_tiny_models(
             )
         t2i_dir = Path(t2i_asset_dir) if t2i_asset_dir is not None else TINY_T2I_ASSET_DIR
         vae_done = existing.get("vae_trained") or not (asset_dir / "config.json").is_file()
-        if vae_done and (existing.get("unet_trained") or trained_t2i(t2i_dir) is None):
+        i2v_done = existing.get("i2v_trained") or i2v is None or not existing.get("vae_trained")
+        if vae_done and i2v_done and (existing.get("unet_trained") or trained_t2i(t2i_dir) is None):
             return existing
 
     models = build_tiny_models(seed=seed, allow_untrained_vae=allow_untrained_vae, vae_asset_dir=asset_dir,
                                t2i_asset_dir=t2i_asset_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST_NAME).unlink(missing_ok=True)  # incomplete until rewritten at the end
-    for name in ("vae", "unet", "scheduler", "text_encoder", "tokenizer", "t5", "clip"):
+    for name in ("vae", "unet", "scheduler", "text_encoder", "tokenizer", "t5", "clip", "i2v"):
         if (root / name).exists():
             shutil.rmtree(root / name)
 
@@ -283,6 +310,10 @@ def make_tiny_models(
     for folder in ("tokenizer", "clip"):
         models.tokenizer.save_pretrained(root / folder)
         write_bpe_files(root / folder, vocab, merges)
+    if i2v is not None and models.vae_asset_dir is None:
+        i2v = None  # trained on the trained VAE's latents: meaningless with a random one
+    if i2v is not None:
+        _install_i2v(i2v, root)
 
     vae_source = "random init (untrained)" if models.vae_asset_dir is None else "trained (fdreamer train-tiny-vae)"
     manifest: dict[str, Any] = {
@@ -293,11 +324,14 @@ def make_tiny_models(
         "seeds": models.seeds,
         "vae_trained": models.vae_asset_dir is not None,
         "unet_trained": models.t2i_asset_dir is not None,
+        "i2v_trained": i2v is not None,
         "components": {
             "vae": f"diffusers AutoencoderKL, downsample x4, 4 latent channels; {vae_source}",
             "unet": "diffusers UNet2DConditionModel, SD layout, cross-attention at 8x8 only; "
             + ("trained text-to-image (training/configs/tiny_t2i.yaml)" if models.t2i_asset_dir else "random init"),
             "text_encoder": "transformers CLIPTextModel (SD text encoder slot), hidden 32",
+            **({"i2v": "trained image-to-video checkpoint (training/configs/tiny_i2v.yaml), EMA weights"}
+               if i2v is not None else {}),
             "tokenizer": f"CLIPTokenizer, byte-level BPE, {len(WORDS)} single-token words",
             "t5": "transformers T5EncoderModel (v1.1 style, d_model 64) + Unigram T5Tokenizer",
             "clip": f"transformers CLIPModel (text 48 / vision 64, projection {TINY_CLIP_PROJECTION_DIM}, "

@@ -13,7 +13,8 @@ weights with the probes of :mod:`fdreamer.eval.probes` (fixed noise, t = 300/600
 - first-frame probe (``ff_*``): the loss with the clip's own conditioning frame vs the frames of ``--ff-swaps``
   other held-out clips (``ff_true_rank_mean`` ~ swaps/2 = the first frame is not used to place anything).
 
-``--save DIR`` writes the final EMA weights as a training checkpoint (the format ``training/run.py`` writes),
+``--init-from CKPT`` starts from a checkpoint's (EMA) weights; with ``--steps 0`` the probes score that
+checkpoint as it is (e.g. the committed ``models/tiny/i2v``). ``--save DIR`` writes the final EMA weights as a training checkpoint (the format ``training/run.py`` writes),
 and ``--eval-data SAMPLE_DIR`` then samples image-to-video on ``--eval-num`` held-out clips with
 :func:`fdreamer.eval.evaluate.evaluate` (direction accuracy, frame-0 PSNR). A quick way to compare recipes
 (the ablation ladder in docs/results.md) before paying for a Ray Train run; extra ``key=value`` arguments
@@ -47,11 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--temporal-lr-mult", type=float, default=1.0, help="lr multiplier of the temporal layers")
     p.add_argument("--ff-swaps", type=int, default=3, help="other clips' first frames in the first-frame probe")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint's EMA weights (--steps 0: probe it)")
     p.add_argument("--save", default=None, help="write the final EMA weights as a checkpoint folder here")
     p.add_argument("--eval-data", default=None, help="sample-data folder: sample I2V on its held-out clips (needs --save)")
     p.add_argument("--eval-num", type=int, default=32)
     p.add_argument("--eval-steps", type=int, default=20)
     args, overrides = p.parse_known_args(argv)
+    if args.steps < 0 or (args.steps == 0 and not args.init_from):
+        p.error("--steps must be >= 1 (0 only with --init-from: probe a checkpoint)")
     if args.batch % args.micro:
         p.error("--batch must be a multiple of --micro")
     if args.eval_data and not args.save:
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"need train and heldout rows in {args.data} (got {len(train)} / {len(held)})")
 
     model = FactorizedDreamerUNet.from_preset(cfg.preset, cfg.model, seed=cfg.seed)
+    if args.init_from:
+        from fdreamer.checkpoint import load_weights_into
+
+        load_weights_into(model, args.init_from, use_ema=True)
     schedule = NoiseSchedule(cfg.schedule)
     o = cfg.optim
     groups = [[q for n, q in model.named_parameters() if q.requires_grad and n.startswith("temporal.") == t]
@@ -157,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             point = {"step": step + 1, "loss": round(res.loss, 4), **probe()}
             curve.append(point)
             print(json.dumps(point), file=sys.stderr, flush=True)
-    result = {"bench": "caption_learning", "config": args.config, "overrides": overrides,
+    if not curve:  # --steps 0: the checkpoint as it is
+        curve.append({"step": 0, **probe()})
+    result = {"bench": "caption_learning", "init_from": args.init_from, "config": args.config, "overrides": overrides,
               "temporal_lr_mult": args.temporal_lr_mult, "steps": args.steps, "batch": args.batch,
               "clips_scored": len(held), "final": curve[-1], "curve": curve,
-              "train_s_per_step": round(train_s / args.steps, 3)}
+              "train_s_per_step": round(train_s / max(args.steps, 1), 3)}
     if args.save:
         from training.launch import clip_profile_meta
 
