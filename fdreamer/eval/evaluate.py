@@ -60,6 +60,8 @@ class EvalSettings:
     sampler: Literal["ddim", "euler"] = opt("ddim", "diffusers sampler")
     use_ema: bool = opt(True, "use the EMA weights when the checkpoint has them")
     clip_pair_mode: Literal["consecutive", "all"] = opt("consecutive", "frame pairs of the CLIP frame consistency")
+    t2i_path: str | None = opt(None, "a local diffusers Stable Diffusion folder drawing T2V's first frame (e.g. the tiny "
+                               "models folder with the committed T2I); default: the checkpoint's own spatial UNet")
 
 
 @dataclass
@@ -198,7 +200,7 @@ class GenerateAndScore:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.settings = EvalSettings(**(settings or {}))
-        self.pipe = VideoPipeline.from_checkpoint(checkpoint, use_ema=self.settings.use_ema)
+        self.pipe = VideoPipeline.from_checkpoint(checkpoint, use_ema=self.settings.use_ema, t2i_path=self.settings.t2i_path)
 
     def generate(self, item: dict[str, Any]) -> dict[str, Any]:
         from fdreamer.inference.request import VideoRequest
