@@ -6,8 +6,9 @@ The end-to-end test runs it on a fresh local 2-node cluster with a PATH that has
 over both nodes) -> ``serve deploy`` -> one text-to-video request over HTTP -> everything stopped. It
 checks the jobs SUCCEEDED through the Ray Jobs API (the script fails otherwise), training placed
 workers on both nodes (MLflow tag), and the served mp4: probed and fully decoded by the main job with
-PyAV, and again by ffprobe here when it is installed. Training runs 2 steps: the test checks plumbing,
-``tests/test_training.py`` checks learning.
+PyAV, and again by ffprobe here when it is installed. Training is 2 steps of fine-tuning the committed tiny
+I2V, served with the committed tiny T2I: the served video (seed 7) shows a red subject moving right, as
+the prompt says (``served_video``; the models' accuracy over many prompts is tests/test_tiny_i2v.py's).
 
 Two fast tests: the probe step alone without ffmpeg on PATH (a real H.264 file, and a cut one), and
 the up-front checks (a missing tool, a bad argument: one line, exit code 2, nothing started).
@@ -138,6 +139,9 @@ def test_main_job_end_to_end(tmp_path: Path) -> None:
         ffprobe = ffprobe_stream(result["mp4"])  # an independent player, where installed
         if ffprobe is not None:
             assert ffprobe == {"codec_name": "h264", "width": 64, "height": 64, "nb_read_frames": 8}
+        assert result["plan"]["init_from"] and result["plan"]["t2i_path"]  # the committed I2V and T2I
+        shows = result["served_video"]
+        assert (shows["colour"], shows["motion"]) == (shows["prompt_colour"], shows["prompt_motion"]) == ("red", "right")
         summary = json.loads(Path(result["parquet_summary"]).read_text())
         assert summary["written"] > 0
         run = mlflow.tracking.MlflowClient(result["mlflow_ui"]).get_run(result["mlflow_run_id"])
