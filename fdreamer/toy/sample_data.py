@@ -107,7 +107,10 @@ def write_sample_data(
         logger.info("parameters changed since %s; rebuilding", done_path)
 
     started = time.perf_counter()
-    specs = [s for s in make_specs(num_clips, seed, width, height, num_frames, fps) if split in (None, s.split)]
+    # (index among the num_clips, spec): the index is the CSV id, also when one split is written
+    indexed = [(i, s) for i, s in enumerate(make_specs(num_clips, seed, width, height, num_frames, fps))
+               if split in (None, s.split)]
+    specs = [s for _, s in indexed]
     clips_dir = out / "clips"
     clips_dir.mkdir(parents=True, exist_ok=True)
     done_path.unlink(missing_ok=True)  # an interrupted rebuild must not look finished
@@ -135,12 +138,11 @@ def write_sample_data(
             ) from exc
 
     # videoid/id is the clip index; page_dir mimics WebVid's "000000_000049" buckets.
-    index = {s.clip_id: int(s.clip_id.removeprefix("clip_")) for s in specs}
     webvid = [[i, str(paths[s.clip_id]), _iso_duration(s.num_frames / s.fps),
                f"{i // 50 * 50:06d}_{i // 50 * 50 + 49:06d}", s.caption]
-              for s in specs if s.source == "webvid" for i in (index[s.clip_id],)]
-    pexels = [[index[s.clip_id], str(paths[s.clip_id]), s.caption, max(1, round(s.num_frames / s.fps)), s.width,
-               s.height] for s in specs if s.source == "pexels"]
+              for i, s in indexed if s.source == "webvid"]
+    pexels = [[i, str(paths[s.clip_id]), s.caption, max(1, round(s.num_frames / s.fps)), s.width,
+               s.height] for i, s in indexed if s.source == "pexels"]
     _write_csv(out / "webvid.csv", list(WEBVID_COLUMNS), webvid)
     _write_csv(out / "pexels.csv", list(PEXELS_COLUMNS), pexels)
     _atomic_write_text(out / "manifest.jsonl", "".join(
