@@ -100,3 +100,7 @@ def test_table4_rows_resolve_to_their_switches() -> None:
                    "d": (True, True, True, "t5", False), "e": (True, True, True, "t5", True)}
     assert len({c.name for c in cfgs.values()}) == 6 and {c.tracking.experiment for c in cfgs.values()} == {"exp-table4"}
     assert all(c.steps == 2 and c.tracking.tags["table4_row"] == r for r, c in cfgs.items())
+    # on a base with the pixel-aligned first frame (tiny_i2v.yaml), every row but the direct T2V keeps it
+    i2v = ["--config", str(REPO / "training" / "configs" / "tiny_i2v.yaml"), "--steps=2"]
+    frames = {r: parse_cli(TrainConfig, variant_args(r, i2v, "exp"))[0].model.first_frame for r in VARIANTS}
+    assert frames == {"a": "concat", "a*": "concat", "b": "paca", "c": "concat", "d": "concat", "e": "concat"}

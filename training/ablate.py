@@ -31,7 +31,9 @@ from training.study import EvalOptions, evaluate_final, metrics_table, parse_stu
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "a": ("original SD schedule", ["--schedule.shift=false", "--schedule.rescale=false", "--model.predictnet=true"]),
     "a*": ("shift only", ["--schedule.shift=true", "--schedule.rescale=false", "--model.predictnet=true"]),
-    "b": ("direct T2V (no adapter / PACA)", ["--model.factorized=false", "--model.predictnet=true"]),
+    # the direct T2V model has no first-frame path, so a base config's first_frame=concat/paca_pos is reset
+    "b": ("direct T2V (no adapter / PACA)", ["--model.factorized=false", "--model.first_frame=paca",
+                                               "--model.predictnet=true"]),
     "c": ("CLIP text for temporal layers", ["--model.temporal_text_encoder=clip", "--model.predictnet=true"]),
     "d": ("no PredictNet", ["--model.predictnet=false"]),
     "e": ("full (ours)", ["--model.predictnet=true"]),
