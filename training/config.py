@@ -135,7 +135,9 @@ class TrainConfig:
     micro_batch: int = opt(1, "videos per worker per forward/backward; accumulation = global / (workers x micro)")
     seed: int = opt(0, "seed of initialisation, data order, noise and timesteps")
     mixed_precision: Literal["no", "bf16"] = opt("bf16", "bf16 autocast on CUDA (ignored on CPU)")
-    storage_path: str = opt("runs/train", "Ray Train storage (local path or s3://...): checkpoints go to <storage_path>/<name>")
+    storage_path: str = opt("runs/train", "Ray Train storage: checkpoints go to <storage_path>/<name>; a local or shared "
+                            "filesystem path (s3:// is not supported yet for checkpoints)")
+    s3_endpoint: str | None = opt(None, "S3 endpoint URL for s3:// data (e.g. a MinIO/moto server); null = AWS default")
     resume: bool = opt(False, "continue from the latest checkpoint of <storage_path>/<name>")
     ray_address: str | None = opt(None, "Ray address; null = RAY_ADDRESS, a running local cluster, else a new local one")
 
@@ -200,6 +202,11 @@ class TrainConfig:
         if not self.data.path:
             raise ValueError("no training data: set --data.path=<output of pipelines/preprocess.py> (the video clips; "
                              "also read for the null conditions, validation and the inference defaults)")
+        for key, value in (("storage_path", self.storage_path), ("init_from", self.init_from),
+                           ("pretrained_unet", self.pretrained_unet), ("models_dir", self.models_dir)):
+            if value and "://" in value and not value.startswith("runs:/"):
+                raise ValueError(f"{key}={value!r}: checkpoints and models are read and written on a local or shared "
+                                 "filesystem path for now; only data.path / data.image_path may be s3://")
         if self.data.image_ratio > 0 and not self.data.image_path:
             raise ValueError(f"data.image_ratio={self.data.image_ratio} needs images: set --data.image_path=<output of "
                              "pipelines/preprocess.py on an image manifest>")

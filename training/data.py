@@ -14,27 +14,29 @@ exactly.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import torch
 
 from fdreamer.data.batching import TrainBatch, to_train_batch
+from fdreamer.data.schema import NULL_CONDITIONS_FILE, read_null_conditions, read_summary
 from training.config import TrainConfig
 from training.rows import (IMAGE, IMAGE_COLUMNS, TRAIN_COLUMNS, VIDEO, DataError, check_schema, columns_for,
-                           count, filter_rows, row_mask, shard_files)
+                           count, filter_rows, shard_files)
 
 def _path(cfg: TrainConfig, kind: str) -> str:
     return cfg.data.image_path if kind == IMAGE else cfg.data.path
 
 
-def _files(cfg: TrainConfig, kind: str) -> list[str]:
-    files = shard_files(_path(cfg, kind))
-    check_schema(files, IMAGE_COLUMNS if kind == IMAGE else TRAIN_COLUMNS)
-    return files
+def _files(cfg: TrainConfig, kind: str) -> tuple[pafs.FileSystem, list[str]]:
+    fs, files = shard_files(_path(cfg, kind), cfg.s3_endpoint)
+    check_schema(fs, files, IMAGE_COLUMNS if kind == IMAGE else TRAIN_COLUMNS)
+    return fs, files
 
 
 def dataset(cfg: TrainConfig, kind: str = VIDEO):  # -> ray.data.Dataset
@@ -45,7 +47,8 @@ def dataset(cfg: TrainConfig, kind: str = VIDEO):  # -> ray.data.Dataset
     # materialize 32 small shards on a local 2-CPU cluster where the V1 reader takes 0.7-4 s (same driver,
     # same files); a tiny training job paid it before its first step. V1 reads the same rows in the same order.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    ds = ray.data.read_parquet(_files(cfg, kind), columns=columns_for(cfg.model.predictnet, kind), shuffle=None)
+    fs, files = _files(cfg, kind)
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=columns_for(cfg.model.predictnet, kind), shuffle=None)
     ds = ds.map_batches(filter_rows, batch_format="pyarrow",
                         fn_kwargs={"cfg": _plain(cfg.data), "split": cfg.data.split, "kind": kind})
     return ds.materialize() if cfg.data.materialize else ds
@@ -65,7 +68,7 @@ def train_datasets(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _count(cfg: TrainConfig, kind: str) -> int:
-    return count(_files(cfg, kind), cfg.data, cfg.data.split, kind)
+    return count(*_files(cfg, kind), cfg.data, cfg.data.split, kind)
 
 
 def count_rows(cfg: TrainConfig) -> int:
@@ -81,35 +84,57 @@ def count_rows(cfg: TrainConfig) -> int:
     return _count(cfg, primary)
 
 
+def heldout_filter(data: Any, split: str, kind: str = VIDEO) -> pc.Expression:
+    """:func:`training.rows.row_mask` as a pyarrow dataset expression, so a scan reads only the row groups
+    (and, with the shard statistics, the files) that can hold the rows: predicate pushdown."""
+    expr = pc.field("split") == split
+    if kind == IMAGE:
+        return expr & (pc.field("num_frames") == 1)
+    expr = expr & (pc.field("num_frames") >= 2)
+    if data.min_motion_score is not None:
+        expr = expr & (pc.field("motion_score") >= data.min_motion_score)
+    if data.max_motion_score is not None:
+        expr = expr & (pc.field("motion_score") <= data.max_motion_score)
+    if data.num_frames is not None:
+        expr = expr & (pc.field("num_frames") == data.num_frames)
+    return expr
+
+
+def heldout_table(cfg: TrainConfig, columns: list[str], kind: str = VIDEO, limit: int | None = None) -> pa.Table:
+    """The ``heldout_split`` rows of the clips or images, sorted by clip id (at most ``limit``): a filtered
+    scan (:func:`heldout_filter`), not a read of every shard."""
+    fs, files = shard_files(_path(cfg, kind), cfg.s3_endpoint)
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    table = dataset.to_table(columns=columns, filter=heldout_filter(cfg.data, cfg.data.heldout_split, kind))
+    table = table.sort_by("clip_id")
+    return table if limit is None else table.slice(0, limit)
+
+
 def heldout_batch(cfg: TrainConfig, kind: str = VIDEO) -> TrainBatch | None:
     """The validation rows (``heldout_split``, at most ``max_heldout``) of the clips or the images."""
     if cfg.data.heldout_split is None or (kind == IMAGE and not cfg.data.image_path):
         return None
-    table = pq.read_table(shard_files(_path(cfg, kind)), columns=columns_for(cfg.model.predictnet, kind))
-    table = table.filter(row_mask(table, cfg.data, cfg.data.heldout_split, kind))
+    table = heldout_table(cfg, columns_for(cfg.model.predictnet, kind), kind, cfg.data.max_heldout)
     if table.num_rows == 0:
         return None
-    table = table.sort_by("clip_id").slice(0, cfg.data.max_heldout)
     return to_train_batch(table.to_pydict(), with_flow=cfg.model.predictnet and kind == VIDEO, image=kind == IMAGE,
                           **conditions_for(cfg))
 
 
-def null_conditions_file(path: str) -> Path:
-    f = Path(path) / "null_conditions.safetensors"
-    if not f.is_file():
-        raise DataError(f"{path}: no null_conditions.safetensors (needed for classifier-free-guidance dropout)")
-    return f
+def load_null(path: str, s3_endpoint: str | None = None) -> dict[str, torch.Tensor]:
+    """The classifier-free-guidance null conditions written by the preprocessing job (local or S3)."""
+    try:
+        return read_null_conditions(path, s3_endpoint)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no {NULL_CONDITIONS_FILE} (needed for classifier-free-guidance dropout)") from exc
 
 
-def load_null(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(null_conditions_file(path)))
-
-
-def data_summary(path: str) -> dict[str, Any]:
-    f = Path(path) / "summary.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+def data_summary(path: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """The preprocessing job's ``summary.json`` ({} when absent)."""
+    try:
+        return read_summary(path, s3_endpoint, require_success=False)
+    except FileNotFoundError:
+        return {}
 
 
 def conditions_for(cfg: TrainConfig) -> dict[str, bool]:

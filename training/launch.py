@@ -28,8 +28,8 @@ def encoder_config(cfg: TrainConfig) -> EncoderConfig:
     if cfg.models_dir:
         root = Path(cfg.models_dir).resolve()
         return EncoderConfig(**{n: str(root / n) for n in ("vae", "text_encoder", "tokenizer", "t5", "clip")})
-    recorded = Path(cfg.data.path) / "encoders.yaml"
-    if recorded.is_file():
+    recorded = Path(cfg.data.path) / "encoders.yaml"  # local data only: with s3:// data pass --models_dir
+    if "://" not in cfg.data.path and recorded.is_file():
         from fdreamer.config import load_config
 
         return load_config(EncoderConfig, recorded)
@@ -67,9 +67,9 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
     """Every driver-side check; returns the ``train_loop_config`` for the workers."""
     cfg.check_ready()
     cfg = absolute_paths(cfg)
-    files = selection.shard_files(cfg.data.path)
-    selection.check_schema(files)
-    train_data.null_conditions_file(cfg.data.path)
+    fs, files = selection.shard_files(cfg.data.path, cfg.s3_endpoint)
+    selection.check_schema(fs, files)
+    train_data.load_null(cfg.data.path, cfg.s3_endpoint)
     rows = train_data.count_rows(cfg)
     per_worker = rows // cfg.scaling.num_workers
     if per_worker < cfg.micro_batch * cfg.accumulation:
@@ -85,10 +85,10 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --name")
     encoders = encoder_config(cfg)
     return {"cfg": to_dict(cfg), "init_from": str(init) if init else None, "encoders": to_dict(encoders),
-            "run_dir": str(out), "meta": clip_profile_meta(files[0], encoders), "rows": rows}
+            "run_dir": str(out), "meta": clip_profile_meta(fs, files[0], encoders), "rows": rows}
 
 
-def clip_profile_meta(shard: str, encoders: EncoderConfig) -> dict[str, Any]:
+def clip_profile_meta(fs: Any, shard: str, encoders: EncoderConfig) -> dict[str, Any]:
     """Frame count, fps, latent size and ``t5_caption`` (the text T5 read) of the training clips, plus their pixel size = latent size x the
     VAE's downsample factor (read from the VAE's config) when a VAE is configured: the defaults of the
     inference pipeline recorded in checkpoints (without ``size`` it falls back to ``schedule.height/width``)."""
@@ -96,7 +96,7 @@ def clip_profile_meta(shard: str, encoders: EncoderConfig) -> dict[str, Any]:
 
     from fdreamer.data.schema import shard_t5_caption
 
-    table = pq.read_table(shard, columns=["num_frames", "fps", "latents_shape"])
+    table = pq.read_table(shard, filesystem=fs, columns=["num_frames", "fps", "latents_shape"])
     rows = table.slice(0, 1).to_pylist()
     if not rows:
         return {}

@@ -131,7 +131,7 @@ class TrainWorker:
         self.distribute(saved_optimizer)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and cfg.mixed_precision == "bf16" else None)
-        null = null_from_tensors(train_data.load_null(cfg.data.path))
+        null = null_from_tensors(train_data.load_null(cfg.data.path, cfg.s3_endpoint))
         self.null = type(null)(*(None if v is None else v.to(self.device) for v in
                                  (null.text_tokens, null.image_embed, null.first_frame, null.t5_tokens, null.t5_mask)))
         self.open_data_streams()

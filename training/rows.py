@@ -11,13 +11,13 @@ training).
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fdreamer.data.schema import SCHEMA_VERSION
@@ -43,20 +43,26 @@ class DataError(ValueError):
     """The training data is missing or does not fit this code / this run's configuration."""
 
 
-def shard_files(path: str) -> list[str]:
-    """The completed Parquet shards of a preprocessing output (sorted; temp files ignored)."""
-    root = Path(path)
-    if not root.exists():
+def shard_files(path: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and completed Parquet shards of a preprocessing output (a folder or ``s3://bucket/prefix``;
+    sorted, temporaries ignored; S3 paths are ``bucket/key`` on the returned filesystem)."""
+    from fdreamer.data import schema, storage
+
+    try:
+        fs, base = storage.resolve(path, s3_endpoint)
+    except ValueError as exc:
+        raise DataError(f"training data: {exc}") from exc
+    if fs.get_file_info(base).type == pafs.FileType.NotFound and not storage.is_s3(path):
         raise DataError(f"training data {path!r} does not exist (run pipelines/preprocess.py first)")
-    files = sorted(str(p) for p in (root / "shards").glob("part-*.parquet"))
+    files = schema.shard_paths(path, s3_endpoint)
     if not files:
         raise DataError(f"{path}: no shards/part-*.parquet (is this a pipelines/preprocess.py output?)")
-    return files
+    return fs, files
 
 
-def check_schema(files: list[str], columns: tuple[str, ...] = TRAIN_COLUMNS) -> None:
+def check_schema(fs: pafs.FileSystem, files: list[str], columns: tuple[str, ...] = TRAIN_COLUMNS) -> None:
     """Fail with a precise message when the shards were written by another schema version."""
-    schema = pq.read_schema(files[0])
+    schema = pq.read_schema(files[0], filesystem=fs)
     meta = schema.metadata or {}
     version = meta.get(b"fdreamer.schema_version")
     if version is None or int(version) != SCHEMA_VERSION:
@@ -102,7 +108,7 @@ def columns_for(predictnet: bool, kind: str = VIDEO) -> list[str]:
     return list(TRAIN_COLUMNS) + list(FILTER_COLUMNS) + (list(FLOW_COLUMNS) if predictnet else [])
 
 
-def count(files: list[str], data: Any, split: str | None, kind: str = VIDEO) -> int:
+def count(fs: pafs.FileSystem, files: list[str], data: Any, split: str | None, kind: str = VIDEO) -> int:
     """Rows of ``files`` that :func:`row_mask` selects (reads only the filter columns)."""
-    table = pq.read_table(files, columns=list(FILTER_COLUMNS))
+    table = pq.read_table(files, filesystem=fs, columns=list(FILTER_COLUMNS))
     return int(pc.sum(row_mask(table, data, split, kind).cast(pa.int64())).as_py() or 0)

@@ -13,11 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 
 from fdreamer.data.batching import decode_tensor_column
-from training import rows
+from training import data as train_data
 from training.config import TrainConfig
 
 _ENCODERS: dict[str, Any] = {}
@@ -39,11 +38,8 @@ def sample_prompts(cfg: TrainConfig, n: int) -> list[dict[str, Any]]:
     """The first ``n`` held-out clips (sorted by id): caption, motion caption and first-frame latent."""
     if cfg.data.heldout_split is None or n <= 0:
         return []
-    files = rows.shard_files(cfg.data.path)
-    cols = ["clip_id", "caption", "split", "motion_score", "num_frames", "first_latent", "first_latent_shape",
-            "first_latent_dtype"]
-    table = pq.read_table(files, columns=cols)
-    table = table.filter(rows.row_mask(table, cfg.data, cfg.data.heldout_split)).sort_by("clip_id").slice(0, n)
+    cols = ["clip_id", "caption", "first_latent", "first_latent_shape", "first_latent_dtype"]
+    table = train_data.heldout_table(cfg, cols, limit=n)
     d = table.to_pydict()
     lat = decode_tensor_column(d, "first_latent")
     return [{"clip_id": d["clip_id"][i], "caption": d["caption"][i], "first_latent": lat[i]} for i in range(len(lat))]

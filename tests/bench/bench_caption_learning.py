@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = load_config(TrainConfig, args.config, [o.lstrip("-") for o in overrides])
     torch.manual_seed(cfg.seed)
-    files = rows.shard_files(args.data)
-    rows = pq.read_table(files).to_pylist()
-    t5_field = shard_t5_caption(pq.read_schema(files[0]).metadata)  # the text the t5 column encodes
+    fs, files = rows.shard_files(args.data)
+    rows = pq.read_table(files, filesystem=fs).to_pylist()
+    t5_field = shard_t5_caption(pq.read_schema(files[0], filesystem=fs).metadata)  # the text the t5 column encodes
     train = [r for r in rows if r["split"] != "heldout"]
     held = [r for r in rows if r["split"] == "heldout"][: args.num]
     if not train or not held:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         encoders = EncoderConfig.tiny(args.models)
         ckpt = save_model(Path(args.save), model, cfg.schedule, encoders, ema=ema.shadow,
                           meta={"step": args.steps, "stage": cfg.stage, "preset": cfg.preset,
-                                **clip_profile_meta(files[0], encoders)})
+                                **clip_profile_meta(fs, files[0], encoders)})
         result["checkpoint"] = str(ckpt)
         if args.eval_data:
             from fdreamer.eval.evaluate import EvalSettings, evaluate

@@ -26,7 +26,7 @@ for p in (str(REPO), str(REPO / "tests")):
         sys.path.insert(0, p)
 
 
-def _timed_reads(address: str, files: list[str], columns: list[str], repeats: int) -> dict[str, list[float]]:
+def _timed_reads(address: str, fs: object, files: list[str], columns: list[str], repeats: int) -> dict[str, list[float]]:
     import ray
     import ray.data
 
@@ -38,7 +38,7 @@ def _timed_reads(address: str, files: list[str], columns: list[str], repeats: in
             for kind in ("v2", "v1"):
                 ctx.use_datasource_v2 = kind == "v2"
                 t0 = time.perf_counter()
-                ds = ray.data.read_parquet(files, columns=columns, shuffle=None).materialize()
+                ds = ray.data.read_parquet(files, filesystem=fs, columns=columns, shuffle=None).materialize()
                 out[kind].append(round(time.perf_counter() - t0, 2))
                 assert ds.count() > 0
     finally:
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 2 if args.quick else args.repeats
     with tempfile.TemporaryDirectory(prefix="bench-read-") as tmp, running_ray_head(Path(tmp) / "head") as head:
         data = args.data or str(preprocess_sample(Path(tmp), head["address"], 16 if args.quick else 32)["output"])
-        files = shard_files(data)
-        times = _timed_reads(head["address"], files, list(TRAIN_COLUMNS), repeats)
+        fs, files = shard_files(data)
+        times = _timed_reads(head["address"], fs, files, list(TRAIN_COLUMNS), repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps({"bench": "read", "files": len(files), "columns": len(TRAIN_COLUMNS),
                       "v2_s": times["v2"], "v1_s": times["v1"], "median_v2_s": med["v2"], "median_v1_s": med["v1"],
