@@ -88,6 +88,16 @@ class ScalingSection:
     placement_strategy: str = opt("SPREAD", "PACK or SPREAD workers over nodes")
     parallel: Literal["ddp", "fsdp"] = opt("ddp", "DDP (default) or FSDP (full sharding; sd15 on GPUs)")
     torch_threads: int = opt(1, "torch intra-op threads per CPU worker")
+    grad_reduce_dtype: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "dtype the gradients are all-reduced in (DDP comm hook / FSDP reduce_dtype): bf16 or fp16 halve the "
+        "bytes per step; bf16 needs NCCL (use_gpu), fp16 also runs on gloo (CPU)")
+
+    def __post_init__(self) -> None:
+        if self.grad_reduce_dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"grad_reduce_dtype must be fp32, bf16 or fp16, got {self.grad_reduce_dtype!r}")
+        if self.grad_reduce_dtype == "bf16" and not self.use_gpu:
+            raise ValueError("grad_reduce_dtype=bf16 needs GPU workers (use_gpu=true): torch's bf16 all-reduce hook "
+                             "requires NCCL; on CPU (gloo) use fp16 or fp32")
 
 
 @dataclass

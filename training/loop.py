@@ -42,6 +42,7 @@ from fdreamer.schedule import NoiseSchedule
 from fdreamer.train.step import EMA, StepResult, lr_at, make_optimizer, optimizer_step, validation_loss
 from training import checkpointing
 from training import data as train_data
+from training import parallel
 from training.config import TrainConfig
 
 MicroBatch = TrainBatch | JointBatch
@@ -186,9 +187,12 @@ class TrainWorker:
         if self.ema is not None:
             self.ema.shadow = {k: v.to(self.device) for k, v in self.ema.shadow.items()}
         if self.world > 1:
-            kwargs = {"use_orig_params": True} if self.fsdp else None
+            reduce_dtype = self.cfg.scaling.grad_reduce_dtype
+            kwargs = parallel.fsdp_kwargs(reduce_dtype) if self.fsdp else None
             self.model = ray.train.torch.prepare_model(self.model, parallel_strategy=self.cfg.scaling.parallel,
                                                        parallel_strategy_kwargs=kwargs)
+            if not self.fsdp:
+                parallel.apply_ddp_grad_reduce(self.model, reduce_dtype)
             if self.fsdp:  # FSDP shards the parameters: the optimizer must be built on the wrapped ones
                 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
