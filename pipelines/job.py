@@ -238,6 +238,10 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
         print(f"preprocess: t5_caption={cfg.t5_caption}: {fallbacks} of {len(written)} written clips have no "
               "motion_caption; their t5 encodes caption (summary.json: t5_caption_fallbacks)",
               file=sys.stderr, flush=True)
+    if plan.dedup.get("oversized_buckets"):
+        print(f"preprocess: {plan.dedup['oversized_buckets']} near-duplicate band bucket(s) with "
+              f"{plan.dedup['oversized_bucket_members']} members in all exceeded the bucket cap; they were checked "
+              "in windows of the hash order (summary.json: dedup)", file=sys.stderr, flush=True)
     summary = {
         "schema_version": schema.SCHEMA_VERSION,
         "inputs": len(records),
@@ -246,6 +250,7 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
         "already_done": len(already),
         "duplicates": len(duplicates),
         "duplicates_by_kind": dict(Counter(d["kind"] for d in duplicates)),
+        "dedup": plan.dedup,  # band buckets, pairs checked, oversized buckets (checked in windows) and their members
         "quarantined": len(quarantined),
         "quarantined_by_reason": dict(Counter(r["reason"] for r in quarantined)),
         "t5_caption": cfg.t5_caption,
@@ -280,6 +285,8 @@ def summary_metrics(summary: dict) -> dict[str, float]:
             out |= {f"{k.split('_by_')[0]}.{sub}": float(n) for sub, n in v.items()}
         elif k == "bytes_per_clip_by_column":
             out |= {f"bytes_per_clip.{col}": float(n) for col, n in v.items()}
+        elif k == "dedup":
+            out |= {f"dedup.{m}": float(n) for m, n in v.items()}
         elif k == "stages":
             out |= {f"stage.{st}.{m}": float(n) for st, d in v.items() for m, n in d.items()}
     return out

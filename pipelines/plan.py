@@ -37,6 +37,7 @@ class Plan:
     already: list[dict] = field(default_factory=list)  # kept or not, found in complete shards
     duplicates: list[dict] = field(default_factory=list)  # DUPLICATES_SCHEMA rows
     quarantined: list[dict] = field(default_factory=list)  # pass-1 failures
+    dedup: dict[str, int] = field(default_factory=dict)  # resolve_duplicates' stats (buckets, pairs checked)
 
 
 def plan_pass2(rows: list[dict], done: set[str], threshold: float = dedup.DEFAULT_THRESHOLD,
@@ -51,7 +52,7 @@ def plan_pass2(rows: list[dict], done: set[str], threshold: float = dedup.DEFAUL
         else:
             first[r["clip_id"]] = r
     ok_rows = list(first.values())
-    dropped = dedup.resolve_duplicates(ok_rows, threshold, bands)
+    dropped = dedup.resolve_duplicates(ok_rows, threshold, bands, stats=plan.dedup)
     captions = dedup.exact_captions(ok_all, dropped)
     for r in ok_rows:
         cid = r["clip_id"]

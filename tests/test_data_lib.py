@@ -258,6 +258,33 @@ def test_kept_copy_compares_ids_as_numbers() -> None:
         dedup.resolve_duplicates([*rows, copy("2")])
 
 
+def test_an_oversized_band_bucket_is_checked_in_windows_and_counted() -> None:
+    """40 unrelated clips that share their first 2-byte band (a static title card, say) form a bucket over
+    the cap of 8: it is checked in overlapping windows of the hash order (not skipped), the near copy
+    planted among them is still found, the work stays bounded and the summary counts the bucket."""
+    rng = np.random.default_rng(0)
+
+    def clip(cid: str, phash: bytes) -> dict:
+        return {"clip_id": cid, "source": "webvid", "source_width": 64, "source_height": 64, "caption": "",
+                "content_hash": cid, "phash": phash}
+
+    rows = [clip(str(i), b"\x00\x00" + rng.integers(0, 256, 30, dtype=np.uint8).tobytes()) for i in range(40)]
+    near = bytearray(rows[7]["phash"])
+    for band in range(1, 16):  # one bit in each other band: it shares only the oversized bucket with clip 7
+        near[2 * band] ^= 0b1
+    rows.append(clip("copy_of_7", bytes(near)))  # 15 bits of 256 apart: 3.75 per 64-bit frame, a near copy
+    stats: dict[str, int] = {}
+    dropped = dedup.resolve_duplicates(rows, max_bucket=8, stats=stats)
+    assert dropped == {"copy_of_7": ("7", "near", 15 / 4)}
+    assert stats["oversized_buckets"] == 1 and stats["oversized_bucket_members"] == 41
+    assert stats["pairs_checked"] < 41 * 40 / 2 / 2  # windows, not all pairs of the bucket
+    unbounded: dict[str, int] = {}
+    assert dedup.resolve_duplicates(rows, stats=unbounded) == dropped
+    assert unbounded["oversized_buckets"] == 0 and unbounded["pairs_checked"] >= 41 * 40 / 2
+    with pytest.raises(ValueError, match="max_bucket must be >= 2"):
+        dedup.resolve_duplicates(rows, max_bucket=1)
+
+
 def test_plan_keeps_every_caption_of_an_exact_group() -> None:
     from pipelines.plan import plan_pass2
 

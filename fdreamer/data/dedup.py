@@ -25,7 +25,10 @@ Global search without O(N^2) (:func:`band_keys`)
     304M rows (~12 GB shuffled). Unrelated clips collide in a 16-bit band with probability about
     2^-16, i.e. ~19M^2 / 2 / 65536 = 2.8e9 candidate pairs per band, 4.4e10 in all; each check is
     4 popcounts (~5 ns), ~220 CPU-seconds, spread over the cluster. Real data is not uniform
-    (static title cards, black frames) so very large buckets are capped (``max_bucket``) and logged.
+    (static title cards, black frames), so a bucket larger than ``max_bucket`` is not checked all pairs
+    against all: its members, sorted by their full hash, are checked in consecutive windows of
+    ``max_bucket`` that overlap by half (at most ~2 ``max_bucket`` checks per member; near copies sort close
+    together, a pair further apart than ``max_bucket / 2`` in that order is missed) and counted (``stats``, the job's summary ``dedup``).
     Keep the first ``r`` larger (e.g. 24 bits, 12 bands) when that dominates.
 
 Choosing the copy to keep (:func:`better_copy`, :func:`copy_rank`), in this order:
@@ -170,14 +173,20 @@ def resolve_duplicates(
     threshold: float = DEFAULT_THRESHOLD,
     bands: int = DEFAULT_BANDS,
     max_bucket: int = 10_000,
+    stats: dict[str, int] | None = None,
 ) -> dict[str, tuple[str, str, float]]:
     """Map each dropped ``clip_id`` to ``(kept clip_id, "exact"|"near", distance)``.
 
     ``rows`` hold ``clip_id, content_hash, phash`` (bytes) and the fields :func:`better_copy` reads.
     Exact groups share ``content_hash``; near groups are connected components of verified band
     candidates. One copy per component survives (:func:`copy_rank`). ``clip_id`` values must be
-    unique (the job sets repeats of an id aside first); ValueError otherwise.
+    unique (the job sets repeats of an id aside first); ValueError otherwise. ``stats`` (when given) gets
+    ``band_buckets`` (buckets with 2+ members), ``pairs_checked``, ``oversized_buckets`` and
+    ``oversized_bucket_members`` (buckets over ``max_bucket``, checked in windows: module docstring).
     """
+    if max_bucket < 2:
+        raise ValueError(f"max_bucket must be >= 2, got {max_bucket}")
+    counts = {"band_buckets": 0, "pairs_checked": 0, "oversized_buckets": 0, "oversized_bucket_members": 0}
     by_id = {str(r["clip_id"]): r for r in rows}
     if len(by_id) != len(rows):
         repeated = sorted(cid for cid, n in Counter(str(r["clip_id"]) for r in rows).items() if n > 1)
@@ -197,16 +206,28 @@ def resolve_duplicates(
         for key in band_keys(bytes(r["phash"]), bands):
             buckets[key].append(cid)
     for members in buckets.values():
-        if len(members) < 2 or len(members) > max_bucket:
+        if len(members) < 2:
             continue
-        for i, a in enumerate(members):
-            for b in members[i + 1:]:
-                if uf.find(a) == uf.find(b):
-                    continue
-                d = mean_frame_distance(bytes(by_id[a]["phash"]), bytes(by_id[b]["phash"]))
-                if d <= threshold:
-                    uf.union(a, b)
-                    kind[frozenset((a, b))] = ("near", d)
+        counts["band_buckets"] += 1
+        windows = [members]
+        if len(members) > max_bucket:
+            counts["oversized_buckets"] += 1
+            counts["oversized_bucket_members"] += len(members)
+            ordered = sorted(members, key=lambda c: (bytes(by_id[c]["phash"]), c))
+            step = max_bucket // 2  # overlapping windows: a pair at distance < max_bucket/2 in the order is seen
+            windows = [ordered[i:i + max_bucket] for i in range(0, len(ordered) - step, step)]
+        for window in windows:
+            for i, a in enumerate(window):
+                for b in window[i + 1:]:
+                    if uf.find(a) == uf.find(b):
+                        continue
+                    counts["pairs_checked"] += 1
+                    d = mean_frame_distance(bytes(by_id[a]["phash"]), bytes(by_id[b]["phash"]))
+                    if d <= threshold:
+                        uf.union(a, b)
+                        kind[frozenset((a, b))] = ("near", d)
+    if stats is not None:
+        stats.update(counts)
     groups: dict[str, list[str]] = defaultdict(list)
     for cid in by_id:
         groups[uf.find(cid)].append(cid)
