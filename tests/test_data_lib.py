@@ -360,3 +360,12 @@ def test_every_quarantine_reason(rows: list[dict], tmp_path: Path) -> None:
     assert quarantine.classify(FileNotFoundError("s3://b/k")) == "missing"
     assert quarantine.classify(probe_video(files["too_small"]), 48) == "too_small"
     assert set(quarantine.REASONS) == set(files) | {"decode_timeout"}
+
+
+def test_one_s3_client_per_endpoint_and_process() -> None:
+    """Workers read many objects: the boto3 client (and its connection pool) is made once per endpoint."""
+    from fdreamer.data import manifests
+
+    a = manifests._s3_client("http://127.0.0.1:1")
+    assert manifests._s3_client("http://127.0.0.1:1") is a
+    assert manifests._s3_client("http://127.0.0.1:2") is not a

@@ -29,6 +29,7 @@ string or number, no caption, an unknown ``kind``. Columns a format does not rea
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from pathlib import Path
@@ -60,7 +61,10 @@ class ManifestRecord(TypedDict):
     kind: str  # video | image
 
 
+@functools.lru_cache(maxsize=8)
 def _s3_client(endpoint: str | None) -> Any:
+    """One boto3 client per endpoint and process (thread-safe; its connection pool is reused for every
+    object a worker reads, instead of a new client and connection per video)."""
     import boto3  # imported lazily: local-only runs never need it
 
     return boto3.client("s3", endpoint_url=endpoint or None)
