@@ -8,7 +8,7 @@ import sys
 import pyarrow as pa
 
 from training.config import DataConfig
-from training.rows import FILTER_COLUMNS, IMAGE, VIDEO, columns_for, filter_rows, row_mask
+from training.rows import FILTER_COLUMNS, IMAGE, VIDEO, columns_for, filter_rows, row_filter, row_mask
 
 
 def _table() -> pa.Table:
@@ -31,6 +31,22 @@ def test_row_mask_selects_split_motion_range_frames_and_kind() -> None:
     assert row_mask(t, wide, "train", IMAGE).to_pylist() == [False] * 5 + [True]  # the 1-frame row
     capped = DataConfig(min_motion_score=None, max_motion_score=0.1, num_frames=None)
     assert row_mask(t, capped, "train").to_pylist() == [True, False, False, False, False, False]  # null score out
+
+
+def test_row_filter_expression_selects_what_the_mask_selects() -> None:
+    """The held-out scan's pushed-down expression and the Ray Data mask are one selection (nulls included)."""
+    import pyarrow.dataset as pads
+
+    t = _table()
+    configs = [DataConfig(min_motion_score=0.05, max_motion_score=None, num_frames=8),
+               DataConfig(min_motion_score=None, max_motion_score=0.1, num_frames=None),
+               DataConfig(min_motion_score=None, max_motion_score=None, num_frames=None)]
+    for cfg in configs:
+        for split in ("train", "heldout", None):
+            for kind in (VIDEO, IMAGE):
+                want = t.filter(row_mask(t, cfg, split, kind)).column("clip_id").to_pylist()
+                got = pads.dataset(t).to_table(filter=row_filter(cfg, split, kind)).column("clip_id").to_pylist()
+                assert got == want, (cfg, split, kind)
 
 
 def test_filter_rows_is_the_mask_and_drops_filter_columns() -> None:

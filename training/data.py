@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import torch
@@ -27,7 +26,7 @@ from fdreamer.data.batching import TrainBatch, to_train_batch
 from fdreamer.data.schema import NULL_CONDITIONS_FILE, read_null_conditions, read_summary
 from training.config import TrainConfig
 from training.rows import (IMAGE, IMAGE_COLUMNS, TRAIN_COLUMNS, VIDEO, DataError, check_schema, columns_for,
-                           count, filter_rows, shard_files)
+                           count, filter_rows, row_filter, shard_files)
 
 def _path(cfg: TrainConfig, kind: str) -> str:
     return cfg.data.image_path if kind == IMAGE else cfg.data.path
@@ -84,28 +83,12 @@ def count_rows(cfg: TrainConfig) -> int:
     return _count(cfg, primary)
 
 
-def heldout_filter(data: Any, split: str, kind: str = VIDEO) -> pc.Expression:
-    """:func:`training.rows.row_mask` as a pyarrow dataset expression, so a scan reads only the row groups
-    (and, with the shard statistics, the files) that can hold the rows: predicate pushdown."""
-    expr = pc.field("split") == split
-    if kind == IMAGE:
-        return expr & (pc.field("num_frames") == 1)
-    expr = expr & (pc.field("num_frames") >= 2)
-    if data.min_motion_score is not None:
-        expr = expr & (pc.field("motion_score") >= data.min_motion_score)
-    if data.max_motion_score is not None:
-        expr = expr & (pc.field("motion_score") <= data.max_motion_score)
-    if data.num_frames is not None:
-        expr = expr & (pc.field("num_frames") == data.num_frames)
-    return expr
-
-
 def heldout_table(cfg: TrainConfig, columns: list[str], kind: str = VIDEO, limit: int | None = None) -> pa.Table:
     """The ``heldout_split`` rows of the clips or images, sorted by clip id (at most ``limit``): a filtered
-    scan (:func:`heldout_filter`), not a read of every shard."""
+    scan (:func:`training.rows.row_filter`: predicate pushdown), not a read of every shard."""
     fs, files = shard_files(_path(cfg, kind), cfg.s3_endpoint)
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    table = dataset.to_table(columns=columns, filter=heldout_filter(cfg.data, cfg.data.heldout_split, kind))
+    table = dataset.to_table(columns=columns, filter=row_filter(cfg.data, cfg.data.heldout_split, kind))
     table = table.sort_by("clip_id")
     return table if limit is None else table.slice(0, limit)
 

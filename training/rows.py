@@ -94,6 +94,25 @@ def row_mask(table: pa.Table, data: Any, split: str | None, kind: str = VIDEO) -
     return mask
 
 
+def row_filter(data: Any, split: str | None, kind: str = VIDEO) -> pc.Expression:
+    """The selection of :func:`row_mask` as a pyarrow dataset expression, so a scan reads only the row groups
+    that can hold the rows (predicate pushdown: the held-out batch). Nulls select nothing, as in the mask;
+    ``tests/test_training_rows.py`` checks that both select the same rows."""
+    expr = pc.scalar(True)
+    if split is not None:
+        expr = pc.field("split") == split
+    if kind == IMAGE:
+        return expr & (pc.field("num_frames") == 1)
+    expr = expr & (pc.field("num_frames") >= 2)
+    if data.min_motion_score is not None:
+        expr = expr & (pc.field("motion_score") >= data.min_motion_score)
+    if data.max_motion_score is not None:
+        expr = expr & (pc.field("motion_score") <= data.max_motion_score)
+    if data.num_frames is not None:
+        expr = expr & (pc.field("num_frames") == data.num_frames)
+    return expr
+
+
 def filter_rows(batch: pa.Table, cfg: dict[str, Any], split: str | None, kind: str = VIDEO) -> pa.Table:
     """Ray Data ``map_batches`` form of :func:`row_mask` (``cfg``: the ``DataConfig`` as a dict), then drops
     the filter-only columns."""
