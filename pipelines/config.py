@@ -93,6 +93,8 @@ class PreprocessConfig:
     dedup_threshold: float = opt(10.0, "near-duplicate threshold: mean Hamming bits per 64-bit frame pHash")
     dedup_bands: int = opt(16, f"LSH bands of the {8 * PHASH_FRAMES}-byte perceptual hash (must divide it)")
     shard_target_bytes: int = opt(256 * 2**20, "target (uncompressed) bytes of one Parquet shard")
+    plan_partition_rows: int = opt(100_000, "manifest records per partition of the global plan's shuffles (cache "
+                                   "lookup, ids, exact and near duplicates); a job with no more records plans in one task")
     ray_address: str | None = opt(None, "Ray address; null = 'auto' when a cluster runs, else a local one")
     mlflow_tracking_uri: str | None = opt(None, "log the summary to MLflow when set (optional)")
     mlflow_experiment: str = opt("preprocess", "MLflow experiment name for the summary run")
@@ -100,8 +102,8 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.t5_caption not in T5_CAPTION_FIELDS:
             raise ValueError(f"t5_caption must be one of {list(T5_CAPTION_FIELDS)}, got {self.t5_caption!r}")
-        if self.dedup_threshold < 0 or self.shard_target_bytes < 1:
-            raise ValueError("dedup_threshold must be >= 0 and shard_target_bytes >= 1")
+        if self.dedup_threshold < 0 or self.shard_target_bytes < 1 or self.plan_partition_rows < 1:
+            raise ValueError("dedup_threshold must be >= 0, shard_target_bytes and plan_partition_rows >= 1")
         hash_bytes = 8 * PHASH_FRAMES
         if self.dedup_bands < 1 or hash_bytes % self.dedup_bands:
             allowed = [b for b in range(1, hash_bytes + 1) if hash_bytes % b == 0]

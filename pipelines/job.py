@@ -1,76 +1,62 @@
 """The preprocessing job graph on Ray Data (called by ``pipelines/preprocess.py``).
 
-Pass 1 (``hash_and_cache``, CPU tasks): manifest records -> per-clip hashes or quarantine rows,
-persisted per block under ``_hashes/``. Only ids + metadata + hashes (~100 bytes a clip) come back
-to the driver, where exact and near duplicates are resolved globally and the kept rows get the
-captions of their exact copies (:func:`pipelines.plan.plan_pass2`).
+Manifests and pass 1 (:mod:`pipelines.global_plan`): manifests read by one task each; each record's
+pass-1 rows (per-clip hashes, or one quarantine row per bad video: ``hash_and_cache``, CPU tasks) come
+from the ``_hashes/`` cache or are computed and persisted there; ids, exact and near duplicates are
+resolved in the cluster (hash-partitioned ``map_groups``, one task for a small job), and the kept rows
+get the captions of their exact copies. The driver receives counts and the near-duplicate edges only.
 Pass 2: kept clips not yet in a completed shard -> decode (CPU tasks) -> encoder actor pool (models
 loaded once per actor) -> optical flow (CPU tasks) -> Parquet shards written by tasks (atomic: temp
 name then rename locally, one upload on S3; :mod:`fdreamer.data.storage`). A task with the encoder
-resources writes ``null_conditions.safetensors`` once. Then ``duplicates.parquet``,
-``quarantine.parquet``, ``summary.json`` (also logged to MLflow when configured) and finally
-``_SUCCESS`` (JSON with the counts). The output is a local folder or ``s3://bucket/prefix``.
+resources writes ``null_conditions.safetensors`` once. Then ``duplicates.parquet`` and
+``quarantine.parquet`` (written by workers), ``summary.json`` (also logged to MLflow when configured)
+and finally ``_SUCCESS`` (JSON with the counts). The output is a local folder or ``s3://bucket/prefix``.
 
-Resume: clip ids found in completed ``shards/part-*.parquet`` files are skipped and pass-1 results
-are read back from ``_hashes/``, so a rerun after a crash decodes and writes only what is missing
-and never duplicates a row. Each shard records the ``t5_caption`` its ``t5`` column was encoded
-with; a rerun with the other option fails (:class:`OutputMismatchError`) before touching the output,
-so T5 encodings of the other text are never reused or mixed in.
+Resume: clip ids found in completed ``shards/part-*.parquet`` files are skipped (``done`` markers in
+the plan) and pass-1 results are read back from ``_hashes/``, so a rerun after a crash decodes and
+writes only what is missing and never duplicates a row. Each shard records the ``t5_caption`` its ``t5``
+column was encoded with; a rerun with the other option fails (:class:`OutputMismatchError`) before
+touching the output, so T5 encodings of the other text are never reused or mixed in.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 
 from fdreamer.config import to_dict
 from fdreamer.data import schema, storage
-from fdreamer.data.manifests import ManifestRecord, read_manifests
 from fdreamer.encoders import vae_downsample_factor
-from pipelines import stages
+from pipelines import global_plan, stages
 from pipelines.config import PreprocessConfig
-from pipelines.plan import DUPLICATES_SCHEMA, plan_pass2
+from pipelines.plan import DUPLICATES_SCHEMA
+from pipelines.stages import record_key  # noqa: F401 - the pass-1 cache key, re-exported for callers of the job
 
 logger = logging.getLogger(__name__)
-
-
-def record_key(rec: dict, profile: dict) -> str:
-    """Key of one manifest record under one sampling profile (the pass-1 cache key).
-
-    ``kind`` enters the key only for images, so video records keep the keys (and the ``_hashes/``
-    cache) of outputs written before image records existed.
-    """
-    prof = {k: v for k, v in sorted(profile.items()) if k != "decode_timeout_s"}
-    skip = {"record_key"} | ({"kind"} if rec.get("kind", "video") == "video" else set())
-    text = json.dumps({"record": {k: rec[k] for k in sorted(rec) if k not in skip}, "profile": prof},
-                      sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()
 
 
 class OutputMismatchError(ValueError):
     """The output folder holds shards written with settings this run would contradict."""
 
 
-def completed_shards(fs: pafs.FileSystem, base: str) -> tuple[set[str], Counter[str]]:
-    """(clip ids, shards per ``t5_caption``) of the complete shards under ``base/shards`` (temp files ignored)."""
-    done: set[str] = set()
-    t5_captions: Counter[str] = Counter()
+def shard_t5_captions(fs: pafs.FileSystem, base: str) -> Counter[str]:
+    """Complete shards under ``base/shards`` per ``t5_caption`` (Parquet footers only; temp files ignored)."""
+    found: Counter[str] = Counter()
     for f in storage.list_files(fs, storage.join(base, "shards"), "part-", ".parquet"):
-        table = storage.read_parquet(fs, f, columns=["clip_id"])
-        done.update(table.column("clip_id").to_pylist())
-        t5_captions[schema.shard_t5_caption(table.schema.metadata)] += 1
-    return done, t5_captions
+        found[schema.shard_t5_caption(storage.parquet_metadata(fs, f).schema.to_arrow_schema().metadata)] += 1
+    return found
 
 
 def check_t5_caption(output: str, t5_caption: str, shards: Counter[str]) -> None:
@@ -106,11 +92,6 @@ def _stage_kwargs(stage: Any) -> dict:
             **({"num_gpus": stage.num_gpus} if stage.num_gpus else {})}
 
 
-def _collect(ds: ray.data.Dataset) -> pa.Table:
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    return pa.concat_tables(tables) if tables else pa.table({})
-
-
 def _column_bytes(fs: pafs.FileSystem, base: str) -> tuple[int, dict[str, float]]:
     """(rows, compressed bytes per clip of each column) over all complete shards."""
     totals: Counter[str] = Counter()
@@ -126,61 +107,48 @@ def _column_bytes(fs: pafs.FileSystem, base: str) -> tuple[int, dict[str, float]
     return rows, {k: round(v / max(rows, 1), 1) for k, v in sorted(totals.items())}
 
 
-def _per_stage(rows: list[dict], stage_names: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Worker seconds and clips per worker-second of each stage, from the rows' ``sec_<stage>``."""
-    out = {}
-    for name in stage_names:
-        secs = [float(r.get(f"sec_{name}") or 0.0) for r in rows]
-        total = sum(secs)
-        out[name] = {"clips": len(secs), "worker_s": round(total, 3),
-                     "clips_per_worker_s": round(len(secs) / total, 2) if total > 0 else 0.0}
-    return out
+def _pass2_tally(batch: pa.Table) -> pa.Table:
+    """Counts and worker seconds of pass 2 per block (the driver sums O(blocks) rows)."""
+    c: Counter[str] = Counter()
+    for r in batch.select(["status", "reason", "t5_fallback", *(f"sec_{k}" for k in PASS2_STAGES)]).to_pylist():
+        if r["status"] == stages.OK:
+            c["written"] += 1
+            c["t5_fallbacks"] += bool(r["t5_fallback"])
+        else:
+            c[f"quarantined:{r['reason']}"] += 1
+        c["rows"] += 1
+        for k in PASS2_STAGES:
+            c[f"us_{k}"] += int(1e6 * (r[f"sec_{k}"] or 0.0))
+    return pa.table({"counts": [dict(c)]}, schema=pa.schema([("counts", pa.map_(pa.string(), pa.int64()))]))
 
 
-def _hash_pass(cfg: PreprocessConfig, records: list[ManifestRecord], profile: dict) -> tuple[list[dict], list[dict]]:
-    """Pass-1 rows for every record, in manifest order, hashing only what the cache lacks.
-
-    Returns (rows, rows hashed by this run). Rows of a record listed twice appear twice.
-    """
-    items = [dict(r) | {"record_key": record_key(dict(r), profile)} for r in records]
-    keys = {it["record_key"] for it in items}
-    cached = stages.read_hash_cache(cfg.output, cfg.s3_endpoint, keys)
-    todo: dict[str, dict] = {}
-    for it in items:
-        if it["record_key"] not in cached:
-            todo.setdefault(it["record_key"], it)  # each distinct record once
-    fresh: dict[str, list[dict]] = {}
-    if todo:
-        dec = cfg.stages.decode
-        ds = ray.data.from_items(list(todo.values()), override_num_blocks=max(1, min(len(todo), 4 * dec.concurrency)))
-        hashed = ds.map_batches(stages.hash_and_cache, batch_format="pyarrow",
-                                fn_kwargs={"profile": profile, "output": cfg.output, "s3_endpoint": cfg.s3_endpoint},
-                                **_stage_kwargs(dec))
-        for r in _collect(hashed).to_pylist():
-            fresh.setdefault(r["record_key"], []).append(r)
-    rows: list[dict] = []
-    for it in items:
-        key = it["record_key"]
-        rows += [dict(r) for r in (cached.get(key) or fresh.get(key) or [])]
-    return rows, [r for rs in fresh.values() for r in rs]
+PASS2_STAGES = ("decode", "encode", "flow", "write")
+QUARANTINE_SCHEMA = pa.schema([(n, pa.string()) for n in ("clip_id", "uri", "reason", "detail")])
 
 
-def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> dict[str, Any]:
+def _stage_stats(clips: int, worker_s: float) -> dict[str, float]:
+    return {"clips": clips, "worker_s": round(worker_s, 3),
+            "clips_per_worker_s": round(clips / worker_s, 2) if worker_s > 0 else 0.0}
+
+
+def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
+        hash_fn: Callable[..., pa.Table] | None = None) -> dict[str, Any]:
     """Run the whole job against the connected Ray cluster; returns (and writes) the summary.
 
-    ``records`` are the already-read manifest records (read here when None).
+    ``records``: the manifests already read (:func:`pipelines.global_plan.read_records`), else read here.
+    ``hash_fn``: pass 1's function (default :func:`pipelines.stages.hash_and_cache`; the dedup benchmark
+    gives synthetic hashes without decoding).
     """
     started = time.perf_counter()
     cfg.check_ready()
     fs, base = storage.resolve(cfg.output, cfg.s3_endpoint)
     storage.makedirs(fs, storage.join(base, "shards"))
-    done, shard_t5 = completed_shards(fs, base)
-    check_t5_caption(cfg.output, cfg.t5_caption, shard_t5)  # before the output is touched
+    check_t5_caption(cfg.output, cfg.t5_caption, shard_t5_captions(fs, base))  # before the output is touched
     if storage.exists(fs, storage.join(base, "_SUCCESS")):
         fs.delete_file(storage.join(base, "_SUCCESS"))  # a rerun is unfinished until it writes it again
-    if records is None:
-        records = read_manifests(cfg.inputs, cfg.s3_endpoint)  # fails fast with ManifestError
     profile = cfg.profile.stage_dict()
+    if records is None:
+        records = global_plan.read_records(cfg.inputs, profile, cfg.s3_endpoint)  # ManifestError before decoding
     dec = cfg.stages.decode
     enc_stage = cfg.stages.encode
     enc_cfg = dataclasses.asdict(cfg.resolved_encoders())
@@ -192,21 +160,23 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
         null_ref = ray.remote(stages.null_conditions_bytes).options(
             num_cpus=enc_stage.num_cpus, num_gpus=enc_stage.num_gpus or 0).remote(enc_cfg)
 
-    # ---- pass 1: hashes (small table; cached under _hashes/ for reruns) ----
+    # ---- pass 1 and the global plan (in the cluster; the driver gets counts and near-duplicate edges) ----
     t_pass1 = time.perf_counter()
-    table, fresh_rows = _hash_pass(cfg, records, profile)
+    gp = global_plan.plan(records, output=cfg.output, s3_endpoint=cfg.s3_endpoint, profile=profile,
+                          partition_rows=cfg.plan_partition_rows, threshold=cfg.dedup_threshold,
+                          bands=cfg.dedup_bands, hash_fn=hash_fn or stages.hash_and_cache,
+                          hash_stage=_stage_kwargs(dec))
     t_pass1 = time.perf_counter() - t_pass1
-    plan = plan_pass2(table, done, cfg.dedup_threshold, cfg.dedup_bands)
-    quarantined, duplicates, already, todo = plan.quarantined, plan.duplicates, plan.already, plan.todo
+    counts = gp.counts
 
     # ---- pass 2: decode -> encode (actors) -> flow -> shards ----
     t_pass2 = time.perf_counter()
-    written: list[dict] = []
-    results: list[dict] = []
-    if todo:
-        kept = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * dec.concurrency)))
+    p2: Counter[str] = Counter()
+    quarantine_parts = [gp.quarantined]
+    if counts["todo"]:
+        todo = gp.todo.repartition(target_num_rows_per_block=max(1, dec.batch_size))
         res = (
-            kept.map_batches(stages.decode_clips, batch_format="pyarrow",
+            todo.map_batches(stages.decode_clips, batch_format="pyarrow",
                              fn_kwargs={"profile": profile, "s3_endpoint": cfg.s3_endpoint}, **_stage_kwargs(dec))
             .map_batches(stages.EncodeClips, batch_format="pyarrow",
                          fn_constructor_kwargs={"encoder_cfg": enc_cfg, "t5_caption": cfg.t5_caption},
@@ -216,52 +186,58 @@ def run(cfg: PreprocessConfig, records: list[ManifestRecord] | None = None) -> d
                          fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.s3_endpoint,
                                     "t5_caption": cfg.t5_caption},
                          concurrency=cfg.stages.write.concurrency, num_cpus=cfg.stages.write.num_cpus)
-        )
-        results = _collect(res).to_pylist()
-        for r in results:
-            (written if r["status"] == stages.OK else quarantined).append(r)
+        ).materialize()
+        p2 = global_plan.sum_counts(res, _pass2_tally)
+        quarantine_parts.append(res.map_batches(lambda t: t.filter(pc.equal(t.column("status"), stages.QUARANTINED)),
+                                                batch_format="pyarrow"))
     t_pass2 = time.perf_counter() - t_pass2
     if null_ref is not None:
         storage.write_bytes(fs, null_path, ray.get(null_ref))
 
-    # ---- side tables, summary, _SUCCESS last ----
-    q_schema = pa.schema([(n, pa.string()) for n in ("clip_id", "uri", "reason", "detail")])
-    storage.write_parquet(fs, storage.join(base, "quarantine.parquet"), pa.Table.from_pylist(
-        [{k: r[k] for k in q_schema.names} for r in quarantined], schema=q_schema))
-    storage.write_parquet(fs, storage.join(base, "duplicates.parquet"),
-                          pa.Table.from_pylist(duplicates, schema=DUPLICATES_SCHEMA))
+    # ---- side tables (written by workers), summary, _SUCCESS last ----
+    quarantine_ds = quarantine_parts[0].union(*quarantine_parts[1:]) if len(quarantine_parts) > 1 else quarantine_parts[0]
+    ray.get([
+        global_plan.write_table.remote(quarantine_ds, cfg.output, "quarantine.parquet", cfg.s3_endpoint,
+                                       QUARANTINE_SCHEMA),
+        global_plan.write_table.remote(gp.duplicates, cfg.output, "duplicates.parquet", cfg.s3_endpoint,
+                                       DUPLICATES_SCHEMA),
+    ])
     rows_total, col_bytes = _column_bytes(fs, base)
-    stage_stats = _per_stage(fresh_rows, ("hash",)) | _per_stage(results, ("decode", "encode", "flow", "write"))
+    reasons = Counter(counts["quarantined_by_reason"])
+    reasons.update({k.split(":", 1)[1]: n for k, n in p2.items() if k.startswith("quarantined:")})
+    written, fallbacks = p2.get("written", 0), p2.get("t5_fallbacks", 0)
+    stage_stats = {"hash": _stage_stats(counts["hash_rows"], counts["hash_worker_s"])} | {
+        k: _stage_stats(p2.get("rows", 0), p2.get(f"us_{k}", 0) / 1e6) for k in PASS2_STAGES}
     seconds = time.perf_counter() - started
-    fallbacks = sum(bool(r["t5_fallback"]) for r in written)
     if fallbacks:
-        print(f"preprocess: t5_caption={cfg.t5_caption}: {fallbacks} of {len(written)} written clips have no "
+        print(f"preprocess: t5_caption={cfg.t5_caption}: {fallbacks} of {written} written clips have no "
               "motion_caption; their t5 encodes caption (summary.json: t5_caption_fallbacks)",
               file=sys.stderr, flush=True)
-    if plan.dedup.get("oversized_buckets"):
-        print(f"preprocess: {plan.dedup['oversized_buckets']} near-duplicate band bucket(s) with "
-              f"{plan.dedup['oversized_bucket_members']} members in all exceeded the bucket cap; they were checked "
-              "in windows of the hash order (summary.json: dedup)", file=sys.stderr, flush=True)
+    if counts["dedup"].get("oversized_buckets"):
+        print(f"preprocess: {counts['dedup']['oversized_buckets']} near-duplicate band bucket(s) with "
+              f"{counts['dedup']['oversized_bucket_members']} members in all exceeded the bucket cap; they were "
+              "checked in windows of the hash order (summary.json: dedup)", file=sys.stderr, flush=True)
     summary = {
         "schema_version": schema.SCHEMA_VERSION,
-        "inputs": len(records),
-        "clips": len(table),  # quarantined videos count once each
-        "written": len(written),
-        "already_done": len(already),
-        "duplicates": len(duplicates),
-        "duplicates_by_kind": dict(Counter(d["kind"] for d in duplicates)),
-        "dedup": plan.dedup,  # band buckets, pairs checked, oversized buckets (checked in windows) and their members
-        "quarantined": len(quarantined),
-        "quarantined_by_reason": dict(Counter(r["reason"] for r in quarantined)),
+        "inputs": records.count(),
+        "clips": counts["clips"],  # pass-1 rows: sampled clips, and one per quarantined video
+        "written": written,
+        "already_done": counts["already"],
+        "duplicates": sum(counts["duplicates_by_kind"].values()),
+        "duplicates_by_kind": counts["duplicates_by_kind"],
+        "dedup": counts["dedup"],  # band buckets, pairs checked, oversized buckets (checked in windows) and their members
+        "quarantined": sum(reasons.values()),
+        "quarantined_by_reason": dict(sorted(reasons.items())),
         "t5_caption": cfg.t5_caption,
         "t5_caption_fallbacks": fallbacks,  # written by this run with t5 of caption for lack of a motion_caption
         "rows_in_shards": rows_total,
-        "records_hashed": len({r["record_key"] for r in fresh_rows}),  # others: from the _hashes/ cache
+        "records_hashed": counts["records_hashed"],  # others: from the _hashes/ cache
+        "plan_partitions": counts["partitions"],  # 1: the plan ran in one task per stage (a small job)
         "bytes_per_clip_by_column": col_bytes,
         "stages": stage_stats,
         "pass1_s": round(t_pass1, 2),
         "pass2_s": round(t_pass2, 2),
-        "clips_per_s": round(len(written) / t_pass2, 2) if written and t_pass2 > 0 else 0.0,
+        "clips_per_s": round(written / t_pass2, 2) if written and t_pass2 > 0 else 0.0,
         "seconds": round(seconds, 2),
         "output": str(cfg.output),
     }

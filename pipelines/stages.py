@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -163,14 +164,28 @@ HASH_SCHEMA = pa.schema([f for f in schema.METADATA_FIELDS
 TRANSIENT_REASONS = frozenset({"missing", "decode_timeout"})
 
 
-def hash_and_cache(batch: pa.Table, profile: dict, output: str, s3_endpoint: str | None = None) -> pa.Table:
+def record_key(rec: dict, profile: dict) -> str:
+    """Key of one manifest record under one sampling profile (the pass-1 cache key).
+
+    ``kind`` enters the key only for images, so video records keep the keys (and the ``_hashes/``
+    cache) of outputs written before image records existed.
+    """
+    prof = {k: v for k, v in sorted(profile.items()) if k != "decode_timeout_s"}
+    skip = {"record_key"} | ({"kind"} if rec.get("kind", "video") == "video" else set())
+    text = json.dumps({"record": {k: rec[k] for k in sorted(rec) if k not in skip}, "profile": prof},
+                      sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def hash_and_cache(batch: pa.Table, profile: dict, output: str, s3_endpoint: str | None = None,
+                   hasher: Callable[..., pa.Table] | None = None) -> pa.Table:
     """:func:`hash_videos`, then persist the block's results under ``<output>/_hashes/`` (atomic).
 
     A rerun reads these files and hashes only the records (by ``record_key``) not found there, so
     it does not decode every video again. Transient failures (:data:`TRANSIENT_REASONS`) are not
     persisted.
     """
-    table = hash_videos(batch, profile, s3_endpoint)
+    table = (hasher or hash_videos)(batch, profile, s3_endpoint)  # hasher: the dedup benchmark's synthetic hashes
     keep = [s != QUARANTINED or r not in TRANSIENT_REASONS
             for s, r in zip(table.column("status").to_pylist(), table.column("reason").to_pylist())]
     cached = table.filter(pa.array(keep, pa.bool_()))
@@ -192,30 +207,6 @@ def part_name(keys: list[str]) -> str:
     """
     digest = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
     return f"part-{digest}.parquet"
-
-
-def read_hash_cache(output: str, s3_endpoint: str | None, keys: set[str]) -> dict[str, list[dict]]:
-    """``{record_key: rows}`` of the persisted pass-1 results for ``keys``.
-
-    A key found in several files (a retried task wrote its block twice) takes the rows of the first
-    file only, so no clip is counted twice.
-    """
-    fs, base = storage.resolve(output, s3_endpoint)
-    found: dict[str, list[dict]] = {}
-    for path in storage.list_files(fs, storage.join(base, HASH_DIR), "part-", ".parquet"):
-        try:
-            table = storage.read_parquet(fs, path)
-        except Exception as exc:  # noqa: BLE001 - an unreadable cache file only costs re-hashing
-            logger.warning("ignoring unreadable pass-1 cache file %s: %s", path, exc)
-            continue
-        if table.schema.names != HASH_SCHEMA.names:
-            continue  # written by another version: ignore
-        here: dict[str, list[dict]] = {}
-        for r in table.to_pylist():
-            if r["record_key"] in keys and r["record_key"] not in found:
-                here.setdefault(r["record_key"], []).append(r)
-        found.update(here)
-    return found
 
 
 def decode_clips(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) -> pa.Table:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from fdreamer.data import manifests, schema, storage
@@ -44,7 +45,7 @@ def test_profile_keys_change_pass_1_and_2(rows: list[dict]) -> None:
 
 
 def test_hash_cache_round_trip_skips_transient(rows: list[dict], tmp_path: Path) -> None:
-    from pipelines import job, stages
+    from pipelines import global_plan, job, plan_stages, stages
 
     profile = {"num_frames": 8, "fps": None, "stride": 2, "size": 64, "clips_per_video": 1, "min_side": 48,
                "decode_timeout_s": 0, "tag": "s2-64"}
@@ -56,13 +57,33 @@ def test_hash_cache_round_trip_skips_transient(rows: list[dict], tmp_path: Path)
     out = stages.hash_and_cache(pa.Table.from_pylist(items), profile, str(tmp_path / "out"))
     assert out.column("status").to_pylist() == ["ok", "ok", "quarantined"]
     assert out.column("split").to_pylist()[:2] == [r["split"] for r in rows[:2]]
-    cached = stages.read_hash_cache(str(tmp_path / "out"), None, {it["record_key"] for it in items})
-    assert set(cached) == {items[0]["record_key"], items[1]["record_key"]}  # "missing" is retried next time
-    assert cached[items[0]["record_key"]][0]["content_hash"] == out.column("content_hash")[0].as_py()
-    # A second copy of the same block (a retried task) does not double the rows.
+    files = sorted(str(p) for p in (tmp_path / "out" / stages.HASH_DIR).glob("part-*.parquet"))
+    records = plan_stages._conform(pa.Table.from_pylist(
+        [dict(it, status=plan_stages.RECORD, clip_id="", row_order=i) for i, it in enumerate(items)]),
+        plan_stages.PASS1_SCHEMA)
+
+    def lookup() -> dict[str, list[dict]]:
+        cached = global_plan._read_cache_files(pa.table({"path": files}), None)
+        found: dict[str, list[dict]] = {}
+        for r in plan_stages.lookup_cache(pa.concat_tables([records, cached])).to_pylist():
+            found.setdefault(r["record_key"], []).append(r)
+        return found
+
+    found = lookup()
+    assert [r["status"] for r in found[items[2]["record_key"]]] == ["record"]  # "missing" is retried next time
+    assert found[items[0]["record_key"]][0]["content_hash"] == out.column("content_hash")[0].as_py()
+    assert [r["row_order"] for r in found[items[1]["record_key"]]] == [1]  # stamped with the record's position
+    # The same block written again (a retried task) replaces its file: no row is doubled.
+    stages.hash_and_cache(pa.Table.from_pylist(items), profile, str(tmp_path / "out"))
+    assert sorted(str(p) for p in (tmp_path / "out" / stages.HASH_DIR).glob("part-*.parquet")) == files
+    assert len(lookup()[items[0]["record_key"]]) == 1
+    # A record cached in two files (a batch of another size) is found twice, and the ids stage counts it once.
     stages.hash_and_cache(pa.Table.from_pylist(items[:1]), profile, str(tmp_path / "out"))
-    again = stages.read_hash_cache(str(tmp_path / "out"), None, {items[0]["record_key"]})
-    assert len(again[items[0]["record_key"]]) == 1
+    files = sorted(str(p) for p in (tmp_path / "out" / stages.HASH_DIR).glob("part-*.parquet"))
+    assert len(lookup()[items[0]["record_key"]]) == 2
+    rows = [r for rs in lookup().values() for r in rs if r["status"] != plan_stages.RECORD]
+    ids = plan_stages.first_of_each_id(pa.Table.from_pylist(rows, schema=plan_stages.PASS1_SCHEMA)).to_pylist()
+    assert sorted((r["clip_id"], r["role"]) for r in ids) == sorted((r["clip_id"], "keep") for r in out.to_pylist()[:2])
 
 
 # ------------------------------------------------------------------------------- t5_caption option
@@ -111,8 +132,9 @@ def test_t5_caption_option_through_the_stages(rows: list[dict], tiny_dir: Path, 
                                  str(tmp_path / "o"), t5_caption="motion_caption")
     assert set(retried.column("shard").to_pylist()) == {shard}
     assert [p.name for p in (tmp_path / "o" / "shards").iterdir()] == [shard]
-    done, per_option = job.completed_shards(*storage.resolve(str(tmp_path / "o")))
-    assert len(done) == 2 and per_option == {"motion_caption": 1}
+    per_option = job.shard_t5_captions(*storage.resolve(str(tmp_path / "o")))
+    assert per_option == {"motion_caption": 1}  # from the shard's footer
+    assert len(pq.read_table(tmp_path / "o" / "shards" / shard, columns=["clip_id"])) == 2
     job.check_t5_caption(str(tmp_path / "o"), "motion_caption", per_option)
     mismatch = r"1 shard\(s\) with t5_caption=motion_caption, .* this run's t5_caption=caption"
     with pytest.raises(job.OutputMismatchError, match=mismatch):

@@ -127,6 +127,101 @@ def band_keys(phash: bytes, bands: int = DEFAULT_BANDS) -> list[str]:
     return [f"{i}:{phash[i * width:(i + 1) * width].hex()}" for i in range(bands)]
 
 
+def phash_words(phashes: Sequence[bytes]) -> np.ndarray:
+    """``N`` equal-length hashes of ``8 * K`` bytes -> uint64 ``[N, K]`` (one 64-bit word per frame hash)."""
+    if not len(phashes):
+        return np.zeros((0, PHASH_FRAMES), np.uint64)
+    data = b"".join(bytes(p) for p in phashes)
+    return np.frombuffer(data, dtype=">u8").astype(np.uint64).reshape(len(phashes), -1)  # [N, K]
+
+
+def band_values(phashes: Sequence[bytes], bands: int = DEFAULT_BANDS) -> np.ndarray:
+    """int64 ``[N, bands]``: the value of every band of every hash, tagged with its band index.
+
+    The vectorised form of :func:`band_keys`: entry ``[n, i]`` is ``i << (8 * width) | band i of hash n``
+    (``width`` bytes a band, big endian), so equal entries mean the same (band index, band value) bucket.
+    """
+    if not len(phashes):
+        return np.zeros((0, bands), np.int64)
+    size = len(bytes(phashes[0]))
+    if size % bands:
+        raise ValueError(f"a {size}-byte hash does not split into {bands} bands")
+    width = size // bands
+    if width > 6:
+        raise ValueError(f"bands of {width} bytes do not fit a 64-bit key with their index; use more bands")
+    raw = np.frombuffer(b"".join(bytes(p) for p in phashes), np.uint8).reshape(len(phashes), bands, width)
+    value = np.zeros((len(phashes), bands), np.int64)
+    for b in range(width):  # big endian: the first byte is the most significant
+        value = (value << 8) | raw[:, :, b].astype(np.int64)
+    return value | (np.arange(bands, dtype=np.int64) << (8 * width))[None, :]  # [N, bands]
+
+
+def _window_pairs(words: np.ndarray, limit: int, rows_per_block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, bits) of every pair i < j of ``words`` [n, K] whose summed Hamming distance is <= ``limit``.
+
+    numpy XOR + popcount over blocks of rows (memory ~ rows_per_block * n * K words).
+    """
+    n = len(words)
+    out_i, out_j, out_d = [], [], []
+    for r0 in range(0, n - 1, rows_per_block):
+        r1 = min(n, r0 + rows_per_block)
+        bits = np.bitwise_count(words[r0:r1, None, :] ^ words[None, :, :]).sum(-1, dtype=np.int64)  # [r, n]
+        upper = np.arange(n)[None, :] > np.arange(r0, r1)[:, None]  # j > i only
+        ii, jj = np.nonzero((bits <= limit) & upper)
+        out_i.append(ii + r0)
+        out_j.append(jj)
+        out_d.append(bits[ii, jj])
+    if not out_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
+
+
+def bucket_near_pairs(
+    phashes: Sequence[bytes], threshold: float = DEFAULT_THRESHOLD, max_bucket: int = 10_000,
+    order_keys: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The near-duplicate pairs of one band bucket, vectorised: ``(i, j, distance, pairs checked)``.
+
+    ``i < j`` index ``phashes``; ``distance`` is :func:`mean_frame_distance` (<= ``threshold``). A bucket
+    over ``max_bucket`` members is checked in windows of its hash order that overlap by half (module
+    docstring; ties of equal hashes broken by ``order_keys``, e.g. the clip ids), each pair reported once.
+    """
+    if max_bucket < 2:
+        raise ValueError(f"max_bucket must be >= 2, got {max_bucket}")
+    words = phash_words(phashes)  # [m, K]
+    m, k = words.shape
+    limit = int(np.floor(threshold * k + 1e-9))  # mean <= threshold  <=>  summed bits <= threshold * K
+    rows_per_block = max(1, 2_000_000 // max(m * k, 1))
+    if m <= max_bucket:
+        i, j, bits = _window_pairs(words, limit, rows_per_block)
+        return i, j, bits / k, m * (m - 1) // 2
+    keys = list(order_keys) if order_keys is not None else [""] * m
+    order = np.array(sorted(range(m), key=lambda n: (bytes(phashes[n]), keys[n])), dtype=np.int64)
+    step = max_bucket // 2
+    found: dict[tuple[int, int], int] = {}
+    checked = 0
+    for start in range(0, m - step, step):
+        window = order[start:start + max_bucket]
+        checked += len(window) * (len(window) - 1) // 2
+        wi, wj, bits = _window_pairs(words[window], limit, max(1, 2_000_000 // max(len(window) * k, 1)))
+        for a, b, d in zip(window[wi].tolist(), window[wj].tolist(), bits.tolist(), strict=True):
+            found[(min(a, b), max(a, b))] = d
+    pairs = sorted(found)
+    i = np.array([p[0] for p in pairs], np.int64)
+    j = np.array([p[1] for p in pairs], np.int64)
+    return i, j, np.array([found[p] for p in pairs], np.float64) / k, checked
+
+
+def first_shared_band(a: bytes, b: bytes, bands: int = DEFAULT_BANDS) -> int:
+    """The lowest band index where two hashes are equal (``bands`` when none): a pair that shares several
+    band buckets is reported by the lowest one only."""
+    width = len(a) // bands
+    for i in range(bands):
+        if a[i * width:(i + 1) * width] == b[i * width:(i + 1) * width]:
+            return i
+    return bands
+
+
 _DIGITS = re.compile(r"([0-9]+)")
 
 

@@ -29,6 +29,7 @@ string or number, no caption, an unknown ``kind``. Columns a format does not rea
 
 from __future__ import annotations
 
+import csv
 import functools
 import io
 import json
@@ -273,6 +274,47 @@ def read_manifest(uri: str, s3_endpoint: str | None = None) -> list[ManifestReco
             kind=kind,
         ))
     return out
+
+
+def check_header(uri: str, s3_endpoint: str | None = None) -> str:
+    """The format of one manifest from its header only (CSV header line, first JSONL record, Parquet
+    schema): a cheap check before any distributed work; ManifestError when it cannot be a manifest.
+    The records themselves are checked when the manifest is read (:func:`read_manifest`)."""
+    import pyarrow.fs as pafs
+
+    name = urlparse(str(uri)).path.lower()
+    if not name.endswith((".jsonl", ".json", ".parquet", ".csv")):
+        raise ManifestError(f"{uri}: unknown manifest extension; expected .csv, .jsonl/.json or .parquet")
+    try:
+        if str(uri).startswith("s3://"):
+            from fdreamer.data.storage import resolve
+
+            fs, path = resolve(str(uri), s3_endpoint)
+        else:
+            fs, path = pafs.LocalFileSystem(), str(Path(urlparse(str(uri)).path if str(uri).startswith("file://")
+                                                         else str(uri)).resolve())
+        if name.endswith(".parquet"):
+            with fs.open_input_file(path) as f:
+                columns = pq.read_schema(f).names
+        else:
+            with fs.open_input_stream(path) as f:
+                head = f.read(1 << 16).decode("utf-8", errors="replace")
+            lines = [ln for ln in head.splitlines() if ln.strip()]
+            if not lines:
+                return "empty"
+            if name.endswith(".csv"):
+                columns = next(csv.reader([lines[0]]))
+            else:
+                try:
+                    first = json.loads(lines[0])
+                except ValueError:
+                    return "jsonl"  # the full read names the line and the error
+                columns = list(first) if isinstance(first, dict) else []
+    except ManifestError:
+        raise
+    except Exception as exc:  # missing file, permissions, S3 errors
+        raise ManifestError(f"cannot read manifest {uri}: {type(exc).__name__}: {exc}") from exc
+    return detect_format(columns) if columns else "jsonl"
 
 
 def read_manifests(uris: list[str], s3_endpoint: str | None = None) -> list[ManifestRecord]:

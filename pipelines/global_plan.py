@@ -1,0 +1,326 @@
+"""The job's global plan on Ray Data: manifests -> pass 1 (with its cache) -> ids, exact and near duplicates.
+
+Nothing here holds a row per clip on the driver. The stages are :mod:`pipelines.plan_stages` functions
+run by :func:`grouped` over partitions that hold complete groups of their key:
+
+- a job with more than ``plan_partition_rows`` records hash-partitions by the key
+  (``groupby(<coarse hash of the key>).map_groups``: a few thousand rows per call, vectorised inside, so
+  the per-group overhead of Ray Data is paid per coarse group and not per key);
+- a smaller job runs each stage in one task over everything (``repartition(1)``): the same function,
+  without the fixed cost of a hash shuffle.
+
+Order: manifests read by tasks, one per manifest (:func:`read_records`; a bad record fails the job
+with the manifest, line and field) -> cache lookup (key ``record_key``) -> pass 1 on the records the
+cache lacks (``hash_fn``, by default :func:`pipelines.stages.hash_and_cache`) -> ``first_of_each_id``
+(key ``clip_id``, with the ids of complete shards as ``done`` markers) -> ``exact_groups`` (key
+``content_hash``) -> ``near_edges`` (key ``band_key``) -> edges to the driver (bounded: one row per
+near-duplicate pair) -> ``apply_near`` -> the split into pass-2 input, duplicates, quarantine.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from fdreamer.data import storage
+from fdreamer.data.manifests import ManifestError, read_manifest
+from pipelines import plan_stages as ps
+from pipelines import stages
+from pipelines.plan import DUPLICATES_SCHEMA
+
+GROUPS_PER_PARTITION = 64  # coarse groups (map_groups calls) per shuffle partition
+ROW_BITS = 40  # row_order = manifest index << ROW_BITS | row within the manifest
+
+
+def _group_of(values: pa.ChunkedArray | pa.Array, groups: int) -> np.ndarray:
+    """Stable coarse group (0..groups-1) of each key: int keys modulo, others by crc32 of the text."""
+    if pa.types.is_integer(values.type):
+        return np.mod(values.to_numpy(), groups)
+    return np.array([zlib.crc32(str(v).encode()) % groups for v in values.to_pylist()], np.int64)
+
+
+def _add_group(batch: pa.Table, key: str, groups: int) -> pa.Table:
+    return batch.append_column("_group", pa.array(_group_of(batch.column(key), groups), pa.int64()))
+
+
+def _call_group(batch: pa.Table, fn: Callable[..., pa.Table], kwargs: dict) -> pa.Table:
+    return fn(batch.drop_columns(["_group"]), **kwargs)
+
+
+def _call_all(batch: pa.Table, fn: Callable[..., pa.Table], kwargs: dict) -> pa.Table:
+    return fn(batch, **kwargs)
+
+
+def nonempty(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """``ds`` materialized without its empty blocks.
+
+    Ray Data does not call a UDF on an empty block and passes on a block without columns, which its hash
+    shuffle then fails to concatenate with the others ("Schema at index 1 was different"); the block
+    metadata tells which to drop without fetching any.
+    """
+    refs = [entry.ref for bundle in ds.materialize().iter_internal_ref_bundles() for entry in bundle.blocks
+            if entry.metadata.num_rows]
+    return ray.data.from_arrow_refs(refs) if refs else ds.limit(0).materialize()
+
+
+def grouped(ds: ray.data.Dataset, key: str, fn: Callable[..., pa.Table], partitions: int,
+            **kwargs: Any) -> ray.data.Dataset:
+    """``fn`` over partitions of ``ds`` that hold complete groups of ``key`` (module docstring)."""
+    ds = nonempty(ds)
+    if partitions <= 1:
+        return ds.repartition(1).map_batches(_call_all, batch_size=None, batch_format="pyarrow",
+                                             fn_kwargs={"fn": fn, "kwargs": kwargs})
+    groups = partitions * GROUPS_PER_PARTITION
+    keyed = ds.map_batches(_add_group, batch_format="pyarrow", fn_kwargs={"key": key, "groups": groups})
+    return keyed.groupby("_group", num_partitions=partitions).map_groups(
+        _call_group, batch_format="pyarrow", fn_kwargs={"fn": fn, "kwargs": kwargs})
+
+
+# ------------------------------------------------------------------------------------------ manifests
+def _record_rows(batch: pa.Table, profile: dict, s3_endpoint: str | None) -> pa.Table:
+    """One manifest per row of ``batch`` (``manifest``, ``index``) -> its records as PASS1 rows (``record``)."""
+    out: list[dict] = []
+    for item in batch.to_pylist():
+        for n, rec in enumerate(read_manifest(item["manifest"], s3_endpoint)):
+            rec = dict(rec)
+            out.append({
+                "clip_id": "", "source": rec["source"], "video_id": rec["video_id"], "uri": rec["uri"],
+                "caption": rec["caption"], "motion_caption": rec["motion_caption"], "split": rec["split"],
+                "motion": rec["motion"], "source_width": rec["width"], "source_height": rec["height"],
+                "record_key": stages.record_key(rec, profile), "status": ps.RECORD, "kind": rec["kind"],
+                "row_order": (int(item["index"]) << ROW_BITS) | n,
+            })
+    return pa.Table.from_pylist(out, schema=ps.PASS1_SCHEMA)
+
+
+def _manifest_error(exc: BaseException) -> ManifestError | None:
+    """The ManifestError behind a Ray Data task failure, if any (Ray wraps it in a UserCodeException and a
+    RayTaskError whose text ends with the original ``...ManifestError: <message>`` line)."""
+    found = re.findall(r"ManifestError: (.+)", str(exc))
+    return ManifestError(found[-1].strip()) if found else None
+
+
+def read_records(inputs: list[str], profile: dict, s3_endpoint: str | None) -> ray.data.Dataset:
+    """Every manifest record as a PASS1 row, read by one task per manifest (materialized: all checked).
+
+    Raises :class:`ManifestError` (manifest, line, field) when any record is bad, before any video is read.
+    """
+    if not inputs:
+        raise ManifestError("no input manifests given")
+    files = ray.data.from_items([{"manifest": str(u), "index": i} for i, u in enumerate(inputs)],
+                                override_num_blocks=len(inputs))
+    ds = files.map_batches(_record_rows, batch_size=1, batch_format="pyarrow",
+                           fn_kwargs={"profile": profile, "s3_endpoint": s3_endpoint})
+    try:
+        return ds.materialize()
+    except Exception as exc:
+        err = _manifest_error(exc)
+        if err is not None:
+            raise err from None
+        raise
+
+
+# ------------------------------------------------------------------------------------------- pass 1
+def _read_cache_files(batch: pa.Table, s3_endpoint: str | None) -> pa.Table:
+    """Pass-1 cache files (one path per row) -> their rows as PASS1 rows; unreadable or older files skipped."""
+    tables = []
+    for path in batch.column("path").to_pylist():
+        fs, _ = storage.resolve(path, s3_endpoint)
+        try:
+            t = storage.read_parquet(fs, storage.resolve(path, s3_endpoint)[1])
+        except Exception:  # noqa: BLE001 - an unreadable cache file only costs re-hashing
+            continue
+        if t.schema.names == stages.HASH_SCHEMA.names:
+            tables.append(ps._conform(t, ps.PASS1_SCHEMA))
+    return pa.concat_tables(tables) if tables else ps.PASS1_SCHEMA.empty_table()
+
+
+def _hash_records(batch: pa.Table, hash_fn: Callable[..., pa.Table], fn_kwargs: dict) -> pa.Table:
+    """PASS1 ``record`` rows -> their pass-1 rows, stamped with each record's row_order and kind.
+
+    ``hash_fn`` runs once per batch over its distinct records (it also persists them to the cache); a
+    record listed twice gets its rows twice, with its own row_order each time.
+    """
+    records = batch.to_pylist()
+    distinct = {r["record_key"]: dict(r, width=r["source_width"], height=r["source_height"]) for r in records}
+    rows = hash_fn(pa.Table.from_pylist(list(distinct.values())), **fn_kwargs)
+    by_key: dict[str, list[int]] = {}
+    for i, key in enumerate(rows.column("record_key").to_pylist()):
+        by_key.setdefault(key, []).append(i)
+    take, order, kind = [], [], []
+    for r in records:
+        idx = by_key.get(r["record_key"], [])
+        take += idx
+        order += [r["row_order"]] * len(idx)
+        kind += [r["kind"]] * len(idx)
+    out = rows.take(pa.array(take, pa.int64()))
+    out = out.append_column("row_order", pa.array(order, pa.int64())).append_column("kind", pa.array(kind, pa.string()))
+    return ps._conform(out, ps.PASS1_SCHEMA)
+
+
+def _done_markers(batch: pa.Table, s3_endpoint: str | None) -> pa.Table:
+    """Shard files (one path per row) -> one ``done`` PASS1 row per clip id in them."""
+    ids: list[str] = []
+    for path in batch.column("path").to_pylist():
+        fs, p = storage.resolve(path, s3_endpoint)
+        ids += storage.read_parquet(fs, p, columns=["clip_id"]).column("clip_id").to_pylist()
+    n = len(ids)
+    return ps._conform(pa.table({"clip_id": pa.array(ids, pa.string()), "status": pa.array([ps.DONE] * n)}),
+                       ps.PASS1_SCHEMA)
+
+
+def _uri(output: str, path: str) -> str:
+    """A listed path as a URI the workers can resolve again (``s3://`` for S3 outputs)."""
+    return f"s3://{path}" if storage.is_s3(output) else path
+
+
+# --------------------------------------------------------------------------------------------- plan
+@dataclass
+class GlobalPlan:
+    """The plan's outputs: datasets in the cluster (materialized) and counts."""
+
+    todo: ray.data.Dataset  # PLAN rows pass 2 writes
+    duplicates: ray.data.Dataset  # DUPLICATES_SCHEMA rows
+    quarantined: ray.data.Dataset  # PLAN rows of pass-1 failures
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+def _tally(batch: pa.Table) -> pa.Table:
+    """One row of counts per block (what the summary needs), so the driver collects O(blocks) rows."""
+    role, status = batch.column("role").to_pylist(), batch.column("status").to_pylist()
+    done, kind, reason = (batch.column(c).to_pylist() for c in ("done", "dup_kind", "reason"))
+    c: Counter[str] = Counter()
+    for r, d, k, q in zip(role, done, kind, reason, strict=True):
+        if r == ps.KEEP:
+            c["already" if d else "todo"] += 1
+        elif r == ps.DUP:
+            c["already" if d and k != "same_id" else f"dup:{k}"] += 1
+        else:
+            c[f"quarantined:{q}"] += 1
+    c["clips"] = len(status)
+    return pa.table({"counts": [dict(c)]}, schema=pa.schema([("counts", pa.map_(pa.string(), pa.int64()))]))
+
+
+def sum_counts(ds: ray.data.Dataset, fn: Callable[[pa.Table], pa.Table]) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for t in ray.get(ds.map_batches(fn, batch_size=None, batch_format="pyarrow").to_arrow_refs()):
+        if not t.num_rows:
+            continue  # an empty block (no UDF call, no columns)
+        for m in t.column("counts").to_pylist():
+            total.update(dict(m))
+    return total
+
+
+def _hash_tally(batch: pa.Table) -> pa.Table:
+    """Counts of freshly hashed rows per block: distinct records, rows and worker seconds of pass 1."""
+    c = {"records": len(set(batch.column("record_key").to_pylist())), "rows": batch.num_rows,
+         "hash_us": int(1e6 * float(pc.sum(batch.column("sec_hash")).as_py() or 0.0))}
+    return pa.table({"counts": [c]}, schema=pa.schema([("counts", pa.map_(pa.string(), pa.int64()))]))
+
+
+def _is(column: str, value: str) -> Callable[[pa.Table], pa.Table]:
+    return lambda t: t.filter(pc.equal(t.column(column), value))
+
+
+def _split(batch: pa.Table, part: str) -> pa.Table:
+    role, done, kind = batch.column("role"), batch.column("done"), batch.column("dup_kind")
+    if part == "todo":
+        mask = pc.and_(pc.equal(role, ps.KEEP), pc.invert(done))
+    elif part == "duplicates":
+        already = pc.and_kleene(done, pc.not_equal(pc.fill_null(kind, ""), "same_id"))
+        mask = pc.and_(pc.equal(role, ps.DUP), pc.invert(already))
+    else:
+        mask = pc.equal(role, ps.QUARANTINE)
+    out = batch.filter(mask)
+    if part == "duplicates":
+        out = pa.table({"clip_id": out.column("clip_id"), "uri": out.column("uri"),
+                        "kept_clip_id": out.column("kept_clip_id"), "kind": out.column("dup_kind"),
+                        "distance": out.column("distance"), "caption": out.column("caption")},
+                       schema=DUPLICATES_SCHEMA)
+    return out
+
+
+def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, profile: dict,
+         partition_rows: int, threshold: float, bands: int, max_bucket: int = 10_000,
+         hash_fn: Callable[..., pa.Table] = stages.hash_and_cache, hash_kwargs: dict | None = None,
+         hash_stage: dict | None = None) -> GlobalPlan:
+    """The whole plan (module docstring) from the materialized manifest ``records``."""
+    n_records = records.count()
+    parts = max(1, math.ceil(n_records / max(partition_rows, 1))) if n_records > partition_rows else 1
+    fs, base = storage.resolve(output, s3_endpoint)
+    cache_files = storage.list_files(fs, storage.join(base, stages.HASH_DIR), "part-", ".parquet")
+    shard_files = storage.list_files(fs, storage.join(base, "shards"), "part-", ".parquet")
+
+    def files(paths: list[str]) -> ray.data.Dataset:
+        return ray.data.from_items([{"path": _uri(output, p)} for p in paths],
+                                   override_num_blocks=max(1, min(len(paths), 64 * parts)))
+
+    # ---- pass 1 with its cache ----
+    looked = records
+    if cache_files:
+        cached = files(cache_files).map_batches(_read_cache_files, batch_format="pyarrow",
+                                                fn_kwargs={"s3_endpoint": s3_endpoint})
+        looked = grouped(records.union(cached), "record_key", ps.lookup_cache, parts)
+    looked = looked.materialize()
+    kwargs = {"profile": profile, "output": output, "s3_endpoint": s3_endpoint} | (hash_kwargs or {})
+    to_hash = looked.map_batches(_is("status", ps.RECORD), batch_format="pyarrow")
+    stage = {"batch_size": 8, "num_cpus": 1} | (hash_stage or {})
+    fresh = to_hash.map_batches(_hash_records, batch_format="pyarrow",
+                                fn_kwargs={"hash_fn": hash_fn, "fn_kwargs": kwargs}, **stage).materialize()
+    hashed = sum_counts(fresh, _hash_tally)
+    pass1 = looked.map_batches(lambda t: t.filter(pc.not_equal(t.column("status"), ps.RECORD)),
+                               batch_format="pyarrow").union(fresh)
+    if shard_files:
+        pass1 = pass1.union(files(shard_files).map_batches(_done_markers, batch_format="pyarrow",
+                                                           fn_kwargs={"s3_endpoint": s3_endpoint}))
+
+    # ---- ids, exact duplicates, near duplicates ----
+    ids = grouped(pass1, "clip_id", ps.first_of_each_id, parts)
+    exact = grouped(ids, "content_hash", ps.exact_groups, parts).materialize()
+    bands_ds = exact.map_batches(ps.band_rows, batch_format="pyarrow", fn_kwargs={"bands": bands})
+    edges_ds = grouped(bands_ds, "band_key", ps.near_edges, parts,
+                       threshold=threshold, bands=bands, max_bucket=max_bucket)
+    edge_tables = [t for t in ray.get(edges_ds.to_arrow_refs()) if t.num_rows]
+    edges = pa.concat_tables(edge_tables) if edge_tables else ps.EDGE_SCHEMA.empty_table()
+    dropped, dedup_stats = ps.resolve_near(edges)
+    final = exact.map_batches(ps.apply_near, batch_format="pyarrow", fn_kwargs={"dropped": dropped}).materialize()
+    tally = sum_counts(final, _tally)
+    counts = {
+        "clips": tally.pop("clips", 0), "todo": tally.pop("todo", 0), "already": tally.pop("already", 0),
+        "duplicates_by_kind": {k.split(":", 1)[1]: n for k, n in sorted(tally.items()) if k.startswith("dup:")},
+        "quarantined_by_reason": {k.split(":", 1)[1]: n for k, n in sorted(tally.items())
+                                  if k.startswith("quarantined:")},
+        "dedup": dedup_stats, "near_edges": edges.num_rows - edges.column("a_clip_id").null_count, "partitions": parts,
+        "records_hashed": hashed.get("records", 0), "hash_rows": hashed.get("rows", 0),
+        "hash_worker_s": hashed.get("hash_us", 0) / 1e6,
+    }
+    return GlobalPlan(
+        todo=final.map_batches(_split, batch_format="pyarrow", fn_kwargs={"part": "todo"}),
+        duplicates=final.map_batches(_split, batch_format="pyarrow", fn_kwargs={"part": "duplicates"}),
+        quarantined=final.map_batches(_split, batch_format="pyarrow", fn_kwargs={"part": "quarantine"}),
+        counts=counts,
+    )
+
+
+@ray.remote(num_cpus=0.25)
+def write_table(ds: ray.data.Dataset, output: str, name: str, s3_endpoint: str | None, table_schema: pa.Schema) -> int:
+    """``ds`` as one Parquet file ``<output>/<name>``, gathered and written by a worker (atomic, as every
+    output file), not by the driver; returns its rows."""
+    fs, base = storage.resolve(output, s3_endpoint)
+    tables = [t.select(table_schema.names).cast(table_schema)
+              for t in ds.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
+    table = pa.concat_tables(tables) if tables else table_schema.empty_table()
+    storage.write_parquet(fs, storage.join(base, name), table)
+    return table.num_rows
+
+

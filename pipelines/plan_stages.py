@@ -1,0 +1,244 @@
+"""The per-partition work of the job's global plan (pass-1 cache lookup, ids, exact and near duplicates).
+
+Plain functions on ``pyarrow.Table`` partitions, no Ray: :mod:`pipelines.global_plan` runs each one over
+partitions that hold *complete groups* of its key (a hash partition of the key, or everything in one
+task for a small job), so a function never needs rows of another partition. They reproduce the rules
+of the single-process reference :func:`pipelines.plan.plan_pass2` (the tests compare both):
+
+``lookup_cache`` (key ``record_key``)
+    manifest records (``status = "record"``) + cached pass-1 rows -> the cached rows stamped with the
+    record's ``row_order``, and the records with no cached rows (still ``"record"``: pass 1 hashes them).
+``first_of_each_id`` (key ``clip_id``)
+    pass-1 rows + ``"done"`` markers (clip ids in complete shards) -> each id's first row in manifest
+    order (``role = "keep"``, ``captions`` = its rows' captions, ``done`` flag), later rows of the same
+    id as ``same_id`` duplicates, quarantined rows as ``role = "quarantine"``. Rows equal in
+    ``(clip_id, row_order)`` (a record whose cached rows were written twice) count once.
+``exact_groups`` (key ``content_hash``)
+    kept rows -> one per content hash, the best copy (:func:`fdreamer.data.dedup.copy_rank`) with the
+    captions of its whole group; the others as ``exact`` duplicates.
+``band_rows`` / ``near_edges`` (key ``band_key``)
+    kept rows -> one row per LSH band (:func:`fdreamer.data.dedup.band_values`) -> the verified
+    near-duplicate pairs of each bucket (numpy XOR + popcount, :func:`fdreamer.data.dedup.bucket_near_pairs`),
+    each pair reported by the lowest band it shares, plus one row of counts per partition.
+``resolve_near`` (the driver, over the edges only) and ``apply_near`` (any partition)
+    connected components of the edges -> the copy kept per component; the others become ``near``
+    duplicates, and exact copies of a dropped row follow it to the component's kept copy.
+
+Memory bound on the driver: ``resolve_near`` holds the near-duplicate edges and their endpoints
+(~200 bytes per edge), never a row per clip.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fdreamer.data import dedup
+from pipelines.stages import HASH_SCHEMA, OK, QUARANTINED
+
+RECORD, DONE = "record", "done"  # status of rows that are not pass-1 results: a manifest record, a clip in a shard
+KEEP, DUP, QUARANTINE = "keep", "dup", "quarantine"
+
+# Pass-1 rows as the plan moves them: HASH_SCHEMA + the record's position in the manifests and its kind.
+PASS1_SCHEMA = pa.schema([*HASH_SCHEMA, pa.field("row_order", pa.int64()), pa.field("kind", pa.string())])
+PLAN_SCHEMA = pa.schema([*PASS1_SCHEMA, pa.field("role", pa.string()), pa.field("kept_clip_id", pa.string()),
+                         pa.field("dup_kind", pa.string()), pa.field("distance", pa.float64()),
+                         pa.field("captions", pa.list_(pa.string())), pa.field("done", pa.bool_())])
+EDGE_SCHEMA = pa.schema(
+    [pa.field(f"{side}_{name}", typ) for side in ("a", "b") for name, typ in (
+        ("clip_id", pa.string()), ("phash", pa.binary()), ("source_width", pa.int32()),
+        ("source_height", pa.int32()), ("source", pa.string()))]
+    + [pa.field("distance", pa.float64()), pa.field("band_buckets", pa.int64()), pa.field("pairs_checked", pa.int64()),
+       pa.field("oversized_buckets", pa.int64()), pa.field("oversized_bucket_members", pa.int64())])
+BAND_COLUMNS = ("clip_id", "phash", "source_width", "source_height", "source")
+STAT_NAMES = ("band_buckets", "pairs_checked", "oversized_buckets", "oversized_bucket_members")
+
+
+def _conform(table: pa.Table, target: pa.Schema) -> pa.Table:
+    """``table`` with ``target``'s columns in order (missing ones null), cast to its types."""
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in target]
+    return pa.Table.from_arrays(cols, schema=target)
+
+
+def lookup_cache(table: pa.Table) -> pa.Table:
+    """Records + cached pass-1 rows of complete ``record_key`` groups -> PASS1 rows (module docstring)."""
+    table = _conform(table, PASS1_SCHEMA)
+    is_record = pc.equal(table.column("status"), RECORD)
+    records, cached = table.filter(is_record), table.filter(pc.invert(is_record))
+    if not cached.num_rows or not records.num_rows:
+        return records
+    found = cached.drop_columns(["row_order", "kind"]).join(
+        records.select(["record_key", "row_order", "kind"]), "record_key", join_type="inner")
+    keys = cached.select(["record_key"]).group_by("record_key").aggregate([])
+    missing = records.join(keys, "record_key", join_type="left anti")
+    return pa.concat_tables([_conform(found, PASS1_SCHEMA), _conform(missing, PASS1_SCHEMA)])
+
+
+def _with_plan(table: pa.Table, default_role: str, **columns: pa.Array) -> pa.Table:
+    """PLAN rows: ``table`` with ``role`` (``default_role`` unless given), ``done`` false unless given, ``columns``."""
+    n = table.num_rows
+    base = {"role": pa.array([default_role] * n, pa.string()), "done": pa.array([False] * n, pa.bool_())}
+    for name, value in (base | columns).items():
+        table = (table.set_column(table.schema.get_field_index(name), name, value) if name in table.column_names
+                 else table.append_column(name, value))
+    return _conform(table, PLAN_SCHEMA)
+
+
+def first_of_each_id(table: pa.Table) -> pa.Table:
+    """Pass-1 rows + ``done`` markers of complete ``clip_id`` groups -> PLAN rows (module docstring)."""
+    table = _conform(table, PASS1_SCHEMA)
+    status = table.column("status")
+    done_ids = set(table.filter(pc.equal(status, DONE)).column("clip_id").to_pylist())
+    quarantined = table.filter(pc.equal(status, QUARANTINED))
+    ok = table.filter(pc.equal(status, OK))
+    ok = ok.take(pc.sort_indices(ok, [("clip_id", "ascending"), ("row_order", "ascending")]))
+    ids, order, captions = (ok.column(c).to_pylist() for c in ("clip_id", "row_order", "caption"))
+    keep_idx, keep_captions, dup_idx, seen = [], [], [], set()
+    for i, (cid, row) in enumerate(zip(ids, order, strict=True)):
+        if (cid, row) in seen:
+            continue  # the same record's cached rows read twice
+        seen.add((cid, row))
+        if keep_idx and ids[keep_idx[-1]] == cid:
+            dup_idx.append(i)  # the same video listed again: its first row stands for it
+            if captions[i] not in keep_captions[-1]:
+                keep_captions[-1].append(captions[i])
+        else:
+            keep_idx.append(i)
+            keep_captions.append([captions[i]])
+    keep = ok.take(pa.array(keep_idx, pa.int64()))
+    dups = ok.take(pa.array(dup_idx, pa.int64()))
+    n_dup = dups.num_rows
+    return pa.concat_tables([
+        _with_plan(keep, KEEP, captions=pa.array(keep_captions, pa.list_(pa.string())),
+                   done=pa.array([c in done_ids for c in keep.column("clip_id").to_pylist()], pa.bool_())),
+        _with_plan(dups, DUP, kept_clip_id=dups.column("clip_id"), dup_kind=pa.array(["same_id"] * n_dup),
+                   distance=pa.array([0.0] * n_dup)),
+        _with_plan(quarantined, QUARANTINE),
+    ])
+
+
+def _rank_rows(table: pa.Table) -> list[dict]:
+    return table.select(["clip_id", "source_width", "source_height", "source"]).to_pylist()
+
+
+def exact_groups(table: pa.Table) -> pa.Table:
+    """Kept PLAN rows of complete ``content_hash`` groups -> the best copy of each group (with every caption
+    of the group) and the others as ``exact`` duplicates; other roles pass through."""
+    table = _conform(table, PLAN_SCHEMA)
+    is_keep = pc.equal(table.column("role"), KEEP)
+    keep, other = table.filter(is_keep), table.filter(pc.invert(is_keep))
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, h in enumerate(keep.column("content_hash").to_pylist()):
+        groups[h].append(i)
+    if all(len(g) == 1 for g in groups.values()):
+        return pa.concat_tables([keep, other])
+    ranks = [dedup.copy_rank(r) for r in _rank_rows(keep)]
+    captions = keep.column("captions").to_pylist()
+    role, kept, kind = ["keep"] * keep.num_rows, [None] * keep.num_rows, [None] * keep.num_rows
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        members = sorted(members, key=lambda i: ranks[i])  # best copy first
+        best = members[0]
+        best_id = keep.column("clip_id")[best].as_py()
+        merged = list(dict.fromkeys(c for i in members for c in captions[i]))  # kept id's captions first
+        captions[best] = merged
+        for i in members[1:]:
+            role[i], kept[i], kind[i], captions[i] = DUP, best_id, "exact", None
+    keep = _with_plan(keep, KEEP, role=pa.array(role, pa.string()), kept_clip_id=pa.array(kept, pa.string()),
+                      dup_kind=pa.array(kind, pa.string()),
+                      distance=pa.array([0.0 if k else None for k in kind], pa.float64()),
+                      captions=pa.array(captions, pa.list_(pa.string())), done=keep.column("done"))
+    return pa.concat_tables([keep, other])
+
+
+def band_rows(table: pa.Table, bands: int = dedup.DEFAULT_BANDS) -> pa.Table:
+    """Kept PLAN rows -> one row per (row, band): ``band_key`` and the columns the near check needs."""
+    keep = table.filter(pc.equal(table.column("role"), KEEP)).select(list(BAND_COLUMNS))
+    keys = dedup.band_values(keep.column("phash").to_pylist(), bands)  # [N, bands]
+    rows = keep.take(pa.array(np.repeat(np.arange(keep.num_rows), bands)))  # each row once per band
+    return rows.append_column("band_key", pa.array(keys.reshape(-1), pa.int64()))
+
+
+def near_edges(table: pa.Table, threshold: float = dedup.DEFAULT_THRESHOLD, bands: int = dedup.DEFAULT_BANDS,
+               max_bucket: int = 10_000) -> pa.Table:
+    """Band rows of complete ``band_key`` buckets -> EDGE rows: verified pairs + one row of counts."""
+    stats = dict.fromkeys(STAT_NAMES, 0)
+    out: dict[str, list] = {f.name: [] for f in EDGE_SCHEMA}
+    if table.num_rows:
+        table = table.take(pc.sort_indices(table, [("band_key", "ascending"), ("clip_id", "ascending")]))
+        keys = table.column("band_key").to_numpy()
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        ends = np.r_[starts[1:], len(keys)]
+        phash = table.column("phash").to_pylist()
+        cols = {c: table.column(c).to_pylist() for c in BAND_COLUMNS if c != "phash"}
+        width_bits = 8 * (len(phash[0]) // bands)
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            if e - s < 2:
+                continue
+            stats["band_buckets"] += 1
+            if e - s > max_bucket:
+                stats["oversized_buckets"] += 1
+                stats["oversized_bucket_members"] += e - s
+            band = int(keys[s]) >> width_bits
+            ii, jj, dist, checked = dedup.bucket_near_pairs(phash[s:e], threshold, max_bucket, cols["clip_id"][s:e])
+            stats["pairs_checked"] += checked
+            for i, j, d in zip((ii + s).tolist(), (jj + s).tolist(), dist.tolist(), strict=True):
+                if dedup.first_shared_band(phash[i], phash[j], bands) != band:
+                    continue  # reported by a lower band the pair also shares
+                for side, k in (("a", i), ("b", j)):
+                    out[f"{side}_phash"].append(phash[k])
+                    for c, values in cols.items():
+                        out[f"{side}_{c}"].append(values[k])
+                out["distance"].append(d)
+                for name in STAT_NAMES:
+                    out[name].append(0)
+    for f in EDGE_SCHEMA:  # the counts row: no pair
+        out[f.name].append(stats[f.name] if f.name in stats else None)
+    return pa.Table.from_pydict(out, schema=EDGE_SCHEMA)
+
+
+def resolve_near(edges: pa.Table) -> tuple[dict[str, tuple[str, float, bytes]], dict[str, int]]:
+    """(``{dropped clip_id: (kept clip_id, distance, kept phash)}``, summed counts) from all EDGE rows.
+
+    Components of the edge graph; the best copy of each (:func:`fdreamer.data.dedup.copy_rank`) is kept.
+    """
+    stats = {name: int(pc.sum(edges.column(name)).as_py() or 0) for name in STAT_NAMES}
+    pairs = edges.filter(pc.is_valid(edges.column("a_clip_id")))
+    node: dict[str, dict] = {}
+    uf = dedup._UnionFind()
+    for r in pairs.to_pylist():
+        for side in ("a", "b"):
+            node[r[f"{side}_clip_id"]] = {k: r[f"{side}_{k}"] for k in (*BAND_COLUMNS,)}
+        uf.union(r["a_clip_id"], r["b_clip_id"])
+    groups: dict[str, list[str]] = defaultdict(list)
+    for cid in node:
+        groups[uf.find(cid)].append(cid)
+    dropped: dict[str, tuple[str, float, bytes]] = {}
+    for members in groups.values():
+        best = min(members, key=lambda c: dedup.copy_rank(node[c]))
+        best_hash = bytes(node[best]["phash"])
+        for m in members:
+            if m != best:
+                dropped[m] = (best, dedup.mean_frame_distance(bytes(node[m]["phash"]), best_hash), best_hash)
+    return dropped, stats
+
+
+def apply_near(table: pa.Table, dropped: dict[str, tuple[str, float, bytes]]) -> pa.Table:
+    """PLAN rows -> kept rows in ``dropped`` become ``near`` duplicates; their exact copies follow them."""
+    if not dropped or not table.num_rows:
+        return table
+    rows = table.to_pylist()
+    for r in rows:
+        if r["role"] == KEEP and r["clip_id"] in dropped:
+            keep, dist, _ = dropped[r["clip_id"]]
+            r.update(role=DUP, kept_clip_id=keep, dup_kind="near", distance=dist, captions=None)
+        elif r["role"] == DUP and r["dup_kind"] == "exact" and r["kept_clip_id"] in dropped:
+            keep, _, keep_hash = dropped[r["kept_clip_id"]]
+            r.update(kept_clip_id=keep, dup_kind="near",
+                     distance=dedup.mean_frame_distance(bytes(r["phash"]), keep_hash))
+    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
