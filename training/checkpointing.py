@@ -8,6 +8,20 @@ Beside ``model.safetensors`` / ``ema.safetensors`` / configs, a training checkpo
     train_config.yaml   the resolved TrainConfig
 
 Ray Train uploads the folder to ``<storage_path>/<name>/checkpoint_*`` and keeps the last k.
+
+FSDP (``scaling.parallel: fsdp``) checkpoints are sharded instead (:func:`save_sharded`): no weights are
+gathered; each rank writes its own shard of the model and optimizer with ``torch.distributed.checkpoint``
+(DCP) and reports its own folder to Ray Train, which merges them into one checkpoint folder::
+
+    dcp/.metadata               DCP metadata (rank 0): every tensor's shards, which file holds them
+    dcp/__<rank>_0.distcp       rank <rank>'s shards of the model ("model.*") and AdamW state ("optim.*")
+    save_stats_rank<rank>.json  what writing it cost that rank: bytes, seconds blocking / in all, sync | async
+    trainer_state.json, rng.pt, train_config.yaml, fdreamer_checkpoint.json ("weights": "dcp"),
+    model.yaml, unet_config.json, schedule.yaml, encoders.yaml      (rank 0, as for DDP)
+    model.safetensors           the final checkpoint only: full weights gathered on rank 0 (consumers)
+
+A sharded checkpoint without ``model.safetensors`` becomes a full one with :func:`consolidate` (no process
+group needed; ``init_from`` does it by itself); :func:`load_sharded_model` loads it into a plain model.
 """
 
 from __future__ import annotations
@@ -45,10 +59,111 @@ def save_training_checkpoint(
     fck.save_model(path, model, cfg.schedule, encoders, ema=ema_state,
                    meta={"step": state.step, "stage": cfg.stage, "preset": cfg.preset, **meta})
     torch.save(optimizer_state, path / "optimizer.pt")
+    _save_trainer_files(path, state, cfg)
+    return path
+
+
+def _save_trainer_files(path: Path, state: TrainerState, cfg: TrainConfig) -> None:
     (path / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2) + "\n")
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                path / "rng.pt")
     (path / "train_config.yaml").write_text(dump_yaml(cfg))
+
+
+# ------------------------------------------------------------------ sharded (FSDP) checkpoints
+
+DCP_DIR = "dcp"
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether ``path`` holds a DCP (FSDP) checkpoint."""
+    return (Path(path) / DCP_DIR / ".metadata").is_file()
+
+
+def check_resumable(path: Path, parallel: str) -> None:
+    """A checkpoint resumes only under the parallelism that wrote it (the optimizer state differs)."""
+    sharded = is_sharded(path)
+    if parallel == "fsdp" and not sharded:
+        raise ValueError(f"{path} was written with scaling.parallel=ddp (no {DCP_DIR}/): resume it with ddp, or "
+                         "start a new stage from it with init_from")
+    if parallel != "fsdp" and sharded and not (path / "optimizer.pt").is_file():
+        raise ValueError(f"{path} is a sharded checkpoint of scaling.parallel=fsdp: resume it with fsdp, or start "
+                         "a new stage from it with init_from")
+
+
+def save_sharded_files(path: Path, model: torch.nn.Module, state: TrainerState, cfg: TrainConfig, encoders: Any,
+                       meta: dict[str, Any]) -> None:
+    """Rank 0's part of a sharded checkpoint: everything but the weights (configs, meta, trainer state, RNG)."""
+    from fdreamer.encoders import EncoderConfig
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "unet_config.json").write_text(json.dumps(dict(model.unet.config), indent=2, default=str) + "\n")
+    (path / "model.yaml").write_text(dump_yaml(model.cfg))
+    (path / "schedule.yaml").write_text(dump_yaml(cfg.schedule))
+    (path / "encoders.yaml").write_text(dump_yaml(encoders or EncoderConfig()))
+    info = {"format": fck.FORMAT_VERSION, "step": state.step, "stage": cfg.stage, "preset": cfg.preset, **meta,
+            "weights": DCP_DIR}
+    (path / fck.META).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    _save_trainer_files(path, state, cfg)
+
+
+def save_full_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """``model.safetensors`` from a full (gathered) state dict, as :func:`fdreamer.checkpoint.save_model` writes it."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / "model.safetensors"))
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # DTensor shards, keyed by parameter name
+    return {"model": model_state, "optim": optim_state}
+
+
+def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                 process_group: Any = None, use_async: bool = False) -> Any:
+    """This rank's shards into ``path/dcp`` (collective). ``use_async``: ``dcp.async_save`` (the state is
+    copied to CPU memory before it returns, the files are written by a background thread that runs its
+    collectives on ``process_group``; returns the Future); else ``dcp.save`` (returns None)."""
+    import torch.distributed.checkpoint as dcp
+
+    state, target = _sharded_state(model, optimizer), str(path / DCP_DIR)
+    if use_async:
+        return dcp.async_save(state, checkpoint_id=target, process_group=process_group)
+    dcp.save(state, checkpoint_id=target)
+    return None
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load ``path/dcp`` into an FSDP-sharded model and its optimizer (collective; any number of ranks can
+    read what any number wrote, but the data position needs the same world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _sharded_state(model, optimizer)  # the layout to fill (the optimizer state is created empty)
+    dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_sharded_model(path: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The checkpoint's video UNet with the weights of its DCP shards, in this process, without any process
+    group (``dcp.load(no_dist=True)`` reads every rank's file)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = fck.build_empty(path, device=device)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR), no_dist=True)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def consolidate(path: Path) -> Path:
+    """Write ``model.safetensors`` (full weights) beside the DCP shards of ``path`` (a no-op when present), so
+    every consumer of :mod:`fdreamer.checkpoint` (serving, evaluation, ``init_from``) can read it."""
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        save_full_weights(path, load_sharded_model(path).state_dict())
     return path
 
 
@@ -78,5 +193,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return fck.latest_checkpoint(run_dir, requires="trainer_state.json")
 
 
-__all__ = ["TrainerState", "checkpoint_config", "latest_checkpoint", "load_optimizer_state", "read_trainer_state",
-           "restore_rng", "save_training_checkpoint"]
+__all__ = ["DCP_DIR", "TrainerState", "check_resumable", "checkpoint_config", "consolidate", "is_sharded",
+           "latest_checkpoint", "load_optimizer_state", "load_sharded", "load_sharded_model", "read_trainer_state",
+           "restore_rng", "save_full_weights", "save_sharded", "save_sharded_files", "save_training_checkpoint"]

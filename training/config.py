@@ -8,7 +8,7 @@ extends ``tiny_stage1.yaml`` ...); any field can be overridden on the command li
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fdreamer.config import nested, opt
 from fdreamer.models import ModelConfig
@@ -86,18 +86,22 @@ class ScalingSection:
     use_gpu: bool = opt(False, "one GPU per worker; NCCL backend")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per worker")
     placement_strategy: str = opt("SPREAD", "PACK or SPREAD workers over nodes")
-    parallel: Literal["ddp", "fsdp"] = opt("ddp", "DDP (default) or FSDP (full sharding; sd15 on GPUs)")
+    parallel: Literal["ddp", "fsdp"] = opt(
+        "ddp", "DDP (default) or FSDP: FSDP2 fully_shard per resnet / transformer / temporal / PACA layer, sharded "
+        "checkpoints (torch.distributed.checkpoint); CPU (gloo) or GPU (NCCL); no EMA")
     torch_threads: int = opt(1, "torch intra-op threads per CPU worker")
     grad_reduce_dtype: Literal["fp32", "bf16", "fp16"] = opt(
         "fp32", "dtype the gradients are all-reduced in (DDP comm hook / FSDP reduce_dtype): bf16 or fp16 halve the "
-        "bytes per step; bf16 needs NCCL (use_gpu), fp16 also runs on gloo (CPU)")
+        "bytes per step; with ddp bf16 needs NCCL (use_gpu) and fp16 also runs on gloo (CPU); with fsdp both run on "
+        "gloo")
 
     def __post_init__(self) -> None:
         if self.grad_reduce_dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"grad_reduce_dtype must be fp32, bf16 or fp16, got {self.grad_reduce_dtype!r}")
-        if self.grad_reduce_dtype == "bf16" and not self.use_gpu:
-            raise ValueError("grad_reduce_dtype=bf16 needs GPU workers (use_gpu=true): torch's bf16 all-reduce hook "
-                             "requires NCCL; on CPU (gloo) use fp16 or fp32")
+        if self.grad_reduce_dtype == "bf16" and not self.use_gpu and self.parallel != "fsdp":
+            raise ValueError("grad_reduce_dtype=bf16 needs GPU workers (use_gpu=true) with parallel=ddp: torch's bf16 "
+                             "all-reduce hook requires NCCL; on CPU (gloo) use fp16 or fp32, or parallel=fsdp (FSDP2 "
+                             "reduce-scatters bf16 on gloo)")
 
 
 @dataclass
@@ -105,6 +109,10 @@ class CheckpointSection:
     every: int = opt(1000, "report a checkpoint every this many optimizer steps (and at the end)")
     keep: int = opt(3, "keep the last k checkpoints (Ray CheckpointConfig.num_to_keep)")
     max_failures: int = opt(2, "restart the worker group this many times (FailureConfig.max_failures)")
+    async_save: bool = opt(
+        True, "parallel=fsdp: write the sharded checkpoint in a background thread (dcp.async_save on its own gloo "
+        "group) while training goes on; it is reported to Ray Train after the next step (or at the end). false: "
+        "dcp.save, reported at once. DDP checkpoints are always written synchronously by rank 0")
 
 
 @dataclass
@@ -129,6 +137,9 @@ class TrainConfig:
     name: str = opt("stage1", "run name: the checkpoint folder <storage_path>/<name> and the MLflow run name")
     stage: str = opt("stage1", "stage label (stage1 | stage2 | stage3), logged and stored in checkpoints")
     preset: Literal["tiny", "sd15"] = opt("tiny", "network size preset (spatial UNet architecture)")
+    unet_overrides: dict[str, Any] = opt(
+        {}, "UNet2DConditionModel kwargs replacing the preset's (random init only, pretrained_unet null), e.g. "
+        "{block_out_channels: [32, 64, 64, 64]}: the sd15 block structure at a small width (tiny_fsdp.yaml)")
     pretrained_unet: str | None = opt(None, "local SD folder (or its unet/) for the spatial weights; null = random init")
     init_from: str | None = opt(None, "previous stage: a checkpoint folder, a run folder (latest checkpoint) or runs:/<mlflow run id>")
     models_dir: str | None = opt(None, "frozen encoders (vae/ ...) recorded in checkpoints for inference; default: from the data's summary")
@@ -162,12 +173,14 @@ class TrainConfig:
                 f"global_batch {self.global_batch} is not divisible by num_workers x micro_batch = "
                 f"{self.scaling.num_workers} x {self.micro_batch} = {per_step}; change one of them"
             )
-        if self.scaling.parallel == "fsdp" and not self.scaling.use_gpu:
-            raise ValueError("scaling.parallel=fsdp needs scaling.use_gpu=true (Ray Train's FSDP wrapping is GPU-only); "
-                             "use ddp on CPU")
         if self.scaling.parallel == "fsdp" and self.optim.ema_decay > 0:
-            raise ValueError("optim.ema_decay must be 0 with scaling.parallel=fsdp (EMA of sharded weights is not "
-                             "implemented); keep an EMA with ddp")
+            raise ValueError("optim.ema_decay must be 0 with scaling.parallel=fsdp: the EMA (fdreamer.train.step.EMA) "
+                             "keeps a full fp32 copy of every trainable parameter on each worker, which sharding is "
+                             "meant to avoid, and an EMA of the sharded parameters (and its sharded checkpoint) is "
+                             "not implemented; keep an EMA with ddp")
+        if self.unet_overrides and self.pretrained_unet:
+            raise ValueError("unet_overrides change the preset's random-init UNet; with pretrained_unet the "
+                             "architecture is the checkpoint's: set one of them")
         d = self.objective
         if min(d.drop_text, d.drop_image, d.drop_both) < 0 or d.drop_text + d.drop_image + d.drop_both > 1:
             raise ValueError("CFG dropout probabilities must be >= 0 and sum to <= 1")
@@ -191,6 +204,20 @@ class TrainConfig:
                     f"data.image_ratio=1 trains on images only, which reach the spatial layers only; freeze the "
                     f"other groups: add {unfrozen} to model.freeze "
                     f"(e.g. model.freeze={list(self.model.freeze) + unfrozen})")
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """The ``UNet2DConditionModel`` kwargs of ``preset`` with ``unet_overrides`` applied."""
+        import inspect
+
+        from diffusers import UNet2DConditionModel
+
+        from fdreamer.models.config import preset_unet_config
+
+        kwargs = preset_unet_config(self.preset)
+        unknown = sorted(set(self.unet_overrides) - set(inspect.signature(UNet2DConditionModel).parameters))
+        if unknown:
+            raise ValueError(f"unet_overrides: {unknown} are no UNet2DConditionModel arguments")
+        return {**kwargs, **{k: tuple(v) if isinstance(v, list) else v for k, v in self.unet_overrides.items()}}
 
     @property
     def image_micro_batch(self) -> int:

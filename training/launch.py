@@ -41,9 +41,9 @@ def check_init_compatible(cfg: TrainConfig, init: Path) -> None:
     import torch
     from safetensors import safe_open
 
-    from fdreamer.models import FactorizedDreamerUNet
+    from training.loop import preset_model
 
-    model = FactorizedDreamerUNet.from_preset(cfg.preset, cfg.model.with_(predictnet=False), device="meta")
+    model = preset_model(cfg, cfg.model.with_(predictnet=False), device="meta")
     with safe_open(str(init / "model.safetensors"), "pt") as f:  # shapes only, no weights read
         saved = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()  # noqa: SIM118 - safe_open is not a dict
                  if not k.startswith("predictnet.")}
@@ -79,10 +79,17 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
     init = None
     if cfg.init_from:
         init, _ = model_checkpoint.resolve_checkpoint(cfg.init_from, cfg.tracking.tracking_uri)
+        if checkpointing.is_sharded(init) and not (init / "model.safetensors").is_file():
+            logger.warning("init_from %s: a sharded (FSDP) checkpoint without full weights: consolidating its "
+                           "shards into model.safetensors", init)
+            checkpointing.consolidate(init)
         check_init_compatible(cfg, init)
     out = run_dir(cfg)
-    if not cfg.resume and checkpointing.latest_checkpoint(out) is not None:
+    latest = checkpointing.latest_checkpoint(out)
+    if not cfg.resume and latest is not None:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --name")
+    if cfg.resume and latest is not None:
+        checkpointing.check_resumable(latest, cfg.scaling.parallel if cfg.scaling.num_workers > 1 else "ddp")
     encoders = encoder_config(cfg)
     return {"cfg": to_dict(cfg), "init_from": str(init) if init else None, "encoders": to_dict(encoders),
             "run_dir": str(out), "meta": clip_profile_meta(fs, files[0], encoders), "rows": rows}

@@ -5,12 +5,15 @@
 1. **build and restore**: every worker builds the same model (same seed, same initial weights) and
    restores the latest checkpoint when Ray hands one over (``ray.train.get_checkpoint()``: after a
    worker failure) or the driver names one (``--resume``);
-2. **distribute**: wraps the model for DDP/FSDP (``ray.train.torch.prepare_model``);
+2. **distribute**: wraps the model for DDP (``ray.train.torch.prepare_model``) or shards it with FSDP2
+   (``training.parallel.apply_fsdp``: ``fully_shard`` on CPU/gloo and GPU/NCCL alike);
 3. **data streams**: reads its data shard (``ray.train.get_dataset_shard('train').iter_torch_batches``)
    from the saved position; each optimizer step accumulates ``global_batch / (workers x micro_batch)``
    micro-batches;
 4. **validate / sample / save / report**: rank 0 validates, renders sample videos, logs to MLflow and
-   writes checkpoints; all ranks call ``ray.train.report`` together.
+   writes checkpoints; all ranks call ``ray.train.report`` together. With FSDP every rank writes its shards
+   (``torch.distributed.checkpoint``, by default asynchronously: reported after the next step) and rank 0
+   validates and samples on a plain copy of the model loaded with the gathered full state dict.
 
 Joint image-video batches (``data.image_ratio``): each micro-batch takes ``video_micro_batch`` clips
 from the ``train`` stream and ``image_micro_batch`` images from the ``images`` stream
@@ -22,9 +25,11 @@ the images.
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import functools
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -49,12 +54,25 @@ MicroBatch = TrainBatch | JointBatch
 IMAGE_STREAM_SEED_OFFSET = 5_003  # the image stream's shuffle seeds differ from the clip stream's
 
 
+def preset_model(cfg: TrainConfig, model_cfg: Any, *, device: str | None = None,
+                 seed: int | None = None) -> FactorizedDreamerUNet:
+    """The preset's randomly initialised model, with ``cfg.unet_overrides`` applied to its spatial UNet."""
+    if not cfg.unet_overrides:
+        return FactorizedDreamerUNet.from_preset(cfg.preset, model_cfg, device=device, seed=seed)
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):  # as from_preset
+        if seed is not None:
+            torch.manual_seed(seed)
+        return FactorizedDreamerUNet(UNet2DConditionModel(**cfg.unet_kwargs()), model_cfg)
+
+
 def build_model(cfg: TrainConfig, init_from: str | None) -> FactorizedDreamerUNet:
     """The stage's model: SD weights (or the preset's random init), then the previous stage's weights."""
     if cfg.pretrained_unet:
         model = FactorizedDreamerUNet.from_pretrained_unet(cfg.pretrained_unet, cfg.model)
     else:
-        model = FactorizedDreamerUNet.from_preset(cfg.preset, cfg.model, seed=cfg.seed)
+        model = preset_model(cfg, cfg.model, seed=cfg.seed)
     if init_from:
         model_checkpoint.load_weights_into(model, init_from)  # PredictNet added from the up path when new (stage 3)
     if cfg.model.gradient_checkpointing:
@@ -70,14 +88,18 @@ def _unwrap(model: torch.nn.Module) -> FactorizedDreamerUNet:
     return getattr(model, "module", model)
 
 
-def _full_state_dict_context(model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """Gather full (unsharded) state dicts on FSDP; a no-op for DDP / single process."""
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+@dataclass
+class PendingCheckpoint:
+    """A sharded checkpoint being written by ``dcp.async_save``, reported once its files are complete."""
 
-    if isinstance(model, FullyShardedDataParallel):
-        return FullyShardedDataParallel.state_dict_type(
-            model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True))
-    return contextlib.nullcontext()
+    future: Any  # concurrent.futures.Future of dcp.async_save; None: written synchronously
+    folder: Path  # this rank's local folder (Ray Train merges every rank's into one checkpoint)
+    name: str
+    metrics: dict[str, Any]
+    started: float
+    blocking_s: float  # time the training loop waited for this save (async: staging the state in CPU memory)
+    final: bool = False
+    written: float | None = None  # when the background write finished (perf_counter)
 
 
 class DataOrderLog:
@@ -124,6 +146,12 @@ class TrainWorker:
         self.device = ray.train.torch.get_device()
         self.fsdp = self.world > 1 and cfg.scaling.parallel == "fsdp"
         self.model: torch.nn.Module = build_model(cfg, loop_config.get("init_from"))
+        self.no_sync: Any = None  # skips the gradient reduction of all but the last micro-batch (distribute)
+        self.plain: FactorizedDreamerUNet | None = None  # FSDP, rank 0: unsharded copy for validation / samples
+        self.gathered_step = -1  # the step whose full weights self.plain holds
+        self.checkpoint_group: Any = None  # FSDP async saves: their own gloo group (collectives off the main thread)
+        self.pending: PendingCheckpoint | None = None
+        self.sharded_restore: Any = None  # FSDP: the checkpoint to load after sharding
         self.schedule = NoiseSchedule(cfg.schedule)
         self.optimizer = self._new_optimizer()
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start) if cfg.optim.ema_decay > 0 else None
@@ -154,7 +182,8 @@ class TrainWorker:
 
     def restore(self) -> dict | None:
         """Load the checkpoint Ray hands over (worker failure) or the driver names (``--resume``): weights,
-        EMA, trainer state and RNG; returns its full optimizer state (None when starting fresh)."""
+        EMA, trainer state and RNG; returns its full optimizer state (None when starting fresh). FSDP: only
+        the trainer state and RNG here; the shards load into the sharded model in :meth:`distribute`."""
         import ray.train
 
         restored = ray.train.get_checkpoint()
@@ -168,10 +197,14 @@ class TrainWorker:
             if self.state.world_size != self.world:
                 raise ValueError(f"checkpoint was written by {self.state.world_size} workers, this run has "
                                  f"{self.world}: the data position would not be exact; use the same num_workers")
+            checkpointing.check_resumable(folder, "fsdp" if self.fsdp else "ddp")
+            if self.fsdp:
+                self.sharded_restore = restored
+                checkpointing.restore_rng(folder)
+                return None
             model_checkpoint.load_weights_into(self.model, folder)
             saved_optimizer = checkpointing.load_optimizer_state(folder)
-            if not self.fsdp:  # FSDP loads it into the sharded optimizer in distribute()
-                self.optimizer.load_state_dict(saved_optimizer)
+            self.optimizer.load_state_dict(saved_optimizer)
             if self.ema is not None and (folder / "ema.safetensors").is_file():
                 from safetensors.torch import load_file
 
@@ -180,26 +213,28 @@ class TrainWorker:
         return saved_optimizer
 
     def distribute(self, saved_optimizer: dict | None) -> None:
-        """Move to the device and wrap for DDP / FSDP (more than one worker)."""
+        """Move to the device and wrap for DDP / shard with FSDP2 (more than one worker)."""
         import ray.train.torch
 
         self.model.to(self.device)
         if self.ema is not None:
             self.ema.shadow = {k: v.to(self.device) for k, v in self.ema.shadow.items()}
-        if self.world > 1:
-            reduce_dtype = self.cfg.scaling.grad_reduce_dtype
-            kwargs = parallel.fsdp_kwargs(reduce_dtype) if self.fsdp else None
-            self.model = ray.train.torch.prepare_model(self.model, parallel_strategy=self.cfg.scaling.parallel,
-                                                       parallel_strategy_kwargs=kwargs)
-            if not self.fsdp:
-                parallel.apply_ddp_grad_reduce(self.model, reduce_dtype)
-            if self.fsdp:  # FSDP shards the parameters: the optimizer must be built on the wrapped ones
-                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-                self.optimizer = self._new_optimizer()
-                if saved_optimizer is not None:  # a full (rank-0 gathered) optimizer state -> this rank's shard
-                    self.optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, self.optimizer,
-                                                                                 saved_optimizer))
+        reduce_dtype = self.cfg.scaling.grad_reduce_dtype
+        if self.fsdp:
+            if self.rank == 0:  # validation and samples run unsharded on rank 0 (weights gathered into it)
+                self.plain = copy.deepcopy(self.model).eval()
+            parallel.apply_fsdp(self.model, reduce_dtype)
+            self.no_sync = functools.partial(parallel.fsdp_no_sync, self.model)
+            self.optimizer = self._new_optimizer()  # over the sharded (DTensor) parameters
+            if self.sharded_restore is not None:
+                with self.sharded_restore.as_directory() as folder:
+                    checkpointing.load_sharded(Path(folder), self.model, self.optimizer)
+            if self.cfg.checkpoint.async_save:
+                self.checkpoint_group = torch.distributed.new_group(backend="gloo")
+        elif self.world > 1:
+            self.model = ray.train.torch.prepare_model(self.model, parallel_strategy="ddp")
+            parallel.apply_ddp_grad_reduce(self.model, reduce_dtype)
+            self.no_sync = self.model.no_sync
         self.model.train()
 
     # ------------------------------------------------------------------ data streams
@@ -263,13 +298,19 @@ class TrainWorker:
             images = train_data.heldout_batch(self.cfg, train_data.IMAGE)
             self.heldout_images = images.to(self.device) if images is not None else None
 
-    def _full_params(self) -> contextlib.AbstractContextManager:
-        """FSDP: every rank gathers the full parameters (collective) so rank 0 can run the plain module."""
+    def full_model(self) -> FactorizedDreamerUNet | None:
+        """The full model on rank 0 (None on the other ranks). FSDP: every rank takes part in gathering the
+        full state dict (collective, once per step) into rank 0's unsharded copy."""
         if not self.fsdp:
-            return contextlib.nullcontext()
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            return _unwrap(self.model) if self.rank == 0 else None
+        if self.gathered_step != self.state.step:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return FSDP.summon_full_params(self.model, writeback=False)
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.rank == 0:  # cpu_offload: only rank 0 receives the tensors
+                self.plain.load_state_dict(full)
+            self.gathered_step = self.state.step
+        return self.plain
 
     def evaluate(self, step: int, validate: bool, samples: bool) -> dict[str, float]:
         """Validation loss and/or sample videos on rank 0 (called by every rank: FSDP gathers collectively)."""
@@ -277,20 +318,19 @@ class TrainWorker:
             return {}
         metrics: dict[str, float] = {}
         timesteps = self.cfg.objective.validation_timesteps
-        with self._full_params():
-            if self.rank != 0:
-                return {}
-            model = _unwrap(self.model)
-            if validate:
-                for batch in (self.heldout, self.heldout_images):
-                    if batch is not None:
-                        losses = validation_loss(model, self.schedule, batch, timesteps, self.cfg.seed)
-                        self.tracker.log_metrics(losses, step=step)
-                        metrics.update(losses)
-            if samples:
-                from training.samples import log_samples
+        model = self.full_model()
+        if self.rank != 0:
+            return {}
+        if validate:
+            for batch in (self.heldout, self.heldout_images):
+                if batch is not None:
+                    losses = validation_loss(model, self.schedule, batch, timesteps, self.cfg.seed)
+                    self.tracker.log_metrics(losses, step=step)
+                    metrics.update(losses)
+        if samples:
+            from training.samples import log_samples
 
-                log_samples(self.tracker, model, self.cfg, self.encoders, self.heldout, step)
+            log_samples(self.tracker, model, self.cfg, self.encoders, self.heldout, step)
         return metrics
 
     # ------------------------------------------------------------------ train, save, report
@@ -303,7 +343,7 @@ class TrainWorker:
             self.model, self.optimizer, self.schedule, micro_batches, null=self.null,
             drop_probs=(objective.drop_text, objective.drop_image, objective.drop_both), gamma=objective.gamma,
             grad_clip=cfg.optim.grad_clip, seed=cfg.seed, rank=self.rank, step=self.state.step,
-            no_sync=getattr(self.model, "no_sync", None), autocast=self.autocast,
+            no_sync=self.no_sync, autocast=self.autocast,
             image_weight=objective.image_loss_weight, timestep_sampling=objective.timestep_sampling)
 
     def log_step(self, result: StepResult) -> None:
@@ -314,32 +354,83 @@ class TrainWorker:
         }, step=self.state.step)
 
     def save_and_report(self, metrics: dict[str, Any], final: bool = False) -> None:
-        """Write a checkpoint on rank 0 (state gathered collectively on FSDP) and report it from every rank."""
+        """Write a checkpoint and report it from every rank: DDP, rank 0 writes it; FSDP, every rank its
+        shards (:meth:`save_sharded`)."""
         import ray.train
 
+        if self.fsdp:
+            self.save_sharded(metrics, final)
+            return
         name = f"checkpoint_step_{self.state.step:08d}"
-        with tempfile.TemporaryDirectory() as tmp, _full_state_dict_context(self.model):
+        with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if self.fsdp:  # collectives on every rank: full model and optimizer state gathered on rank 0
-                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-                full_state, optimizer_state = self.model.state_dict(), FSDP.optim_state_dict(self.model, self.optimizer)
-            else:
-                full_state, optimizer_state = None, self.optimizer.state_dict()
             if self.rank == 0:
-                if self.fsdp:  # write the gathered state through a plain (unsharded) copy of the model
-                    target = build_model(self.cfg, None)
-                    target.load_state_dict(full_state)
-                else:
-                    target = _unwrap(self.model)
                 checkpointing.save_training_checkpoint(
-                    Path(tmp), target, optimizer_state, self.ema.state_dict() if self.ema else None, self.state,
+                    Path(tmp), _unwrap(self.model), self.optimizer.state_dict(),
+                    self.ema.state_dict() if self.ema else None, self.state,
                     self.cfg, self.encoders, meta=self.loop_config.get("meta", {}))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if final:
                     self.tracker.log_artifacts(tmp, "checkpoint")
                     self.tracker.set_tag("fdreamer.checkpoint", Path(self.loop_config["run_dir"]) / name)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def save_sharded(self, metrics: dict[str, Any], final: bool) -> None:
+        """FSDP: every rank writes its shards of model and optimizer (DCP) into its own folder, rank 0 the
+        trainer state, RNG and configs (and, for the final checkpoint, the full weights gathered into
+        ``model.safetensors`` for the consumers of the next stage, serving and evaluation). With
+        ``checkpoint.async_save`` (not the final one) the files are written in the background and the
+        checkpoint is reported by :meth:`flush_checkpoint` after the next step."""
+        self.flush_checkpoint()  # an earlier asynchronous save first: Ray registers checkpoints in order
+        started = time.perf_counter()
+        name = f"checkpoint_step_{self.state.step:08d}"
+        folder = Path(tempfile.mkdtemp(prefix=f"fdreamer-{name}-rank{self.rank}-"))
+        if self.rank == 0:
+            checkpointing.save_sharded_files(folder, self.model, self.state, self.cfg, self.encoders,
+                                             self.loop_config.get("meta", {}))
+        if final:  # collective: every rank sends its shards to rank 0
+            full = self.full_model()
+            if self.rank == 0:
+                checkpointing.save_full_weights(folder, full.state_dict())
+        use_async = self.cfg.checkpoint.async_save and not final
+        future = checkpointing.save_sharded(folder, self.model, self.optimizer, process_group=self.checkpoint_group,
+                                            use_async=use_async)
+        self.pending = PendingCheckpoint(future, folder, name, metrics, started, time.perf_counter() - started, final)
+        if future is not None:
+            future.add_done_callback(lambda _, pending=self.pending: setattr(pending, "written", time.perf_counter()))
+        if not use_async:
+            self.flush_checkpoint()
+
+    def flush_checkpoint(self) -> None:
+        """Wait for the pending sharded checkpoint's files and report it (every rank; a no-op when none)."""
+        import ray.train
+
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if pending.future is not None:
+            pending.future.result()
+        shards = list((pending.folder / checkpointing.DCP_DIR).glob("*.distcp"))
+        now = time.perf_counter()
+        stats = {"step": int(pending.name.rsplit("_", 1)[1]), "rank": self.rank,
+                 "mode": "async" if pending.future is not None else "sync",
+                 "bytes": sum(f.stat().st_size for f in shards), "blocking_s": round(pending.blocking_s, 4),
+                 "written_s": round((pending.written or now) - pending.started, 4),  # files complete
+                 "total_s": round(now - pending.started, 4)}  # until reported (async: after the next step)
+        (pending.folder / f"save_stats_rank{self.rank}.json").write_text(json.dumps(stats) + "\n")
+        try:
+            if self.rank == 0:
+                self.tracker.log_metrics({"checkpoint_blocking_s": stats["blocking_s"],
+                                          "checkpoint_save_s": stats["total_s"]}, step=stats["step"])
+                if pending.final:  # the consumers' part: everything but the (rank 0 only) DCP shards
+                    for f in sorted(pending.folder.iterdir()):
+                        if f.is_file():
+                            self.tracker.log_artifact(f, "checkpoint")
+                    self.tracker.set_tag("fdreamer.checkpoint", Path(self.loop_config["run_dir"]) / pending.name)
+            ray.train.report(pending.metrics, checkpoint=ray.train.Checkpoint.from_directory(str(pending.folder)),
+                             checkpoint_dir_name=pending.name)
+        finally:
+            shutil.rmtree(pending.folder, ignore_errors=True)
 
     def run(self) -> None:
         """Train from the restored position to ``cfg.steps`` epoch by epoch, then :meth:`finish`."""
@@ -359,6 +450,7 @@ class TrainWorker:
         """One optimizer step, then its logging, periodic validation / samples and checkpoint."""
         cfg, state, tracking = self.cfg, self.state, self.cfg.tracking
         result = self.train_step(micro_batches)
+        self.flush_checkpoint()  # the asynchronous save of the previous step's checkpoint had this step's time
         self.data_order_log.write(state.step, state.epoch, [i for mb in micro_batches for i in mb.clip_ids])
         state.step += 1
         state.consumed += len(micro_batches)
