@@ -35,7 +35,9 @@ def apply_ddp_grad_reduce(ddp_model: torch.nn.parallel.DistributedDataParallel, 
 
 
 def fsdp_kwargs(dtype: str) -> dict[str, Any]:
-    """FSDP constructor arguments for ``dtype`` (``use_orig_params`` always, ``mixed_precision`` when not fp32)."""
+    """FSDP1 (``FullyShardedDataParallel``) constructor arguments for ``dtype`` (``use_orig_params`` always,
+    ``mixed_precision`` when not fp32), for code that wraps with FSDP1; the training loop uses FSDP2
+    (:func:`apply_fsdp`, :func:`fsdp_mp_policy`)."""
     kwargs: dict[str, Any] = {"use_orig_params": True}
     if dtype != "fp32":
         from torch.distributed.fsdp import MixedPrecision
