@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data.context import ShuffleStrategy
 
 from fdreamer.data import storage
 from fdreamer.data.manifests import ManifestError, read_manifest
@@ -74,9 +76,11 @@ def nonempty(ds: ray.data.Dataset) -> ray.data.Dataset:
 
 
 def grouped(ds: ray.data.Dataset, key: str, fn: Callable[..., pa.Table], partitions: int,
-            **kwargs: Any) -> ray.data.Dataset:
-    """``fn`` over partitions of ``ds`` that hold complete groups of ``key`` (module docstring)."""
+            shuffle: str = "sort_shuffle_pull_based", **kwargs: Any) -> ray.data.Dataset:
+    """``fn`` over partitions of ``ds`` that hold complete groups of ``key`` (module docstring), shuffled with
+    Ray Data's ``shuffle`` strategy (the job's ``plan_shuffle``)."""
     ds = nonempty(ds)
+    ds.context.shuffle_strategy = ShuffleStrategy(shuffle)  # this dataset and those derived from it
     if partitions <= 1:
         return ds.repartition(1).map_batches(_call_all, batch_size=None, batch_format="pyarrow",
                                              fn_kwargs={"fn": fn, "kwargs": kwargs})
@@ -250,10 +254,24 @@ def _split(batch: pa.Table, part: str) -> pa.Table:
     return out
 
 
+class _Clock:
+    """Wall seconds of each plan stage since the previous one (``plan_stage_s`` in the counts)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str, value: Any) -> Any:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 2)
+        self.last = now
+        return value
+
+
 def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, profile: dict,
          partition_rows: int, threshold: float, bands: int, max_bucket: int = 10_000,
          hash_fn: Callable[..., pa.Table] = stages.hash_and_cache, hash_kwargs: dict | None = None,
-         hash_stage: dict | None = None) -> GlobalPlan:
+         hash_stage: dict | None = None, shuffle: str = "sort_shuffle_pull_based") -> GlobalPlan:
     """The whole plan (module docstring) from the materialized manifest ``records``."""
     n_records = records.count()
     parts = max(1, math.ceil(n_records / max(partition_rows, 1))) if n_records > partition_rows else 1
@@ -266,17 +284,19 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
                                    override_num_blocks=max(1, min(len(paths), 64 * parts)))
 
     # ---- pass 1 with its cache ----
+    clock = _Clock()
     looked = records
     if cache_files:
         cached = files(cache_files).map_batches(_read_cache_files, batch_format="pyarrow",
                                                 fn_kwargs={"s3_endpoint": s3_endpoint})
-        looked = grouped(records.union(cached), "record_key", ps.lookup_cache, parts)
-    looked = looked.materialize()
+        looked = grouped(records.union(cached), "record_key", ps.lookup_cache, parts, shuffle)
+    looked = clock("cache_lookup", looked.materialize())
     kwargs = {"profile": profile, "output": output, "s3_endpoint": s3_endpoint} | (hash_kwargs or {})
     to_hash = looked.map_batches(_is("status", ps.RECORD), batch_format="pyarrow")
     stage = {"batch_size": 8, "num_cpus": 1} | (hash_stage or {})
     fresh = to_hash.map_batches(_hash_records, batch_format="pyarrow",
                                 fn_kwargs={"hash_fn": hash_fn, "fn_kwargs": kwargs}, **stage).materialize()
+    clock("pass1", fresh)
     hashed = sum_counts(fresh, _hash_tally)
     pass1 = looked.map_batches(lambda t: t.filter(pc.not_equal(t.column("status"), ps.RECORD)),
                                batch_format="pyarrow").union(fresh)
@@ -285,16 +305,18 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
                                                            fn_kwargs={"s3_endpoint": s3_endpoint}))
 
     # ---- ids, exact duplicates, near duplicates ----
-    ids = grouped(pass1, "clip_id", ps.first_of_each_id, parts)
-    exact = grouped(ids, "content_hash", ps.exact_groups, parts).materialize()
+    ids = clock("ids", grouped(pass1, "clip_id", ps.first_of_each_id, parts, shuffle).materialize())
+    exact = clock("exact", grouped(ids, "content_hash", ps.exact_groups, parts, shuffle).materialize())
     bands_ds = exact.map_batches(ps.band_rows, batch_format="pyarrow", fn_kwargs={"bands": bands})
-    edges_ds = grouped(bands_ds, "band_key", ps.near_edges, parts,
+    edges_ds = grouped(bands_ds, "band_key", ps.near_edges, parts, shuffle,
                        threshold=threshold, bands=bands, max_bucket=max_bucket)
     edge_tables = [t for t in ray.get(edges_ds.to_arrow_refs()) if t.num_rows]
     edges = pa.concat_tables(edge_tables) if edge_tables else ps.EDGE_SCHEMA.empty_table()
+    clock("near", edges)
     dropped, dedup_stats = ps.resolve_near(edges)
     final = exact.map_batches(ps.apply_near, batch_format="pyarrow", fn_kwargs={"dropped": dropped}).materialize()
     tally = sum_counts(final, _tally)
+    clock("apply_near", final)
     counts = {
         "clips": tally.pop("clips", 0), "todo": tally.pop("todo", 0), "already": tally.pop("already", 0),
         "duplicates_by_kind": {k.split(":", 1)[1]: n for k, n in sorted(tally.items()) if k.startswith("dup:")},
@@ -302,7 +324,7 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
                                   if k.startswith("quarantined:")},
         "dedup": dedup_stats, "near_edges": edges.num_rows - edges.column("a_clip_id").null_count, "partitions": parts,
         "records_hashed": hashed.get("records", 0), "hash_rows": hashed.get("rows", 0),
-        "hash_worker_s": hashed.get("hash_us", 0) / 1e6,
+        "hash_worker_s": hashed.get("hash_us", 0) / 1e6, "plan_stage_s": clock.seconds,
     }
     return GlobalPlan(
         todo=final.map_batches(_split, batch_format="pyarrow", fn_kwargs={"part": "todo"}),
