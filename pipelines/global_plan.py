@@ -292,8 +292,10 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
         looked = grouped(records.union(cached), "record_key", ps.lookup_cache, parts, shuffle)
     looked = clock("cache_lookup", looked.materialize())
     kwargs = {"profile": profile, "output": output, "s3_endpoint": s3_endpoint} | (hash_kwargs or {})
-    to_hash = looked.map_batches(_is("status", ps.RECORD), batch_format="pyarrow")
     stage = {"batch_size": 8, "num_cpus": 1} | (hash_stage or {})
+    # one block per batch: a map task works on one block, so a one-block input would hash serially
+    to_hash = looked.map_batches(_is("status", ps.RECORD), batch_format="pyarrow").repartition(
+        target_num_rows_per_block=stage["batch_size"])
     fresh = to_hash.map_batches(_hash_records, batch_format="pyarrow",
                                 fn_kwargs={"hash_fn": hash_fn, "fn_kwargs": kwargs}, **stage).materialize()
     clock("pass1", fresh)
