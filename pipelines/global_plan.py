@@ -139,9 +139,9 @@ def _read_cache_files(batch: pa.Table, s3_endpoint: str | None) -> pa.Table:
     """Pass-1 cache files (one path per row) -> their rows as PASS1 rows; unreadable or older files skipped."""
     tables = []
     for path in batch.column("path").to_pylist():
-        fs, _ = storage.resolve(path, s3_endpoint)
+        fs, file = storage.resolve(path, s3_endpoint)
         try:
-            t = storage.read_parquet(fs, storage.resolve(path, s3_endpoint)[1])
+            t = storage.read_parquet(fs, file)
         except Exception:  # noqa: BLE001 - an unreadable cache file only costs re-hashing
             continue
         if t.schema.names == stages.HASH_SCHEMA.names:

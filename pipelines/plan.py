@@ -1,9 +1,10 @@
-"""The driver's decision between the two passes: which clips pass 2 writes, which are duplicates.
+"""The decision between the two passes, in one process: which clips pass 2 writes, which are duplicates.
 
 Input: the pass-1 rows of every manifest record in manifest order (``stages.HASH_SCHEMA``, one row
 per sampled clip or one quarantine row per bad record) and the clip ids already in complete shards.
-Plain Python, no Ray: :func:`pipelines.job.run` and the benchmark's plain loop both call
-:func:`plan_pass2`, and the tests check it with numbers.
+Plain Python, no Ray, in one process: the reference of the job's distributed plan
+(:mod:`pipelines.global_plan`, whose partition functions ``tests/test_global_plan.py`` checks against
+:func:`plan_pass2`) and the plan of ``tests/bench/bench_preprocess.py``'s plain loop.
 
 - A ``clip_id`` seen again (the same video listed twice) is a ``same_id`` duplicate of its first row.
 - Exact and near duplicates come from :func:`fdreamer.data.dedup.resolve_duplicates`; the copy kept
