@@ -22,11 +22,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# the rest with uv (pinned): 15 s from a cold cache where pip takes minutes; the same pinned versions.
 	# uv does not look at the local torch file, but the torch==2.13.0 installed above satisfies the pin.
-	# --compile-bytecode: pip writes .pyc files at install, uv does not; where PYTHONDONTWRITEBYTECODE is
-	# set (as in CI) every process, each Ray worker included, would recompile ray/diffusers/transformers
-	# from source (~10 s more per import here; CI went from 23 to 50 min).
+	# uv writes no .pyc files at install (pip does). Python writes them at the first import, unless
+	# PYTHONDONTWRITEBYTECODE is set: then every process, each Ray worker included, would recompile
+	# ray/diffusers/transformers from source (~10 s more per import here; CI once went from 23 to 50 min), so
+	# with it set uv compiles all of site-packages at install (--compile-bytecode, ~100 s). .ci/run unsets it.
 	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
-	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e ".[dev]"
+	$(BIN)/uv pip install -q $(if $(PYTHONDONTWRITEBYTECODE),--compile-bytecode) --python $(BIN)/python -e ".[dev]"
 	@touch $@
 
 setup: $(STAMP)

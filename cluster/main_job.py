@@ -20,6 +20,13 @@ then prints where the mp4, the Parquet summary and the MLflow run are, and (unle
 cluster (and with it the Serve app) and the MLflow server. Steps 1-3 start together (separate processes:
 their start-up overlaps). Prints one JSON line last; a failure is one line naming the step, exit code 1.
 
+``--storage s3``: the same run with everything in a bucket, as on a cluster (``cluster/local_s3.py``): a
+local S3 server (moto) is started first; the sample clips and their manifest are put in the bucket, the
+preprocessing job writes its shards and tables there, training reads them and Ray Train writes its
+checkpoints there, Serve loads the checkpoint from there and stores the served videos there, and MLflow
+proxies its artifacts there. Local disk holds only caches (sample data, tiny models, fetched checkpoints)
+and the Ray / MLflow state. The JSON line lists the bucket's keys by prefix.
+
 Needs nothing outside the project's virtualenv but ``bash`` (``cluster/local.sh``): no system ffmpeg. What
 is missing is reported in one line before any work starts (exit code 2).
 """
@@ -43,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENTRY_POINTS = ("fdreamer", "ray", "serve")  # installed into the virtualenv by `pip install -e .`
 
+from cluster import local_s3  # noqa: E402
 from cluster.mlflow_server import free_port, launch_mlflow_server, stop_mlflow_server, wait_mlflow_server  # noqa: E402
 
 RUNTIME_ENV = {"working_dir": ".", "excludes": [".git/", ".venv/", "runs/", "data/", "models/", "mlruns/",
@@ -210,11 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="leave the cluster, the app and MLflow running")
     p.add_argument("--keep-mlflow", action="store_true",
                    help="stop the cluster but leave MLflow running after a successful run (pid printed)")
+    p.add_argument("--storage", choices=("local", "s3"), default="local",
+                   help="where the clips, features, checkpoints, served videos and MLflow artifacts go: the workdir, "
+                        "or a bucket of a local S3 server (moto) this run starts, as on a cluster")
     args = p.parse_args(argv)
     for name in ("clips", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    missing = missing_requirements()
+    missing = missing_requirements() or (local_s3.moto_missing() if args.storage == "s3" else None)
     if missing:
         print(f"main job: {missing}", file=sys.stderr)
         return 2
@@ -227,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FDREAMER_DASHBOARD_PORT", str(free_port()))
     os.environ.setdefault("FDREAMER_CLUSTER_DIR", str(work / "cluster"))
     os.environ.setdefault("FDREAMER_STORAGE_PATH", str(work / "storage"))
-    mlflow_proc = None
+    mlflow_proc = s3_proc = None
+    s3: dict[str, str] = {}  # the bucket's URIs and endpoint (--storage s3)
     started: list[Background] = []
     result: dict[str, Any] = {}
     current, ok = "1-3/7", False
@@ -242,7 +254,16 @@ def main(argv: list[str] | None = None) -> int:
                                       logs / "make-tiny-models.log"))
         inputs = list(started)
         t_mlflow = time.monotonic()
-        mlflow_proc, mlflow_uri = launch_mlflow_server(work / "mlflow")
+        if args.storage == "s3":  # before the cluster starts: its nodes inherit the credentials
+            os.environ.update(local_s3.CREDENTIALS)
+            s3_proc, endpoint = local_s3.launch_s3_server(work / "s3")
+            local_s3.wait_s3_server(s3_proc, endpoint)
+            root = f"s3://{local_s3.BUCKET}"
+            s3 = {"endpoint": endpoint, "preprocessed": f"{root}/preprocessed", "storage": f"{root}/storage",
+                  "serving": f"{root}/serving-jobs", "mlflow": f"{root}/mlflow-artifacts"}
+            print(f"S3 (moto) at {endpoint}: bucket {root}", flush=True)
+        mlflow_proc, mlflow_uri = launch_mlflow_server(work / "mlflow", artifacts=s3.get("mlflow"),
+                                                       s3_endpoint=s3.get("endpoint"))
         print(f"$ mlflow server at {mlflow_uri}   (output: {work / 'mlflow' / 'mlflow-server.log'})", flush=True)
         cluster_up = Background("cluster/local.sh up", [REPO / "cluster" / "local.sh", "up"], logs / "cluster-up.log",
                                 env=env())
@@ -268,31 +289,37 @@ def main(argv: list[str] | None = None) -> int:
         t = step(current)
         plan = training_plan(models)
         result["plan"] = plan
-        pre = work / "preprocessed"
-        shutil.rmtree(pre, ignore_errors=True)
+        manifest: str = str(sample / "manifest.jsonl")
+        pre = s3.get("preprocessed") or str(work / "preprocessed")
+        s3_args = [f"--s3_endpoint={s3['endpoint']}"] if s3 else []
+        if s3:
+            manifest = local_s3.upload_sample(sample, s3["endpoint"])  # the clips and their manifest in the bucket
+        else:
+            shutil.rmtree(pre, ignore_errors=True)
         result["preprocess_job"] = submit(dashboard, [
             "python", "pipelines/preprocess.py", "--config", "pipelines/configs/tiny.yaml",
-            f"--inputs=[{sample / 'manifest.jsonl'}]", f"--output={pre}", f"--models_dir={models}",
+            f"--inputs=[{manifest}]", f"--output={pre}", f"--models_dir={models}", *s3_args,
             f"--mlflow_tracking_uri={mlflow_uri}", f"--t5_caption={plan['t5_caption']}"], timeout_s=900)
         timings["preprocess_s"] = time.monotonic() - t
 
         what = "fine-tune of the committed tiny I2V" if plan["init_from"] else "training stage 1"
         current = f"5/7 ray job submit: {what} (Ray Train, 2 workers)"
         t = step(current)
-        storage = Path(os.environ["FDREAMER_STORAGE_PATH"])
-        shutil.rmtree(storage / plan["name"], ignore_errors=True)
+        storage = s3.get("storage") or os.environ["FDREAMER_STORAGE_PATH"]
+        if not s3:
+            shutil.rmtree(Path(storage) / plan["name"], ignore_errors=True)
         result["train_job"] = submit(dashboard, [
-            "python", "training/run.py", "--config", plan["config"], f"--data.path={pre}",
+            "python", "training/run.py", "--config", plan["config"], f"--data.path={pre}", *s3_args,
             f"--models_dir={models}", f"--storage_path={storage}", f"--name={plan['name']}",
             f"--steps={args.steps}", f"--checkpoint.every={args.steps}", f"--tracking.tracking_uri={mlflow_uri}",
             "--tracking.experiment=main-job", "--scaling.placement_strategy=SPREAD",
             *([f"--init_from={plan['init_from']}"] if plan["init_from"] else [])], timeout_s=1200)
-        from training.checkpointing import latest_checkpoint, read_trainer_state
+        from training.checkpointing import latest_resumable, read_trainer_state
 
-        ckpt = latest_checkpoint(storage / plan["name"])
+        ckpt = latest_resumable(f"{storage}/{plan['name']}", s3.get("endpoint"))
         if ckpt is None:
-            raise StepFailed(f"the training job SUCCEEDED but left no checkpoint under {storage / plan['name']}")
-        run_id = read_trainer_state(ckpt).mlflow_run_id
+            raise StepFailed(f"the training job SUCCEEDED but left no checkpoint under {storage}/{plan['name']}")
+        run_id = read_trainer_state(ckpt, s3.get("endpoint")).mlflow_run_id
         timings["train_s"] = time.monotonic() - t
 
         current = "6/7 serve deploy of the checkpoint (Ray Serve)"
@@ -303,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
         cfg["http_options"].update(host="127.0.0.1", port=http_port)
         app = cfg["applications"][0]
-        app["args"].update(checkpoint=str(ckpt), store=str(work / "serving-jobs"))
+        app["args"].update(checkpoint=ckpt, store=s3.get("serving") or str(work / "serving-jobs"),
+                           **({"s3_endpoint": s3["endpoint"]} if s3 else {}))
         if plan["t2i_path"]:
             app["args"]["t2i_path"] = plan["t2i_path"]
         # serve deploy takes only remote working_dir URIs: on this machine the checkout is shared by both
@@ -336,13 +364,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the served video shows a {shows['colour']} subject, motion {shows['motion']!r} "
               f"(the prompt: {PROMPT['colour']}, {PROMPT['motion']!r})", flush=True)
         result.update({
-            "mp4": str(mp4), "mp4_stream": video, "parquet_summary": str(pre / "summary.json"),
+            "mp4": str(mp4), "mp4_stream": video, "parquet_summary": f"{pre}/summary.json",
             "checkpoint": str(ckpt), "mlflow_ui": mlflow_uri, "mlflow_run_id": run_id,
             "mlflow_run": f"{mlflow_uri}/#/experiments/{_experiment_id(mlflow_uri, run_id)}/runs/{run_id}",
             "dashboard": dashboard, "app": base,
         })
+        if s3:  # what the run left in the bucket (the moto server, and they, go when the run ends)
+            result["bucket"] = {name: local_s3.list_keys(s3["endpoint"], uri.split("/", 3)[3] + "/")
+                                for name, uri in s3.items() if uri.startswith("s3://")}
+            result["bucket"]["sample"] = local_s3.list_keys(s3["endpoint"], "sample/")
+            result["parquet_summary_json"] = json.loads(_read_s3(f"{pre}/summary.json", s3["endpoint"]))
         print(f"\nvideo:            {mp4}  ({video['decoded_frames']} frames {video['width']}x{video['height']} "
-              f"{video['codec']}, all decoded)\nParquet summary:  {pre / 'summary.json'}\ncheckpoint:       {ckpt}\n"
+              f"{video['codec']}, all decoded)\nParquet summary:  {pre}/summary.json\ncheckpoint:       {ckpt}\n"
               f"MLflow run:       {result['mlflow_run']}", flush=True)
         ok = True
     except (RuntimeError, OSError, ValueError) as exc:  # StepFailed, MLflow not up, HTTP/file errors, a bad mp4
@@ -360,11 +393,20 @@ def main(argv: list[str] | None = None) -> int:
                 down.wait(120)
             except subprocess.TimeoutExpired:
                 down.kill()
+        if s3_proc is not None and not args.keep:
+            local_s3.stop_s3_server(s3_proc)
     if mlflow_proc is not None:
         result["mlflow_pid"] = mlflow_proc.pid
     result["timings_s"] = {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.monotonic() - t_all, 1)}
     print(json.dumps(result), flush=True)
     return 0
+
+
+def _read_s3(uri: str, endpoint: str) -> bytes:
+    from fdreamer.data import storage
+
+    fs, path = storage.resolve(uri, endpoint)
+    return storage.read_bytes(fs, path)
 
 
 def _experiment_id(uri: str, run_id: str) -> str:

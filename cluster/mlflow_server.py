@@ -40,22 +40,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_mlflow_server(workdir: str | Path, *, port: int | None = None) -> tuple[subprocess.Popen, str]:
+def launch_mlflow_server(workdir: str | Path, *, port: int | None = None, artifacts: str | None = None,
+                         s3_endpoint: str | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``mlflow server`` on ``port`` (default: a free loopback port) without waiting for it.
 
-    Returns the process and the server's http URI; :func:`wait_mlflow_server` waits until it is healthy
-    (the main job starts the Ray cluster meanwhile).
+    ``artifacts``: where the server puts the artifacts it proxies (default ``<workdir>/artifacts``; an
+    ``s3://bucket/prefix`` with ``s3_endpoint`` for MinIO/moto). Returns the process and the server's http
+    URI; :func:`wait_mlflow_server` waits until it is healthy (the main job starts the Ray cluster meanwhile).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     cmd = [sys.executable, "-m", "mlflow", "server",
            "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-           "--artifacts-destination", str(workdir / "artifacts"),
+           "--artifacts-destination", artifacts or str(workdir / "artifacts"),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     # No MLflow server jobs: nothing here submits any, and their job runner + huey consumers are eight
     # extra processes (~250 MB and a few CPU-seconds each at start) on every server.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           **({"MLFLOW_S3_ENDPOINT_URL": s3_endpoint} if s3_endpoint else {})}
     with (workdir / LOG_NAME).open("w") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -65,8 +68,7 @@ def launch_mlflow_server(workdir: str | Path, *, port: int | None = None) -> tup
 def wait_mlflow_server(proc: subprocess.Popen, uri: str, timeout_s: float = 120.0) -> None:
     """Wait for the server's ``/health``. Raises (after stopping the process) when the server exits or is
     not healthy within ``timeout_s``; the log's path is in the message."""
-    workdir = Path(proc.args[proc.args.index("--artifacts-destination") + 1]).parent  # <workdir>/artifacts
-    log_path = workdir / LOG_NAME
+    log_path = Path(proc.args[proc.args.index("--backend-store-uri") + 1].removeprefix("sqlite:///")).parent / LOG_NAME
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -96,6 +98,11 @@ def start_mlflow_server(workdir: str | Path, *, port: int | None = None,
 
 def stop_mlflow_server(proc: subprocess.Popen) -> None:
     """SIGTERM the server's process group, SIGKILL it if still there after 15 s."""
+    stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group a server was started in (``start_new_session``), SIGKILL it after 15 s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:

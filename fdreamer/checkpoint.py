@@ -83,21 +83,32 @@ def latest_checkpoint(run_dir: str | Path, *, requires: str | None = None) -> Pa
 
 
 def resolve_checkpoint(spec: str | Path, tracking_uri: str | None = None, *,
-                       requires: str | None = None) -> tuple[Path, str | None]:
+                       requires: str | None = None, s3_endpoint: str | None = None) -> tuple[Path, str | None]:
     """The one checkpoint resolver (training's ``init_from``, evaluation, serving, ``fdreamer generate``).
 
     ``spec``: a checkpoint folder; a run folder (its checkpoint with the highest step,
-    :func:`latest_checkpoint`); or ``runs:/<mlflow run id>`` (the run's ``fdreamer.checkpoint`` tag when it
-    names a reachable folder, else its logged ``checkpoint`` artifact, downloaded).
+    :func:`latest_checkpoint`); either of them as ``s3://bucket/prefix`` (``s3_endpoint`` for MinIO/moto;
+    the checkpoint is fetched into the local cache once, :mod:`fdreamer.checkpoint_store`); or
+    ``runs:/<mlflow run id>`` (the run's ``fdreamer.checkpoint`` tag when it names a reachable folder, else
+    its logged ``checkpoint`` artifact, downloaded).
     Returns (local checkpoint folder, MLflow run id or None); CheckpointError when nothing matches.
     """
     spec = str(spec)
+    if spec.startswith("s3://"):
+        from fdreamer import checkpoint_store
+
+        found = checkpoint_store.latest(spec, s3_endpoint, requires=requires)
+        if found is None:
+            raise CheckpointError(f"{spec}: no checkpoint folder ({META}) under this S3 prefix")
+        spec = str(checkpoint_store.fetch(found, s3_endpoint))
     if spec.startswith("runs:/"):
         import mlflow
 
         run_id = spec[len("runs:/"):].strip("/")
         client = mlflow.tracking.MlflowClient(tracking_uri)
         tagged = client.get_run(run_id).data.tags.get("fdreamer.checkpoint")
+        if tagged and tagged.startswith("s3://"):
+            return resolve_checkpoint(tagged, s3_endpoint=s3_endpoint)[0], run_id
         if tagged and is_checkpoint(tagged):
             return Path(tagged), run_id
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", tracking_uri=tracking_uri)

@@ -54,7 +54,10 @@ class ProfileConfig:
 class StageConfig:
     """Resources of one Ray Data stage."""
 
-    concurrency: int = opt(1, "tasks (function stages) or actors (encoder stage) running at once")
+    concurrency: int | tuple[int, int] | None = opt(
+        1, "tasks at once (function stages; null: as many as the cluster's CPUs allow, growing with the "
+           "autoscaled CPU group), or actors (encoder stage: n, or [min, max] for a pool that grows with the GPUs "
+           "the autoscaler adds and is not started before pass 2)")
     num_cpus: float = opt(1.0, "CPUs per task/actor")
     num_gpus: float = opt(0.0, "GPUs per task/actor")
     batch_size: int = opt(4, "rows per batch")
@@ -70,10 +73,16 @@ class WriteStageConfig:
 
 @dataclass
 class StagesConfig:
-    decode: StageConfig = nested(StageConfig, "decode + sample + resize + hash (CPU)")
+    decode: StageConfig = nested(StageConfig, "decode + sample + resize (+ hash in pass 1, + optical flow in pass 2) (CPU)")
     encode: StageConfig = nested(StageConfig, "frozen encoder actor pool (VAE, SD CLIP text, T5, CLIP)")
-    flow: StageConfig = nested(StageConfig, "optical flow (CPU)")
     write: WriteStageConfig = nested(WriteStageConfig, "Parquet shard writers")
+
+    def __post_init__(self) -> None:
+        if self.encode.concurrency is None:
+            raise ValueError("stages.encode.concurrency must be a number of actors or [min, max], not null")
+        if isinstance(self.decode.concurrency, tuple):
+            raise ValueError("stages.decode.concurrency is a number of tasks or null (the cluster's CPUs), "
+                             f"not a range: {list(self.decode.concurrency)}")
 
 
 @dataclass

@@ -40,7 +40,8 @@ from pipelines import plan_stages as ps
 from pipelines import stages
 from pipelines.plan import DUPLICATES_SCHEMA
 
-GROUPS_PER_PARTITION = 64  # coarse groups (map_groups calls) per shuffle partition
+GROUPS_PER_PARTITION = 64  # at most this many coarse groups (map_groups calls) per shuffle partition
+MIN_GROUP_ROWS = 1_500  # and about this many records per group at least (a call has a fixed cost)
 ROW_BITS = 40  # row_order = manifest index << ROW_BITS | row within the manifest
 
 
@@ -75,16 +76,22 @@ def nonempty(ds: ray.data.Dataset) -> ray.data.Dataset:
     return ray.data.from_arrow_refs(refs) if refs else ds.limit(0).materialize()
 
 
+def groups_per_partition(partition_rows: int) -> int:
+    """Coarse groups per partition: 64 at the default 100k records per partition, fewer for small partitions."""
+    return max(1, min(GROUPS_PER_PARTITION, partition_rows // MIN_GROUP_ROWS))
+
+
 def grouped(ds: ray.data.Dataset, key: str, fn: Callable[..., pa.Table], partitions: int,
-            shuffle: str = "sort_shuffle_pull_based", **kwargs: Any) -> ray.data.Dataset:
+            shuffle: str = "sort_shuffle_pull_based", groups: int = GROUPS_PER_PARTITION,
+            **kwargs: Any) -> ray.data.Dataset:
     """``fn`` over partitions of ``ds`` that hold complete groups of ``key`` (module docstring), shuffled with
-    Ray Data's ``shuffle`` strategy (the job's ``plan_shuffle``)."""
+    Ray Data's ``shuffle`` strategy (the job's ``plan_shuffle``) into ``groups`` coarse groups per partition."""
     ds = nonempty(ds)
     ds.context.shuffle_strategy = ShuffleStrategy(shuffle)  # this dataset and those derived from it
     if partitions <= 1:
         return ds.repartition(1).map_batches(_call_all, batch_size=None, batch_format="pyarrow",
                                              fn_kwargs={"fn": fn, "kwargs": kwargs})
-    groups = partitions * GROUPS_PER_PARTITION
+    groups = partitions * groups
     keyed = ds.map_batches(_add_group, batch_format="pyarrow", fn_kwargs={"key": key, "groups": groups})
     return keyed.groupby("_group", num_partitions=partitions).map_groups(
         _call_group, batch_format="pyarrow", fn_kwargs={"fn": fn, "kwargs": kwargs})
@@ -153,7 +160,7 @@ def _hash_records(batch: pa.Table, hash_fn: Callable[..., pa.Table], fn_kwargs: 
     """PASS1 ``record`` rows -> their pass-1 rows, stamped with each record's row_order and kind.
 
     ``hash_fn`` runs once per batch over its distinct records (it also persists them to the cache); a
-    record listed twice gets its rows twice, with its own row_order each time.
+    video listed twice gets its rows twice, each with its own record's row_order and labels (caption, ...).
     """
     records = batch.to_pylist()
     distinct = {r["record_key"]: dict(r, width=r["source_width"], height=r["source_height"]) for r in records}
@@ -161,14 +168,16 @@ def _hash_records(batch: pa.Table, hash_fn: Callable[..., pa.Table], fn_kwargs: 
     by_key: dict[str, list[int]] = {}
     for i, key in enumerate(rows.column("record_key").to_pylist()):
         by_key.setdefault(key, []).append(i)
-    take, order, kind = [], [], []
+    take: list[int] = []
+    from_record: dict[str, list] = {"row_order": [], "kind": [], **{f: [] for f in stages.LABEL_FIELDS}}
     for r in records:
         idx = by_key.get(r["record_key"], [])
         take += idx
-        order += [r["row_order"]] * len(idx)
-        kind += [r["kind"]] * len(idx)
-    out = rows.take(pa.array(take, pa.int64()))
-    out = out.append_column("row_order", pa.array(order, pa.int64())).append_column("kind", pa.array(kind, pa.string()))
+        for name, values in from_record.items():
+            values += [r[name]] * len(idx)  # each record's own position, kind and labels (caption, ...)
+    out = rows.take(pa.array(take, pa.int64())).drop_columns([c for c in from_record if c in rows.column_names])
+    for name, values in from_record.items():
+        out = out.append_column(name, pa.array(values, ps.PASS1_SCHEMA.field(name).type))
     return ps._conform(out, ps.PASS1_SCHEMA)
 
 
@@ -186,6 +195,49 @@ def _done_markers(batch: pa.Table, s3_endpoint: str | None) -> pa.Table:
 def _uri(output: str, path: str) -> str:
     """A listed path as a URI the workers can resolve again (``s3://`` for S3 outputs)."""
     return f"s3://{path}" if storage.is_s3(output) else path
+
+
+# ------------------------------------------------------------------------------ pass-1 cache compaction
+def _write_cache_file(batch: pa.Table, output: str, s3_endpoint: str | None) -> pa.Table:
+    """One compacted cache file of ``batch`` (``_hashes/part-<sha1 of its keys>``: a retried write replaces
+    it); returns its name (no row when the block is empty)."""
+    if not batch.num_rows:
+        return pa.table({"name": pa.array([], pa.string())})
+    fs, base = storage.resolve(output, s3_endpoint)
+    keys = [f"{k}/{c}" for k, c in zip(batch.column("record_key").to_pylist(), batch.column("clip_id").to_pylist(),
+                                        strict=True)]
+    name = stages.part_name(keys)
+    storage.write_parquet(fs, storage.join(base, stages.HASH_DIR, name), batch, compression="zstd")
+    return pa.table({"name": [name]})
+
+
+@ray.remote(num_cpus=0.25)
+def _prune_cache(output: str, s3_endpoint: str | None, keep: list[str]) -> int:
+    """Delete every ``_hashes/`` file but the compacted ones (listed by this worker, not the driver)."""
+    fs, base = storage.resolve(output, s3_endpoint)
+    old = [p for p in storage.list_files(fs, storage.join(base, stages.HASH_DIR), "part-", ".parquet")
+           if p.rsplit("/", 1)[-1] not in set(keep)]
+    for p in old:
+        fs.delete_file(p)
+    return len(old)
+
+
+def compact_cache(pass1: ray.data.Dataset, output: str, s3_endpoint: str | None, parts: int, shuffle: str,
+                  groups: int = GROUPS_PER_PARTITION) -> dict:
+    """Rewrite the pass-1 cache as one file per plan partition (``plan_stages.cache_rows``), then delete the
+    per-batch files it replaces.
+
+    Pass 1 persists one small file per hash batch (a crash loses at most a batch); a 19M-clip run leaves
+    millions of them. Compacted, a rerun lists and reads ``parts`` files (about ``plan_partition_rows``
+    rows each). A crash between the write and the delete leaves rows cached twice, which the next lookup
+    reads once (``cache_rows`` and the ids stage keep one row per record key and clip).
+    """
+    rows = grouped(pass1, "record_key", ps.cache_rows, parts, shuffle, groups).repartition(parts)  # merges blocks, no shuffle
+    names = [n for t in ray.get(rows.map_batches(_write_cache_file, batch_size=None, batch_format="pyarrow",
+                                                 fn_kwargs={"output": output, "s3_endpoint": s3_endpoint}
+                                                 ).to_arrow_refs())
+             if t.num_rows for n in t.column("name").to_pylist()]
+    return {"cache_files": len(names), "cache_files_removed": ray.get(_prune_cache.remote(output, s3_endpoint, names))}
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -275,6 +327,7 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
     """The whole plan (module docstring) from the materialized manifest ``records``."""
     n_records = records.count()
     parts = max(1, math.ceil(n_records / max(partition_rows, 1))) if n_records > partition_rows else 1
+    groups = groups_per_partition(partition_rows)
     fs, base = storage.resolve(output, s3_endpoint)
     cache_files = storage.list_files(fs, storage.join(base, stages.HASH_DIR), "part-", ".parquet")
     shard_files = storage.list_files(fs, storage.join(base, "shards"), "part-", ".parquet")
@@ -289,7 +342,7 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
     if cache_files:
         cached = files(cache_files).map_batches(_read_cache_files, batch_format="pyarrow",
                                                 fn_kwargs={"s3_endpoint": s3_endpoint})
-        looked = grouped(records.union(cached), "record_key", ps.lookup_cache, parts, shuffle)
+        looked = grouped(records.union(cached), "record_key", ps.lookup_cache, parts, shuffle, groups)
     looked = clock("cache_lookup", looked.materialize())
     kwargs = {"profile": profile, "output": output, "s3_endpoint": s3_endpoint} | (hash_kwargs or {})
     stage = {"batch_size": 8, "num_cpus": 1} | (hash_stage or {})
@@ -302,15 +355,19 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
     hashed = sum_counts(fresh, _hash_tally)
     pass1 = looked.map_batches(lambda t: t.filter(pc.not_equal(t.column("status"), ps.RECORD)),
                                batch_format="pyarrow").union(fresh)
+    hash_batches = fresh.num_blocks() if hashed.get("rows") else 0  # one cache file per hash batch
+    compaction = {"cache_files": len(cache_files), "cache_files_removed": 0}
+    if len(cache_files) + hash_batches > 2 * parts:  # more files than compacting would leave (x2 slack)
+        compaction = clock("compact_cache", compact_cache(pass1, output, s3_endpoint, parts, shuffle, groups))
     if shard_files:
         pass1 = pass1.union(files(shard_files).map_batches(_done_markers, batch_format="pyarrow",
                                                            fn_kwargs={"s3_endpoint": s3_endpoint}))
 
     # ---- ids, exact duplicates, near duplicates ----
-    ids = clock("ids", grouped(pass1, "clip_id", ps.first_of_each_id, parts, shuffle).materialize())
-    exact = clock("exact", grouped(ids, "content_hash", ps.exact_groups, parts, shuffle).materialize())
+    ids = clock("ids", grouped(pass1, "clip_id", ps.first_of_each_id, parts, shuffle, groups).materialize())
+    exact = clock("exact", grouped(ids, "content_hash", ps.exact_groups, parts, shuffle, groups).materialize())
     bands_ds = exact.map_batches(ps.band_rows, batch_format="pyarrow", fn_kwargs={"bands": bands})
-    edges_ds = grouped(bands_ds, "band_key", ps.near_edges, parts, shuffle,
+    edges_ds = grouped(bands_ds, "band_key", ps.near_edges, parts, shuffle, groups,
                        threshold=threshold, bands=bands, max_bucket=max_bucket)
     edge_tables = [t for t in ray.get(edges_ds.to_arrow_refs()) if t.num_rows]
     edges = pa.concat_tables(edge_tables) if edge_tables else ps.EDGE_SCHEMA.empty_table()
@@ -326,7 +383,7 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
                                   if k.startswith("quarantined:")},
         "dedup": dedup_stats, "near_edges": edges.num_rows - edges.column("a_clip_id").null_count, "partitions": parts,
         "records_hashed": hashed.get("records", 0), "hash_rows": hashed.get("rows", 0),
-        "hash_worker_s": hashed.get("hash_us", 0) / 1e6, "plan_stage_s": clock.seconds,
+        "hash_worker_s": hashed.get("hash_us", 0) / 1e6, "plan_stage_s": clock.seconds, "cache": compaction,
     }
     return GlobalPlan(
         todo=final.map_batches(_split, batch_format="pyarrow", fn_kwargs={"part": "todo"}),

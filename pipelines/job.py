@@ -5,8 +5,8 @@ pass-1 rows (per-clip hashes, or one quarantine row per bad video: ``hash_and_ca
 from the ``_hashes/`` cache or are computed and persisted there; ids, exact and near duplicates are
 resolved in the cluster (hash-partitioned ``map_groups``, one task for a small job), and the kept rows
 get the captions of their exact copies. The driver receives counts and the near-duplicate edges only.
-Pass 2: kept clips not yet in a completed shard -> decode (CPU tasks) -> encoder actor pool (models
-loaded once per actor) -> optical flow (CPU tasks) -> Parquet shards written by tasks (atomic: temp
+Pass 2: kept clips not yet in a completed shard -> decode + optical flow (CPU tasks: the frames are
+decoded once, flow is computed beside them) -> encoder actor pool (models loaded once per actor) -> Parquet shards written by tasks (atomic: temp
 name then rename locally, one upload on S3; :mod:`fdreamer.data.storage`). A task with the encoder
 resources writes ``null_conditions.safetensors`` once. Then ``duplicates.parquet`` and
 ``quarantine.parquet`` (written by workers), ``summary.json`` (also logged to MLflow when configured)
@@ -73,12 +73,15 @@ def check_t5_caption(output: str, t5_caption: str, shards: Counter[str]) -> None
             f"t5_caption={t5_caption}; write to a new output folder, or rerun with the output's t5_caption")
 
 
+def _vae_factor(cfg: PreprocessConfig) -> int:
+    vae = cfg.resolved_encoders().vae
+    return vae_downsample_factor(vae) if (Path(vae or "") / "config.json").is_file() else 8
+
+
 def _rows_per_shard(cfg: PreprocessConfig) -> int:
     """Rows per shard from ``shard_target_bytes`` and the fp16 tensor sizes of one clip."""
     enc = cfg.resolved_encoders()
-    factor, text_width = 8, 768
-    if (Path(enc.vae or "") / "config.json").is_file():
-        factor = vae_downsample_factor(enc.vae)
+    factor, text_width = _vae_factor(cfg), 768
     text_cfg = Path(enc.text_encoder or "") / "config.json"
     if text_cfg.is_file():
         text_width = int(json.loads(text_cfg.read_text()).get("hidden_size", text_width))
@@ -153,13 +156,6 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
     enc_stage = cfg.stages.encode
     enc_cfg = dataclasses.asdict(cfg.resolved_encoders())
 
-    # The empty caption's encodings (CFG null condition), once per output, on the encoder resources.
-    null_path = storage.join(base, schema.NULL_CONDITIONS_FILE)
-    null_ref = None
-    if not storage.exists(fs, null_path):
-        null_ref = ray.remote(stages.null_conditions_bytes).options(
-            num_cpus=enc_stage.num_cpus, num_gpus=enc_stage.num_gpus or 0).remote(enc_cfg)
-
     # ---- pass 1 and the global plan (in the cluster; the driver gets counts and near-duplicate edges) ----
     t_pass1 = time.perf_counter()
     gp = global_plan.plan(records, output=cfg.output, s3_endpoint=cfg.s3_endpoint, profile=profile,
@@ -169,19 +165,28 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
     t_pass1 = time.perf_counter() - t_pass1
     counts = gp.counts
 
-    # ---- pass 2: decode -> encode (actors) -> flow -> shards ----
+    # The empty caption's encodings (CFG null condition), once per output, on the encoder resources: started
+    # with pass 2, so nothing asks for a GPU during pass 1 (the autoscaler may keep the GPU group at zero).
+    null_path = storage.join(base, schema.NULL_CONDITIONS_FILE)
+    null_ref = None
+    if not storage.exists(fs, null_path):
+        null_ref = ray.remote(stages.null_conditions_bytes).options(
+            num_cpus=enc_stage.num_cpus, num_gpus=enc_stage.num_gpus or 0).remote(enc_cfg)
+
+    # ---- pass 2: decode + flow -> encode (actors) -> shards ----
     t_pass2 = time.perf_counter()
     p2: Counter[str] = Counter()
     quarantine_parts = [gp.quarantined]
     if counts["todo"]:
         todo = gp.todo.repartition(target_num_rows_per_block=max(1, dec.batch_size))
+        latent = cfg.profile.size // _vae_factor(cfg)  # flow at the latents' resolution, beside the decode
         res = (
             todo.map_batches(stages.decode_clips, batch_format="pyarrow",
-                             fn_kwargs={"profile": profile, "s3_endpoint": cfg.s3_endpoint}, **_stage_kwargs(dec))
+                             fn_kwargs={"profile": profile, "s3_endpoint": cfg.s3_endpoint,
+                                        "flow_size": (latent, latent)}, **_stage_kwargs(dec))
             .map_batches(stages.EncodeClips, batch_format="pyarrow",
                          fn_constructor_kwargs={"encoder_cfg": enc_cfg, "t5_caption": cfg.t5_caption},
                          **_stage_kwargs(enc_stage))
-            .map_batches(stages.add_flow, batch_format="pyarrow", **_stage_kwargs(cfg.stages.flow))
             .map_batches(stages.write_shard, batch_format="pyarrow", batch_size=_rows_per_shard(cfg),
                          fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.s3_endpoint,
                                     "t5_caption": cfg.t5_caption},
@@ -232,6 +237,7 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
         "t5_caption_fallbacks": fallbacks,  # written by this run with t5 of caption for lack of a motion_caption
         "rows_in_shards": rows_total,
         "records_hashed": counts["records_hashed"],  # others: from the _hashes/ cache
+        "hash_cache": counts["cache"],  # files in _hashes/ after compaction (when it ran) and those it replaced
         "plan_partitions": counts["partitions"],  # 1: the plan ran in one task per stage (a small job)
         "bytes_per_clip_by_column": col_bytes,
         "stages": stage_stats,
@@ -261,8 +267,8 @@ def summary_metrics(summary: dict) -> dict[str, float]:
             out |= {f"{k.split('_by_')[0]}.{sub}": float(n) for sub, n in v.items()}
         elif k == "bytes_per_clip_by_column":
             out |= {f"bytes_per_clip.{col}": float(n) for col, n in v.items()}
-        elif k == "dedup":
-            out |= {f"dedup.{m}": float(n) for m, n in v.items()}
+        elif k in ("dedup", "hash_cache"):
+            out |= {f"{k}.{m}": float(n) for m, n in v.items()}
         elif k == "stages":
             out |= {f"stage.{st}.{m}": float(n) for st, d in v.items() for m, n in d.items()}
     return out

@@ -7,7 +7,8 @@ of the single-process reference :func:`pipelines.plan.plan_pass2` (the tests com
 
 ``lookup_cache`` (key ``record_key``)
     manifest records (``status = "record"``) + cached pass-1 rows -> the cached rows stamped with the
-    record's ``row_order``, and the records with no cached rows (still ``"record"``: pass 1 hashes them).
+    record's ``row_order``, ``kind`` and labels (caption, ...: :data:`pipelines.stages.LABEL_FIELDS`), and
+    the records with no cached rows (still ``"record"``: pass 1 hashes them).
 ``first_of_each_id`` (key ``clip_id``)
     pass-1 rows + ``"done"`` markers (clip ids in complete shards) -> each id's first row in manifest
     order (``role = "keep"``, ``captions`` = its rows' captions, ``done`` flag), later rows of the same
@@ -20,6 +21,8 @@ of the single-process reference :func:`pipelines.plan.plan_pass2` (the tests com
     kept rows -> one row per LSH band (:func:`fdreamer.data.dedup.band_values`) -> the verified
     near-duplicate pairs of each bucket (numpy XOR + popcount, :func:`fdreamer.data.dedup.bucket_near_pairs`),
     each pair reported by the lowest band it shares, plus one row of counts per partition.
+``cache_rows`` (key ``record_key``)
+    pass-1 rows -> the distinct rows the compacted ``_hashes/`` cache keeps (one per record key and clip).
 ``resolve_near`` (the driver, over the edges only) and ``apply_near`` (any partition)
     connected components of the edges -> the copy kept per component; the others become ``near``
     duplicates, and exact copies of a dropped row follow it to the component's kept copy.
@@ -37,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fdreamer.data import dedup
-from pipelines.stages import HASH_SCHEMA, OK, QUARANTINED
+from pipelines.stages import HASH_SCHEMA, LABEL_FIELDS, OK, QUARANTINED, TRANSIENT_REASONS
 
 RECORD, DONE = "record", "done"  # status of rows that are not pass-1 results: a manifest record, a clip in a shard
 KEEP, DUP, QUARANTINE = "keep", "dup", "quarantine"
@@ -71,11 +74,31 @@ def lookup_cache(table: pa.Table) -> pa.Table:
     records, cached = table.filter(is_record), table.filter(pc.invert(is_record))
     if not cached.num_rows or not records.num_rows:
         return records
-    found = cached.drop_columns(["row_order", "kind"]).join(
-        records.select(["record_key", "row_order", "kind"]), "record_key", join_type="inner")
+    from_record = ["row_order", "kind", *LABEL_FIELDS]  # the current record's, not those of the cached rows
+    found = cached.drop_columns(from_record).join(
+        records.select(["record_key", *from_record]), "record_key", join_type="inner")
     keys = cached.select(["record_key"]).group_by("record_key").aggregate([])
     missing = records.join(keys, "record_key", join_type="left anti")
     return pa.concat_tables([_conform(found, PASS1_SCHEMA), _conform(missing, PASS1_SCHEMA)])
+
+
+def cache_rows(table: pa.Table) -> pa.Table:
+    """Pass-1 rows of complete ``record_key`` groups -> what the compacted cache keeps (``HASH_SCHEMA``).
+
+    One row per (``record_key``, ``clip_id``): a video listed in several records, or cached twice by a
+    retried task, is kept once, so compacting again never multiplies rows. Transient failures
+    (:data:`pipelines.stages.TRANSIENT_REASONS`) are left out: the next run tries them again.
+    """
+    table = _conform(table, PASS1_SCHEMA)
+    status, reason = table.column("status"), pc.fill_null(table.column("reason"), "")
+    keep = pc.or_(pc.equal(status, OK),
+                  pc.and_(pc.equal(status, QUARANTINED), pc.invert(pc.is_in(reason, pa.array(sorted(TRANSIENT_REASONS))))))
+    table = table.filter(keep)
+    table = table.take(pc.sort_indices(table, [("record_key", "ascending"), ("clip_id", "ascending"),
+                                               ("row_order", "ascending")]))
+    keys = list(zip(table.column("record_key").to_pylist(), table.column("clip_id").to_pylist(), strict=True))
+    first = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+    return _conform(table.take(pa.array(first, pa.int64())), HASH_SCHEMA)
 
 
 def _with_plan(table: pa.Table, default_role: str, **columns: pa.Array) -> pa.Table:

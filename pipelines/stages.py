@@ -164,14 +164,20 @@ HASH_SCHEMA = pa.schema([f for f in schema.METADATA_FIELDS
 TRANSIENT_REASONS = frozenset({"missing", "decode_timeout"})
 
 
+# Record fields that label a video without changing what pass 1 computes from it: they stay out of the
+# cache key and are re-joined from the current manifest record, so re-captioning decodes nothing again.
+LABEL_FIELDS = ("caption", "motion_caption", "split", "motion")
+
+
 def record_key(rec: dict, profile: dict) -> str:
     """Key of one manifest record under one sampling profile (the pass-1 cache key).
 
-    ``kind`` enters the key only for images, so video records keep the keys (and the ``_hashes/``
-    cache) of outputs written before image records existed.
+    The video's identity (``uri``, ``source``, ``video_id``, the manifest's ``width``/``height``) and the
+    sampling profile; not its labels (:data:`LABEL_FIELDS`). ``kind`` enters the key only for images.
+    An object replaced under the same uri keeps its key: write changed videos under a new uri.
     """
     prof = {k: v for k, v in sorted(profile.items()) if k != "decode_timeout_s"}
-    skip = {"record_key"} | ({"kind"} if rec.get("kind", "video") == "video" else set())
+    skip = {"record_key", *LABEL_FIELDS} | ({"kind"} if rec.get("kind", "video") == "video" else set())
     text = json.dumps({"record": {k: rec[k] for k in sorted(rec) if k not in skip}, "profile": prof},
                       sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()
@@ -209,8 +215,11 @@ def part_name(keys: list[str]) -> str:
     return f"part-{digest}.parquet"
 
 
-def decode_clips(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) -> pa.Table:
-    """Kept clips -> the same rows plus ``frames`` (uint8 ``[T, S, S, 3]`` as bytes/shape/dtype).
+def decode_clips(batch: pa.Table, profile: dict, s3_endpoint: str | None = None,
+                 flow_size: tuple[int, int] | None = None) -> pa.Table:
+    """Kept clips -> the same rows plus ``frames`` (uint8 ``[T, S, S, 3]`` as bytes/shape/dtype) and, with
+    ``flow_size`` (the latents' ``(h, w)``), their optical flow and ``motion_score`` (:func:`_add_flow`),
+    computed beside the decode so the frames are decoded once and cross no other stage for it.
 
     Failures (``decode_timeout_s`` applies here too) become quarantine rows with their reason.
     """
@@ -230,7 +239,33 @@ def decode_clips(batch: pa.Table, profile: dict, s3_endpoint: str | None = None)
             r.update(status=QUARANTINED, reason=quarantine.classify(exc) or "corrupt", detail=str(exc)[:500])
         r.update(schema.tensor_to_columns("frames", frames))
         r["sec_decode"] = time.perf_counter() - t0
-    return pa.Table.from_pylist(rows)
+        if flow_size is not None:
+            _add_flow(r, frames, flow_size)
+    table = pa.Table.from_pylist(rows)
+    if flow_size is not None:
+        for name, typ in _FLOW_TYPES.items():  # typed even when every row is null (a block of only images)
+            table = table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(typ))
+    return table
+
+
+def _add_flow(r: dict, frames: np.ndarray, size: tuple[int, int]) -> None:
+    """``r`` += ``flow`` ``[2, T-1, h, w]`` at ``size`` and ``motion_score``; null for failures and images
+    (no flow on one frame; a null motion score = not measured)."""
+    t0 = time.perf_counter()
+    r.update({"flow": None, "flow_shape": None, "flow_dtype": None, "motion_score": 0.0, "sec_flow": 0.0})
+    if r["status"] != OK:
+        return
+    if _is_image_row(r):
+        r["motion_score"] = None
+        return
+    fl = flow.optical_flow(frames, size)
+    r.update(schema.tensor_to_columns("flow", fl))
+    r["motion_score"] = flow.motion_score(fl)
+    r["sec_flow"] = time.perf_counter() - t0
+
+
+_FLOW_TYPES = {"flow": pa.binary(), "flow_shape": pa.list_(pa.int32()), "flow_dtype": pa.string(),
+               "motion_score": pa.float32()}
 
 
 def _ok_rows(rows: list[dict]) -> list[int]:
@@ -266,7 +301,7 @@ class EncodeClips:
         sec = (time.perf_counter() - t0) / max(len(rows), 1)
         for r in rows:
             r["sec_encode"] = sec
-        return pa.Table.from_pylist(rows)
+        return pa.Table.from_pylist(rows).drop_columns(["frames", "frames_shape", "frames_dtype"])
 
     def _encode(self, rows: list[dict], ok: list[int]) -> None:
         """Add the encoder columns to ``rows[i]`` for ``i in ok`` (all with the same frame count)."""
@@ -325,33 +360,6 @@ def null_conditions_bytes(encoder_cfg: dict) -> bytes:
 
     return save(null_conditions(load_encoders(encoder_cfg)), metadata={"caption": "",
                                                                        "schema_version": str(schema.SCHEMA_VERSION)})
-
-
-def add_flow(batch: pa.Table) -> pa.Table:
-    """Add ``flow`` (at the latents' resolution) and ``motion_score``; drop the frames columns."""
-    rows = batch.to_pylist()
-    for r in rows:
-        t0 = time.perf_counter()
-        r.update({"flow": None, "flow_shape": None, "flow_dtype": None, "motion_score": 0.0, "sec_flow": 0.0})
-        if r["status"] != OK:
-            continue
-        if _is_image_row(r):  # no flow on one frame; motion_score null = not measured
-            r["motion_score"] = None
-            continue
-        frames = schema.columns_to_tensor(r, "frames")
-        lat_shape = r["latents_shape"]  # [4, T, h, w]
-        fl = flow.optical_flow(frames, (lat_shape[2], lat_shape[3]))
-        r.update(schema.tensor_to_columns("flow", fl))
-        r["motion_score"] = flow.motion_score(fl)
-        r["sec_flow"] = time.perf_counter() - t0
-    table = pa.Table.from_pylist(rows).drop_columns(["frames", "frames_shape", "frames_dtype"])
-    for name, typ in _FLOW_TYPES.items():  # typed even when every row is null (a block of only images)
-        table = table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(typ))
-    return table
-
-
-_FLOW_TYPES = {"flow": pa.binary(), "flow_shape": pa.list_(pa.int32()), "flow_dtype": pa.string(),
-               "motion_score": pa.float32()}
 
 
 WRITE_SCHEMA = pa.schema([("clip_id", pa.string()), ("uri", pa.string()), ("status", pa.string()),

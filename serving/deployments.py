@@ -54,7 +54,8 @@ def shape_key(job: dict[str, Any]) -> tuple:
 
 
 def load_pipeline(settings: Settings, checkpoint: str):
-    """The :class:`~fdreamer.inference.pipeline.VideoPipeline` of ``checkpoint`` (folder, run folder or runs:/<id>)."""
+    """The :class:`~fdreamer.inference.pipeline.VideoPipeline` of ``checkpoint`` (folder, run folder, either on
+    ``s3://`` (fetched into the local cache once), or runs:/<id>)."""
     import torch
 
     from fdreamer.encoders import DTYPES
@@ -63,7 +64,7 @@ def load_pipeline(settings: Settings, checkpoint: str):
 
     if settings.device == "cpu":
         torch.set_num_threads(max(1, settings.torch_threads))
-    path, _ = resolve_checkpoint(checkpoint, settings.tracking_uri)
+    path, _ = resolve_checkpoint(checkpoint, settings.tracking_uri, s3_endpoint=settings.s3_endpoint)
     dtype = DTYPES[settings.dtype] if settings.dtype else None
     pipe = VideoPipeline.from_checkpoint(path, device=settings.device, dtype=dtype, t2i_path=settings.t2i_path)
     return pipe, Path(path)

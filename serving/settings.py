@@ -46,7 +46,7 @@ class Batching:
 
 @dataclass
 class Settings:
-    checkpoint: str | None = None  # checkpoint folder, run folder or runs:/<mlflow run id>
+    checkpoint: str | None = None  # checkpoint folder, run folder (either local or s3://) or runs:/<mlflow run id>
     tracking_uri: str | None = None  # MLflow, for runs:/
     t2i_checkpoint: str | None = None  # the T2I deployment's checkpoint (default: `checkpoint`)
     t2i_path: str | None = None  # a local diffusers Stable Diffusion folder for the T2I step
@@ -54,7 +54,7 @@ class Settings:
     dtype: str | None = None  # float32 | float16 | bfloat16 (default: as saved)
     torch_threads: int = 1  # intra-op threads per model replica (CPU)
     store: str | None = None  # local dir or s3://bucket/prefix (default FDREAMER_STORE, else runs/serving/jobs)
-    s3_endpoint: str | None = None
+    s3_endpoint: str | None = None  # for an s3:// store or checkpoint on MinIO/moto (null: AWS)
     api_key_env: str = "FDREAMER_API_KEY"  # the name of the variable holding the bearer token
     max_jobs_in_flight: int = 32  # queued + running jobs per ingress replica before 429
     retry_after_s: int = 5

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny models written once per session, and real local services (``helpers/``).
 
 Session fixtures: ``tiny_dir`` / ``memory`` (tiny models, random VAE), ``ray_head`` (a 2-CPU
-``ray start --head`` cluster), ``mlflow_server`` (a real ``mlflow server``), ``preprocessed_sample``
+``ray start --head`` cluster), ``mlflow_server`` (a real ``mlflow server``), ``s3_endpoint`` (a moto S3 server), ``preprocessed_sample``
 (32 sample clips through the preprocessing job on ``ray_head``, trained tiny VAE).
 """
 
@@ -113,3 +113,26 @@ def preprocessed_sample(tmp_path_factory: pytest.TempPathFactory, ray_head: dict
     ``fdreamer.data.schema.read_null_conditions(output)`` for the CFG null condition.
     """
     return preprocess_sample(tmp_path_factory.mktemp("preprocessed"), ray_head["address"], num_clips=32)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server (its server mode, on a free loopback port) for the session; yields its endpoint URL.
+
+    The tests' processes and Ray heads get dummy AWS credentials (``helpers.ray_cluster.subprocess_env``);
+    this process too while the server runs. Each test module uses its own bucket.
+    """
+    from helpers.ray_cluster import free_port, subprocess_env
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in subprocess_env().items():
+            if k.startswith("AWS_"):
+                mp.setenv(k, v)
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+        server.start()
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.stop()

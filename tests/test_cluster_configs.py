@@ -152,7 +152,8 @@ def test_rayjob_entrypoints_load(kind: str) -> None:
         cfg.check_ready()
         assert cfg.output.startswith("s3://") and all(i.startswith("s3://") for i in cfg.inputs)
         enc = cfg.stages.encode
-        assert enc.num_gpus == 1 and enc.concurrency * enc.num_gpus == TOTAL_GPUS
+        assert enc.num_gpus == 1 and enc.concurrency[1] * enc.num_gpus == TOTAL_GPUS  # the pool grows to every GPU
+        assert enc.concurrency[0] == 1 and cfg.stages.decode.concurrency is None  # decode: every CPU
         assert cfg.mlflow_tracking_uri and cfg.profile.num_frames == 32 and cfg.profile.size == 256
 
 

@@ -1,7 +1,8 @@
 """The README's main job: ``python cluster/main_job.py`` on a machine without ffmpeg.
 
-The end-to-end test runs it on a fresh local 2-node cluster with a PATH that has no ``ffprobe`` /
-``ffmpeg`` (every other tool of the machine is there): sample data -> MLflow server ->
+The end-to-end test runs it with ``--storage s3`` (a local moto S3 server started by the job: clips,
+features, checkpoints, served videos and MLflow artifacts in its bucket) on a fresh local 2-node cluster
+with a PATH that has no ``ffprobe`` / ``ffmpeg`` (every other tool of the machine is there): sample data -> MLflow server ->
 ``cluster/local.sh up`` -> ``ray job submit`` preprocessing -> ``ray job submit`` training (2 workers
 over both nodes) -> ``serve deploy`` -> one text-to-video request over HTTP -> everything stopped. It
 checks the jobs SUCCEEDED through the Ray Jobs API (the script fails otherwise), training placed
@@ -127,7 +128,7 @@ def test_main_job_end_to_end(tmp_path: Path) -> None:
     env = subprocess_env(FDREAMER_DASHBOARD_PORT=str(free_port()), FDREAMER_CLUSTER_DIR=str(tmp_path / "c"),
                          PATH=no_ffmpeg)
     proc = subprocess.run([sys.executable, str(MAIN_JOB), f"--workdir={work}", "--clips=24", "--steps=2",
-                           "--keep-mlflow"], env=env, cwd=REPO, capture_output=True, text=True,
+                           "--keep-mlflow", "--storage=s3"], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=1400, check=False)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -142,8 +143,22 @@ def test_main_job_end_to_end(tmp_path: Path) -> None:
         assert result["plan"]["init_from"] and result["plan"]["t2i_path"]  # the committed I2V and T2I
         shows = result["served_video"]
         assert (shows["colour"], shows["motion"]) == (shows["prompt_colour"], shows["prompt_motion"]) == ("red", "right")
-        summary = json.loads(Path(result["parquet_summary"]).read_text())
-        assert summary["written"] > 0
+        # --storage s3: every job read and wrote the bucket; the workdir holds only caches and service state
+        bucket = result["bucket"]
+        assert result["parquet_summary"] == "s3://fdreamer/preprocessed/summary.json"
+        assert result["parquet_summary_json"]["written"] > 0
+        assert sum(k.endswith(".mp4") for k in bucket["sample"]) == 24 and "sample/manifest.jsonl" in bucket["sample"]
+        pre = bucket["preprocessed"]
+        assert {"preprocessed/_SUCCESS", "preprocessed/null_conditions.safetensors",
+                "preprocessed/duplicates.parquet", "preprocessed/quarantine.parquet"} <= set(pre)
+        assert any(k.startswith("preprocessed/shards/part-") for k in pre)
+        assert result["checkpoint"].startswith("s3://fdreamer/storage/main_tiny_finetune/checkpoint_step_")
+        ckpt_key = result["checkpoint"].removeprefix("s3://fdreamer/")
+        assert {f"{ckpt_key}/model.safetensors", f"{ckpt_key}/trainer_state.json"} <= set(bucket["storage"])
+        assert any(k.endswith(".mp4") for k in bucket["serving"])  # the served video, stored by the replica
+        assert any("/checkpoint/model.safetensors" in k for k in bucket["mlflow"])  # MLflow's proxied artifacts
+        local = [p for name in ("preprocessed", "storage", "serving-jobs") for p in (work / name).rglob("*") if p.is_file()]
+        assert not local, local[:5]  # (the local cluster makes an empty shared-storage folder)
         run = mlflow.tracking.MlflowClient(result["mlflow_ui"]).get_run(result["mlflow_run_id"])
         assert run.data.tags["ray.num_nodes"] == "2", run.data.tags.get("ray.worker_nodes")
         assert "val_loss" in run.data.metrics

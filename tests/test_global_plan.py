@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,33 @@ def test_partition_functions_match_the_reference_plan() -> None:
     assert captions[sd.clip_id(100, PROFILE)] == ["caption 100", "caption 101"]
 
 
+def test_a_video_listed_twice_is_hashed_once_and_keeps_each_records_labels() -> None:
+    """The pass-1 cache key leaves labels out (``stages.LABEL_FIELDS``): two records of one video with other
+    captions and splits are hashed once, and each pass-1 row carries its own record's labels and position."""
+    from pipelines import global_plan, stages
+
+    rec = {"source": "generic", "video_id": "v4", "uri": "/s/v4.mp4", "caption": "first", "motion_caption": "",
+           "split": "train", "motion": "", "source_width": 640, "source_height": 360, "kind": "video",
+           "status": ps.RECORD, "clip_id": ""}
+    recs = [dict(rec, row_order=0), dict(rec, caption="second", motion_caption="pan", split="heldout", row_order=7)]
+    recs = [dict(r, record_key=stages.record_key({k: r[k] for k in ("source", "video_id", "uri", "caption",
+                                                                     "motion_caption", "split", "motion", "kind")},
+                                                   PROFILE)) for r in recs]
+    assert recs[0]["record_key"] == recs[1]["record_key"]
+    calls: list[int] = []
+
+    def counting(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) -> pa.Table:
+        calls.append(batch.num_rows)
+        return sd.hasher(batch, profile)
+
+    out = global_plan._hash_records(pa.Table.from_pylist(recs, schema=ps.PASS1_SCHEMA), counting,
+                                    {"profile": PROFILE}).to_pylist()
+    assert calls == [1]
+    assert [(r["row_order"], r["caption"], r["motion_caption"], r["split"]) for r in out] == [
+        (0, "first", "", "train"), (7, "second", "pan", "heldout")]
+    assert out[0]["content_hash"] == out[1]["content_hash"] == sd.content_hash_of(4)
+
+
 def test_a_pair_in_several_bands_is_reported_once_and_a_chain_is_one_component() -> None:
     base = bytes(range(32))
     near1 = bytes([base[0] ^ 1]) + base[1:]  # 1 bit off in band 0: shares bands 1..15
@@ -97,7 +125,8 @@ records = global_plan.read_records([{manifest!r}], profile, None)
 out = {{}}
 for name, rows in (("partitioned", 400), ("rerun", 400)):
     gp = global_plan.plan(records, output={output!r}, s3_endpoint=None, profile=profile, partition_rows=rows,
-                          threshold=10.0, bands=16, hash_kwargs={{"hasher": sd.hasher}})
+                          threshold=10.0, bands=16, hash_kwargs={{"hasher": sd.hasher}},
+                          hash_stage={{"batch_size": 100}})
     dups = sorted([r["clip_id"], r["kept_clip_id"], r["kind"]] for r in gp.duplicates.take_all())
     out[name] = {{"counts": gp.counts, "dups": dups, "todo": gp.todo.count()}}
 bad = {bad!r}
@@ -127,4 +156,9 @@ def test_the_partitioned_plan_on_the_cluster(ray_head: dict[str, str], tmp_path:
     assert out["partitioned"]["counts"]["partitions"] == 4
     assert out["partitioned"]["counts"]["records_hashed"] == n and out["rerun"]["counts"]["records_hashed"] == 0
     assert out["partitioned"]["counts"]["dedup"] == out["rerun"]["counts"]["dedup"]
+    # The 15 per-batch cache files became one per partition; the rerun found nothing to compact.
+    assert out["partitioned"]["counts"]["cache"]["cache_files"] == 4
+    assert out["partitioned"]["counts"]["cache"]["cache_files_removed"] == math.ceil(n / 100)
+    assert out["rerun"]["counts"]["cache"] == {"cache_files": 4, "cache_files_removed": 0}
+    assert len(list((tmp_path / "out" / "_hashes").glob("part-*.parquet"))) == 4
     assert out["error"] == f"ManifestError: {bad}: line 2, row 1: field 'caption' must be a string or number, got a list"

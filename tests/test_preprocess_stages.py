@@ -14,6 +14,8 @@ import pytest
 
 from fdreamer.data import manifests, schema, storage
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 # ------------------------------------------------------------------------- profile keys in the stages
 
@@ -84,6 +86,14 @@ def test_hash_cache_round_trip_skips_transient(rows: list[dict], tmp_path: Path)
     rows = [r for rs in lookup().values() for r in rs if r["status"] != plan_stages.RECORD]
     ids = plan_stages.first_of_each_id(pa.Table.from_pylist(rows, schema=plan_stages.PASS1_SCHEMA)).to_pylist()
     assert sorted((r["clip_id"], r["role"]) for r in ids) == sorted((r["clip_id"], "keep") for r in out.to_pylist()[:2])
+    # Re-captioned records keep their key: their cached rows come back with the new labels, nothing re-hashed.
+    relabelled = dict(recs[0], caption="a new caption", motion_caption="slow pan", split="heldout")
+    assert job.record_key(relabelled, profile) == items[0]["record_key"]
+    assert job.record_key(dict(recs[0], uri=recs[0]["uri"] + "?v=2"), profile) != items[0]["record_key"]
+    records = records.set_column(records.schema.get_field_index("caption"), "caption",
+                                 pa.array(["a new caption", *records.column("caption").to_pylist()[1:]]))
+    first = lookup()[items[0]["record_key"]]
+    assert {r["status"] for r in first} == {"ok"} and {r["caption"] for r in first} == {"a new caption"}
 
 
 # ------------------------------------------------------------------------------- t5_caption option
@@ -99,7 +109,7 @@ def test_t5_caption_option_through_the_stages(rows: list[dict], tiny_dir: Path, 
     recs[1]["motion_caption"] = ""  # as read from a WebVid/Pexels CSV
     profile = ProfileConfig().stage_dict()
     hashed = stages.hash_videos(pa.Table.from_pylist(recs), profile).drop_columns(["phash"])
-    decoded = stages.decode_clips(hashed, profile)
+    decoded = stages.decode_clips(hashed, profile, flow_size=(16, 16))
     enc_cfg = dataclasses.asdict(PreprocessConfig(models_dir=str(tiny_dir)).resolved_encoders())
     default, motion = stages.EncodeClips(enc_cfg), stages.EncodeClips(enc_cfg, t5_caption="motion_caption")
     got = {"caption": default(decoded).to_pylist(), "motion_caption": motion(decoded).to_pylist()}
@@ -122,13 +132,13 @@ def test_t5_caption_option_through_the_stages(rows: list[dict], tiny_dir: Path, 
         np.testing.assert_allclose(t5_row(r), t5_of(rec["caption"]), atol=1e-3, rtol=1e-3)
         assert not r["t5_fallback"] and r["clip_text_tokens"] == same["clip_text_tokens"]  # CLIP: caption
     # Shards record the option; fallbacks come back from the writer; another option cannot resume there.
-    out = stages.write_shard(stages.add_flow(pa.Table.from_pylist(got["motion_caption"])), str(tmp_path / "o"),
+    out = stages.write_shard(pa.Table.from_pylist(got["motion_caption"]), str(tmp_path / "o"),
                              t5_caption="motion_caption")
     assert out.column("t5_fallback").to_pylist() == [False, True]
     # A retried write task (the same rows again) replaces its shard: the name follows from the clip ids.
     shard = out.column("shard")[0].as_py()
     assert shard == stages.part_name([r["clip_id"] for r in got["motion_caption"]]) != stages.part_name(["x"])
-    retried = stages.write_shard(stages.add_flow(pa.Table.from_pylist(got["motion_caption"][::-1])),
+    retried = stages.write_shard(pa.Table.from_pylist(got["motion_caption"][::-1]),
                                  str(tmp_path / "o"), t5_caption="motion_caption")
     assert set(retried.column("shard").to_pylist()) == {shard}
     assert [p.name for p in (tmp_path / "o" / "shards").iterdir()] == [shard]
@@ -142,3 +152,18 @@ def test_t5_caption_option_through_the_stages(rows: list[dict], tiny_dir: Path, 
     assert schema.shard_t5_caption(None) == "caption"  # shards written before the option
     with pytest.raises(ConfigError, match="t5_caption"):
         load_config(PreprocessConfig, overrides=["--t5_caption=motion"])
+
+
+def test_stage_resources_config() -> None:
+    """Decode: a number of tasks or null (every CPU); encode: actors, n or [min, max] (an autoscaling pool)."""
+    from fdreamer.config import load_config
+    from pipelines.config import PreprocessConfig
+
+    tiny = REPO / "pipelines" / "configs" / "tiny.yaml"
+    cfg = load_config(PreprocessConfig, tiny, ["--stages.decode.concurrency=null", "--stages.encode.concurrency=[1, 3]"])
+    assert cfg.stages.decode.concurrency is None and cfg.stages.encode.concurrency == (1, 3)
+    with pytest.raises(ValueError, match="stages.encode.concurrency must be a number of actors"):
+        load_config(PreprocessConfig, tiny, ["--stages.encode.concurrency=null"])
+    with pytest.raises(ValueError, match="stages.decode.concurrency is a number of tasks or null"):
+        load_config(PreprocessConfig, tiny, ["--stages.decode.concurrency=[1, 2]"])
+

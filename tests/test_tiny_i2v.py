@@ -32,18 +32,18 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_committed_tiny_i2v_moves_the_subject_the_captions_way(installed: dict[str, Path]) -> None:
-    """Image-to-video on the 32 held-out clips (their first frame + motion caption, 10 DDIM steps to keep CI
+    """Image-to-video on 16 of the held-out clips (their first frame + motion caption, 10 DDIM steps to keep CI
     short, the evaluation's default guidance): the subject's motion class is the caption's in >= 50% (chance
-    1/8; measured 0.78 at 10 steps, 0.84 at 20: training.json) and frame 0 keeps the conditioning frame
-    (PSNR >= 26 dB; measured 28.8)."""
+    1/8; measured 0.75 on these 16; on all 32: 0.78 at 10 steps, 0.84 at 20, training.json) and frame 0 keeps
+    the conditioning frame (PSNR >= 26 dB; measured 29.6 on these 16, 28.8 on 32)."""
     from fdreamer.eval.evaluate import EvalSettings, evaluate
 
     trained = json.loads((TINY_I2V_ASSET_DIR / "training.json").read_text())
     assert trained["eval_i2v"]["direction_accuracy"] >= 0.6
-    res = evaluate(installed["models"] / "i2v", installed["heldout"], modes=("i2v",), num=32,
+    res = evaluate(installed["models"] / "i2v", installed["heldout"], modes=("i2v",), num=16,
                    settings=EvalSettings(steps=10), log=False, out=installed["root"] / "eval_i2v", save_videos=0)
     s = res.summary["i2v"]
-    assert s["n"] == 32
+    assert s["n"] == 16
     assert s["direction_accuracy"] >= 0.5, s
     assert s["psnr0"] >= 26.0, s
     assert res.summary["real"]["direction_accuracy"] >= 0.9  # the classifier reads the real clips

@@ -4,7 +4,8 @@ server on 127.0.0.1), through the same pyarrow filesystem layer as the preproces
 The session's preprocessed sample (32 clips) is copied to a bucket as is; every driver-side read of
 ``training/launch.prepare`` (shard listing, schema check, null conditions, row count, clip profile), the
 held-out batch (a filtered scan) and the Ray Data read of the workers (on the session's Ray head) must
-give what they give on the local folder. Checkpoints on S3 are refused with one clear line (not yet).
+give what they give on the local folder. Checkpoints in a bucket: the latest found by step, fetched into
+the local cache, loaded as saved.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.ray_cluster import REPO, free_port, subprocess_env
+from helpers.ray_cluster import REPO, subprocess_env
 
 from fdreamer.config import load_config
 from training.config import TrainConfig
@@ -26,35 +26,18 @@ CONFIG = REPO / "training" / "configs" / "tiny_stage1.yaml"
 
 
 @pytest.fixture(scope="module")
-def s3_data(preprocessed_sample: dict, monkeypatch_module: pytest.MonkeyPatch) -> Iterator[dict]:
-    """A moto S3 server holding a copy of the preprocessed sample under ``s3://features/sample``."""
+def s3_data(preprocessed_sample: dict, s3_endpoint: str) -> dict:
+    """The session's moto S3 server holding a copy of the preprocessed sample under ``s3://features/sample``."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    for k, v in subprocess_env().items():
-        if k.startswith("AWS_"):
-            monkeypatch_module.setenv(k, v)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="features")
-        root = Path(preprocessed_sample["output"])
-        for f in root.rglob("*"):
-            if f.is_file() and not f.name.startswith("."):
-                s3.upload_file(str(f), "features", f"sample/{f.relative_to(root).as_posix()}")
-        yield {"endpoint": endpoint, "uri": "s3://features/sample", "local": str(root),
-               "models": str(preprocessed_sample["models"])}
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="features")
+    root = Path(preprocessed_sample["output"])
+    for f in root.rglob("*"):
+        if f.is_file() and not f.name.startswith("."):
+            s3.upload_file(str(f), "features", f"sample/{f.relative_to(root).as_posix()}")
+    return {"endpoint": s3_endpoint, "uri": "s3://features/sample", "local": str(root),
+            "models": str(preprocessed_sample["models"])}
 
 
 def _cfg(path: str, s3: dict, tmp: Path) -> TrainConfig:
@@ -104,10 +87,61 @@ print(json.dumps(ids))
     assert ids["s3"] == ids["local"] and len(ids["s3"]) > 0
 
 
-@pytest.mark.parametrize("key", ["storage_path", "init_from", "pretrained_unet", "models_dir"])
-def test_checkpoints_on_s3_are_refused_in_one_line(key: str, tmp_path: Path) -> None:
+def _upload(s3: dict, folder: Path, key: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["endpoint"])
+    for f in folder.rglob("*"):
+        if f.is_file():
+            client.upload_file(str(f), "features", f"{key}/{f.relative_to(folder).as_posix()}")
+
+
+def test_checkpoints_on_s3_resolve_fetch_and_load(s3_data: dict, tiny_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run folder on S3: the latest checkpoint by step (the resumable one when asked), fetched once into the
+    cache without the optimizer state for a model consumer, with it for resume; the weights load as saved."""
+    from helpers.checkpoints import tiny_checkpoint
+    from safetensors.torch import load_file
+
+    from fdreamer.checkpoint import CheckpointError, load_model, resolve_checkpoint
+    from training import checkpointing
+
+    monkeypatch.setenv("FDREAMER_CACHE", str(tmp_path / "cache"))
+    local = {step: tiny_checkpoint(tmp_path / f"checkpoint_step_{step:08d}", tiny_dir, seed=step, meta={"step": step})
+             for step in (2, 10, 4)}
+    (local[4] / "trainer_state.json").write_text(json.dumps({"step": 4, "mlflow_run_id": "abc"}))
+    torch.save({"state": {}}, local[4] / "optimizer.pt")
+    for step, folder in local.items():
+        _upload(s3_data, folder, f"runs/r1/{folder.name}")
+    run, endpoint = "s3://features/runs/r1", s3_data["endpoint"]
+
+    path, run_id = resolve_checkpoint(run, s3_endpoint=endpoint)
+    assert path == tmp_path / "cache" / "s3" / "features/runs/r1/checkpoint_step_00000010" and run_id is None
+    got, want = load_file(str(path / "model.safetensors")), load_file(str(local[10] / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert load_model(path).meta["step"] == 10
+
+    resumable = checkpointing.latest_resumable(run, endpoint)
+    assert resumable == "s3://features/runs/r1/checkpoint_step_00000004"
+    assert checkpointing.read_trainer_state(resumable, endpoint).mlflow_run_id == "abc"
+    model_only = checkpointing.local_checkpoint(resumable, endpoint)
+    assert (model_only / "trainer_state.json").is_file() and not (model_only / "optimizer.pt").exists()
+    full = checkpointing.local_checkpoint(resumable, endpoint, resume=True)
+    assert full == model_only and (full / "optimizer.pt").is_file()  # the same cache folder, completed
+    with pytest.raises(CheckpointError, match="no checkpoint folder"):
+        resolve_checkpoint("s3://features/runs/absent", s3_endpoint=endpoint)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("pretrained_unet=s3://bucket/x", "pretrained_unet='s3://bucket/x': the pretrained models are read from a local"),
+    ("models_dir=s3://bucket/x", "models_dir='s3://bucket/x': the pretrained models are read from a local"),
+    ("storage_path=gs://bucket/x", "storage_path='gs://bucket/x': a local or shared filesystem path or s3://"),
+    ("data.log_order=true", "data.log_order appends to a local file per worker: with an s3:// storage_path give"),
+])
+def test_storage_options_checked_in_one_line(override: str, message: str) -> None:
     from training.launch import prepare
 
-    cfg = load_config(TrainConfig, CONFIG, ["data.path=s3://features/sample", f"{key}=s3://bucket/x"])
-    with pytest.raises(ValueError, match=f"{key}='s3://bucket/x': checkpoints and models .* only data.path"):
+    cfg = load_config(TrainConfig, CONFIG, ["data.path=s3://features/sample", "storage_path=s3://bucket/runs", override])
+    with pytest.raises(ValueError, match=message):
         prepare(cfg)
+

@@ -7,7 +7,9 @@ Beside ``model.safetensors`` / ``ema.safetensors`` / configs, a training checkpo
     rng.pt              torch / numpy / python RNG states of rank 0
     train_config.yaml   the resolved TrainConfig
 
-Ray Train uploads the folder to ``<storage_path>/<name>/checkpoint_*`` and keeps the last k.
+Ray Train uploads the folder to ``<storage_path>/<name>/checkpoint_*`` and keeps the last k; with an
+``s3://`` storage path the folders live in the bucket, and resume / ``init_from`` fetch the one they need
+into the node's local cache (:func:`local_checkpoint`, :mod:`fdreamer.checkpoint_store`).
 
 FSDP (``scaling.parallel: fsdp``) checkpoints are sharded instead (:func:`save_sharded`): no weights are
 gathered; each rank writes its own shard of the model and optimizer with ``torch.distributed.checkpoint``
@@ -36,6 +38,8 @@ import numpy as np
 import torch
 
 from fdreamer import checkpoint as fck
+from fdreamer import checkpoint_store
+from fdreamer.data import storage
 from fdreamer.config import dump_yaml, load_config
 from training.config import TrainConfig
 
@@ -75,18 +79,23 @@ def _save_trainer_files(path: Path, state: TrainerState, cfg: TrainConfig) -> No
 DCP_DIR = "dcp"
 
 
-def is_sharded(path: Path) -> bool:
-    """Whether ``path`` holds a DCP (FSDP) checkpoint."""
-    return (Path(path) / DCP_DIR / ".metadata").is_file()
+def _holds(path: str | Path, rel: str, s3_endpoint: str | None = None) -> bool:
+    fs, base = storage.resolve(str(path), s3_endpoint)
+    return storage.exists(fs, storage.join(base, rel))
 
 
-def check_resumable(path: Path, parallel: str) -> None:
+def is_sharded(path: str | Path, s3_endpoint: str | None = None) -> bool:
+    """Whether ``path`` (a folder or ``s3://`` prefix) holds a DCP (FSDP) checkpoint."""
+    return _holds(path, f"{DCP_DIR}/.metadata", s3_endpoint)
+
+
+def check_resumable(path: str | Path, parallel: str, s3_endpoint: str | None = None) -> None:
     """A checkpoint resumes only under the parallelism that wrote it (the optimizer state differs)."""
-    sharded = is_sharded(path)
+    sharded = is_sharded(path, s3_endpoint)
     if parallel == "fsdp" and not sharded:
         raise ValueError(f"{path} was written with scaling.parallel=ddp (no {DCP_DIR}/): resume it with ddp, or "
                          "start a new stage from it with init_from")
-    if parallel != "fsdp" and sharded and not (path / "optimizer.pt").is_file():
+    if parallel != "fsdp" and sharded and not _holds(path, "optimizer.pt", s3_endpoint):
         raise ValueError(f"{path} is a sharded checkpoint of scaling.parallel=fsdp: resume it with fsdp, or start "
                          "a new stage from it with init_from")
 
@@ -167,8 +176,9 @@ def consolidate(path: Path) -> Path:
     return path
 
 
-def read_trainer_state(path: Path) -> TrainerState:
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+def read_trainer_state(path: str | Path, s3_endpoint: str | None = None) -> TrainerState:
+    fs, base = storage.resolve(str(path), s3_endpoint)
+    return TrainerState(**json.loads(storage.read_bytes(fs, storage.join(base, "trainer_state.json"))))
 
 
 def load_optimizer_state(path: Path) -> dict:
@@ -193,6 +203,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return fck.latest_checkpoint(run_dir, requires="trainer_state.json")
 
 
+def latest_resumable(run_dir: str, s3_endpoint: str | None = None) -> str | None:
+    """:func:`latest_checkpoint` of a local run folder or an ``s3://`` one (listed there, nothing fetched)."""
+    if storage.is_s3(run_dir):
+        return checkpoint_store.latest(run_dir, s3_endpoint, requires="trainer_state.json")
+    found = latest_checkpoint(Path(run_dir))
+    return str(found) if found else None
+
+
+def local_checkpoint(spec: str, s3_endpoint: str | None = None, *, resume: bool = False) -> Path:
+    """A checkpoint folder (path or ``s3://``) as a local folder with full weights: an S3 one fetched into this
+    node's cache (everything when ``resume``, else what loading the model reads); a sharded one without
+    ``model.safetensors`` consolidated (:func:`consolidate`)."""
+    path = checkpoint_store.fetch(spec, s3_endpoint, model_only=not resume) if storage.is_s3(spec) else Path(spec)
+    if not resume and is_sharded(path) and not (path / "model.safetensors").is_file():
+        consolidate(path)
+    return path
+
+
 __all__ = ["DCP_DIR", "TrainerState", "check_resumable", "checkpoint_config", "consolidate", "is_sharded",
-           "latest_checkpoint", "load_optimizer_state", "load_sharded", "load_sharded_model", "read_trainer_state",
+           "latest_checkpoint", "latest_resumable", "load_optimizer_state", "local_checkpoint", "load_sharded", "load_sharded_model", "read_trainer_state",
            "restore_rng", "save_full_weights", "save_sharded", "save_sharded_files", "save_training_checkpoint"]

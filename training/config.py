@@ -30,7 +30,9 @@ class DataConfig:
     prefetch_batches: int = opt(2, "batches Ray Data prefetches per worker")
     max_heldout: int = opt(32, "at most this many held-out clips for the validation loss")
     materialize: bool = opt(False, "read + filter once into the object store and reuse it every epoch (small data sets)")
-    log_order: bool = opt(False, "record every step's clip ids per rank in <run dir>/data_order/rank<r>.jsonl")
+    log_order: bool = opt(False, "record every step's clip ids per rank in <log_order_dir>/rank<r>.jsonl")
+    log_order_dir: str | None = opt(None, "folder of the data-order logs (default <run dir>/data_order); a local or "
+                                          "shared folder, needed when storage_path is s3://")
     image_path: str | None = opt(
         None,
         "joint image-video training (VideoCrafter2): output folder of pipelines/preprocess.py on an IMAGE "
@@ -157,8 +159,9 @@ class TrainConfig:
     seed: int = opt(0, "seed of initialisation, data order, noise and timesteps")
     mixed_precision: Literal["no", "bf16"] = opt("bf16", "bf16 autocast on CUDA (ignored on CPU)")
     storage_path: str = opt("runs/train", "Ray Train storage: checkpoints go to <storage_path>/<name>; a local or shared "
-                            "filesystem path (s3:// is not supported yet for checkpoints)")
-    s3_endpoint: str | None = opt(None, "S3 endpoint URL for s3:// data (e.g. a MinIO/moto server); null = AWS default")
+                            "filesystem path, or s3://bucket/prefix")
+    s3_endpoint: str | None = opt(None, "S3 endpoint URL for s3:// data, storage_path and init_from (e.g. a MinIO/moto "
+                                  "server); null = AWS default")
     resume: bool = opt(False, "continue from the latest checkpoint of <storage_path>/<name>")
     ray_address: str | None = opt(None, "Ray address; null = RAY_ADDRESS, a running local cluster, else a new local one")
 
@@ -239,11 +242,16 @@ class TrainConfig:
         if not self.data.path:
             raise ValueError("no training data: set --data.path=<output of pipelines/preprocess.py> (the video clips; "
                              "also read for the null conditions, validation and the inference defaults)")
-        for key, value in (("storage_path", self.storage_path), ("init_from", self.init_from),
-                           ("pretrained_unet", self.pretrained_unet), ("models_dir", self.models_dir)):
-            if value and "://" in value and not value.startswith("runs:/"):
-                raise ValueError(f"{key}={value!r}: checkpoints and models are read and written on a local or shared "
-                                 "filesystem path for now; only data.path / data.image_path may be s3://")
+        for key, value in (("storage_path", self.storage_path), ("init_from", self.init_from)):
+            if value and "://" in value and not value.startswith(("runs:/", "s3://")):
+                raise ValueError(f"{key}={value!r}: a local or shared filesystem path or s3://bucket/prefix"
+                                 + (" (or runs:/<mlflow run id>)" if key == "init_from" else ""))
+        for key, value in (("pretrained_unet", self.pretrained_unet), ("models_dir", self.models_dir)):
+            if value and "://" in value:
+                raise ValueError(f"{key}={value!r}: the pretrained models are read from a local folder on every node")
+        if self.data.log_order and self.storage_path.startswith("s3://") and not self.data.log_order_dir:
+            raise ValueError("data.log_order appends to a local file per worker: with an s3:// storage_path give "
+                             "data.log_order_dir (a local or shared folder)")
         if self.data.image_ratio > 0 and not self.data.image_path:
             raise ValueError(f"data.image_ratio={self.data.image_ratio} needs images: set --data.image_path=<output of "
                              "pipelines/preprocess.py on an image manifest>")

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from fdreamer import checkpoint as model_checkpoint
+from fdreamer import checkpoint_store
 from fdreamer.config import to_dict
+from fdreamer.data import storage
 from fdreamer.encoders import EncoderConfig
 from training import checkpointing
 from training import data as train_data
@@ -19,8 +21,11 @@ from training.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
-def run_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.storage_path).resolve() / cfg.name
+def run_dir(cfg: TrainConfig) -> str:
+    """``<storage_path>/<name>``: a local folder (absolute) or ``s3://bucket/prefix/<name>``."""
+    if storage.is_s3(cfg.storage_path):
+        return storage.join(cfg.storage_path, cfg.name)
+    return str(Path(cfg.storage_path).resolve() / cfg.name)
 
 
 def encoder_config(cfg: TrainConfig) -> EncoderConfig:
@@ -78,20 +83,25 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
             f"(micro_batch {cfg.micro_batch} x accumulation {cfg.accumulation})")
     init = None
     if cfg.init_from:
-        init, _ = model_checkpoint.resolve_checkpoint(cfg.init_from, cfg.tracking.tracking_uri)
-        if checkpointing.is_sharded(init) and not (init / "model.safetensors").is_file():
+        remote = storage.is_s3(cfg.init_from)
+        local = (checkpoint_store.latest(cfg.init_from, cfg.s3_endpoint) if remote else
+                 str(model_checkpoint.resolve_checkpoint(cfg.init_from, cfg.tracking.tracking_uri)[0]))
+        if local is None:
+            raise model_checkpoint.CheckpointError(f"init_from {cfg.init_from}: no checkpoint under this S3 prefix")
+        if not remote and checkpointing.is_sharded(local) and not (Path(local) / "model.safetensors").is_file():
             logger.warning("init_from %s: a sharded (FSDP) checkpoint without full weights: consolidating its "
-                           "shards into model.safetensors", init)
-            checkpointing.consolidate(init)
-        check_init_compatible(cfg, init)
+                           "shards into model.safetensors", local)
+        check_init_compatible(cfg, checkpointing.local_checkpoint(local, cfg.s3_endpoint))
+        init = local  # an s3:// checkpoint: every worker fetches it into its node's cache
     out = run_dir(cfg)
-    latest = checkpointing.latest_checkpoint(out)
+    latest = checkpointing.latest_resumable(out, cfg.s3_endpoint)
     if not cfg.resume and latest is not None:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --name")
     if cfg.resume and latest is not None:
-        checkpointing.check_resumable(latest, cfg.scaling.parallel if cfg.scaling.num_workers > 1 else "ddp")
+        checkpointing.check_resumable(latest, cfg.scaling.parallel if cfg.scaling.num_workers > 1 else "ddp",
+                                      cfg.s3_endpoint)
     encoders = encoder_config(cfg)
-    return {"cfg": to_dict(cfg), "init_from": str(init) if init else None, "encoders": to_dict(encoders),
+    return {"cfg": to_dict(cfg), "init_from": init, "encoders": to_dict(encoders),
             "run_dir": str(out), "meta": clip_profile_meta(fs, files[0], encoders), "rows": rows}
 
 
@@ -134,12 +144,15 @@ def fit(cfg: TrainConfig, loop_config: dict[str, Any] | None = None) -> Any:
     loop_config = dict(loop_config) if loop_config is not None else prepare(cfg)
     out = run_dir(cfg)
     if cfg.resume:  # Ray Train V2 has no resume_from_checkpoint: the workers load this one themselves
-        latest = checkpointing.latest_checkpoint(out)
+        latest = checkpointing.latest_resumable(out, cfg.s3_endpoint)
         if latest is None:
             logger.warning("--resume: no checkpoint under %s, starting from scratch", out)
         else:
-            loop_config["resume_from"] = str(latest)
-            print(f"resuming from {latest} (step {checkpointing.read_trainer_state(latest).step})", flush=True)
+            loop_config["resume_from"] = latest
+            step = checkpointing.read_trainer_state(latest, cfg.s3_endpoint).step
+            print(f"resuming from {latest} (step {step})", flush=True)
+    # Ray Train takes an s3:// storage path as the bucket/prefix on a filesystem with the job's endpoint
+    fs, base = storage.resolve(cfg.storage_path, cfg.s3_endpoint)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic split and order: exact resume
     dataset_config = ray.train.DataConfig(execution_options=ctx.execution_options)
@@ -152,17 +165,17 @@ def fit(cfg: TrainConfig, loop_config: dict[str, Any] | None = None) -> Any:
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
             placement_strategy=cfg.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve()),
+            name=cfg.name, storage_path=base, storage_filesystem=fs if storage.is_s3(cfg.storage_path) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
         datasets=train_data.train_datasets(cfg),  # "train" (+ "images" for joint image-video batches)
         dataset_config=dataset_config,
     )
     result = trainer.fit()
-    final = checkpointing.latest_checkpoint(out)
-    summary = {"name": cfg.name, "stage": cfg.stage, "checkpoint": str(final) if final else None,
+    final = checkpointing.latest_resumable(out, cfg.s3_endpoint)
+    summary = {"name": cfg.name, "stage": cfg.stage, "checkpoint": final,
                "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
     if final is not None:
-        summary["mlflow_run_id"] = checkpointing.read_trainer_state(final).mlflow_run_id
+        summary["mlflow_run_id"] = checkpointing.read_trainer_state(final, cfg.s3_endpoint).mlflow_run_id
     print(json.dumps(summary), flush=True)
     return result

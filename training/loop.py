@@ -13,7 +13,8 @@
 4. **validate / sample / save / report**: rank 0 validates, renders sample videos, logs to MLflow and
    writes checkpoints; all ranks call ``ray.train.report`` together. With FSDP every rank writes its shards
    (``torch.distributed.checkpoint``, by default asynchronously: reported after the next step) and rank 0
-   validates and samples on a plain copy of the model loaded with the gathered full state dict.
+   validates and samples on a plain copy of the model loaded with the gathered full state dict
+   (the saving part: :mod:`training.saving`).
 
 Joint image-video batches (``data.image_ratio``): each micro-batch takes ``video_micro_batch`` clips
 from the ``train`` stream and ``image_micro_batch`` images from the ``images`` stream
@@ -29,8 +30,6 @@ import copy
 import functools
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from training import checkpointing
 from training import data as train_data
 from training import parallel
 from training.config import TrainConfig
+from training.saving import CheckpointSaving, PendingCheckpoint
 
 MicroBatch = TrainBatch | JointBatch
 IMAGE_STREAM_SEED_OFFSET = 5_003  # the image stream's shuffle seeds differ from the clip stream's
@@ -73,8 +73,9 @@ def build_model(cfg: TrainConfig, init_from: str | None) -> FactorizedDreamerUNe
         model = FactorizedDreamerUNet.from_pretrained_unet(cfg.pretrained_unet, cfg.model)
     else:
         model = preset_model(cfg, cfg.model, seed=cfg.seed)
-    if init_from:
-        model_checkpoint.load_weights_into(model, init_from)  # PredictNet added from the up path when new (stage 3)
+    if init_from:  # a local folder, or s3:// (fetched into this node's cache)
+        init = checkpointing.local_checkpoint(init_from, cfg.s3_endpoint)
+        model_checkpoint.load_weights_into(model, init)  # PredictNet added from the up path when new (stage 3)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing(True)
     return model
@@ -82,24 +83,6 @@ def build_model(cfg: TrainConfig, init_from: str | None) -> FactorizedDreamerUNe
 
 def _num_samples(micro_batch: MicroBatch) -> int:
     return micro_batch.num_samples if isinstance(micro_batch, JointBatch) else micro_batch.latents.shape[0]
-
-
-def _unwrap(model: torch.nn.Module) -> FactorizedDreamerUNet:
-    return getattr(model, "module", model)
-
-
-@dataclass
-class PendingCheckpoint:
-    """A sharded checkpoint being written by ``dcp.async_save``, reported once its files are complete."""
-
-    future: Any  # concurrent.futures.Future of dcp.async_save; None: written synchronously
-    folder: Path  # this rank's local folder (Ray Train merges every rank's into one checkpoint)
-    name: str
-    metrics: dict[str, Any]
-    started: float
-    blocking_s: float  # time the training loop waited for this save (async: staging the state in CPU memory)
-    final: bool = False
-    written: float | None = None  # when the background write finished (perf_counter)
 
 
 class DataOrderLog:
@@ -130,7 +113,7 @@ class ThroughputWindow:
         return {"samples_per_s": self.samples / elapsed, "data_wait_fraction": self.data_wait_s / elapsed}
 
 
-class TrainWorker:
+class TrainWorker(CheckpointSaving):
     """One Ray Train worker of a training stage (see the module docstring for the order of its parts)."""
 
     def __init__(self, loop_config: dict[str, Any]) -> None:
@@ -164,8 +147,8 @@ class TrainWorker:
         self.null = type(null)(*(None if v is None else v.to(self.device) for v in
                                  (null.text_tokens, null.image_embed, null.first_frame, null.t5_tokens, null.t5_mask)))
         self.open_data_streams()
-        run_dir = Path(loop_config["run_dir"])
-        self.data_order_log = DataOrderLog(str(run_dir / "data_order") if cfg.data.log_order else None, self.rank)
+        order_dir = cfg.data.log_order_dir or f"{loop_config['run_dir']}/data_order"  # local (TrainConfig checks)
+        self.data_order_log = DataOrderLog(order_dir if cfg.data.log_order else None, self.rank)
         self.encoders = (load_config(EncoderConfig, data=loop_config["encoders"]) if loop_config.get("encoders")
                          else EncoderConfig())
         self.tracker: Any = None
@@ -187,8 +170,9 @@ class TrainWorker:
         import ray.train
 
         restored = ray.train.get_checkpoint()
-        if restored is None and self.loop_config.get("resume_from"):
-            restored = ray.train.Checkpoint.from_directory(self.loop_config["resume_from"])
+        if restored is None and self.loop_config.get("resume_from"):  # local, or s3:// fetched to this node
+            folder = checkpointing.local_checkpoint(self.loop_config["resume_from"], self.cfg.s3_endpoint, resume=True)
+            restored = ray.train.Checkpoint.from_directory(str(folder))
         if restored is None:
             return None
         with restored.as_directory() as folder:
@@ -302,7 +286,7 @@ class TrainWorker:
         """The full model on rank 0 (None on the other ranks). FSDP: every rank takes part in gathering the
         full state dict (collective, once per step) into rank 0's unsharded copy."""
         if not self.fsdp:
-            return _unwrap(self.model) if self.rank == 0 else None
+            return parallel.unwrap(self.model) if self.rank == 0 else None
         if self.gathered_step != self.state.step:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -352,85 +336,6 @@ class TrainWorker:
             "loss": result.loss, "l_df": result.l_df, "l_flow": result.l_flow, "grad_norm": result.grad_norm,
             **images, "lr": self.optimizer.param_groups[0]["lr"], **self.window.metrics(), "epoch": self.state.epoch,
         }, step=self.state.step)
-
-    def save_and_report(self, metrics: dict[str, Any], final: bool = False) -> None:
-        """Write a checkpoint and report it from every rank: DDP, rank 0 writes it; FSDP, every rank its
-        shards (:meth:`save_sharded`)."""
-        import ray.train
-
-        if self.fsdp:
-            self.save_sharded(metrics, final)
-            return
-        name = f"checkpoint_step_{self.state.step:08d}"
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if self.rank == 0:
-                checkpointing.save_training_checkpoint(
-                    Path(tmp), _unwrap(self.model), self.optimizer.state_dict(),
-                    self.ema.state_dict() if self.ema else None, self.state,
-                    self.cfg, self.encoders, meta=self.loop_config.get("meta", {}))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                if final:
-                    self.tracker.log_artifacts(tmp, "checkpoint")
-                    self.tracker.set_tag("fdreamer.checkpoint", Path(self.loop_config["run_dir"]) / name)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-
-    def save_sharded(self, metrics: dict[str, Any], final: bool) -> None:
-        """FSDP: every rank writes its shards of model and optimizer (DCP) into its own folder, rank 0 the
-        trainer state, RNG and configs (and, for the final checkpoint, the full weights gathered into
-        ``model.safetensors`` for the consumers of the next stage, serving and evaluation). With
-        ``checkpoint.async_save`` (not the final one) the files are written in the background and the
-        checkpoint is reported by :meth:`flush_checkpoint` after the next step."""
-        self.flush_checkpoint()  # an earlier asynchronous save first: Ray registers checkpoints in order
-        started = time.perf_counter()
-        name = f"checkpoint_step_{self.state.step:08d}"
-        folder = Path(tempfile.mkdtemp(prefix=f"fdreamer-{name}-rank{self.rank}-"))
-        if self.rank == 0:
-            checkpointing.save_sharded_files(folder, self.model, self.state, self.cfg, self.encoders,
-                                             self.loop_config.get("meta", {}))
-        if final:  # collective: every rank sends its shards to rank 0
-            full = self.full_model()
-            if self.rank == 0:
-                checkpointing.save_full_weights(folder, full.state_dict())
-        use_async = self.cfg.checkpoint.async_save and not final
-        future = checkpointing.save_sharded(folder, self.model, self.optimizer, process_group=self.checkpoint_group,
-                                            use_async=use_async)
-        self.pending = PendingCheckpoint(future, folder, name, metrics, started, time.perf_counter() - started, final)
-        if future is not None:
-            future.add_done_callback(lambda _, pending=self.pending: setattr(pending, "written", time.perf_counter()))
-        if not use_async:
-            self.flush_checkpoint()
-
-    def flush_checkpoint(self) -> None:
-        """Wait for the pending sharded checkpoint's files and report it (every rank; a no-op when none)."""
-        import ray.train
-
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return
-        if pending.future is not None:
-            pending.future.result()
-        shards = list((pending.folder / checkpointing.DCP_DIR).glob("*.distcp"))
-        now = time.perf_counter()
-        stats = {"step": int(pending.name.rsplit("_", 1)[1]), "rank": self.rank,
-                 "mode": "async" if pending.future is not None else "sync",
-                 "bytes": sum(f.stat().st_size for f in shards), "blocking_s": round(pending.blocking_s, 4),
-                 "written_s": round((pending.written or now) - pending.started, 4),  # files complete
-                 "total_s": round(now - pending.started, 4)}  # until reported (async: after the next step)
-        (pending.folder / f"save_stats_rank{self.rank}.json").write_text(json.dumps(stats) + "\n")
-        try:
-            if self.rank == 0:
-                self.tracker.log_metrics({"checkpoint_blocking_s": stats["blocking_s"],
-                                          "checkpoint_save_s": stats["total_s"]}, step=stats["step"])
-                if pending.final:  # the consumers' part: everything but the (rank 0 only) DCP shards
-                    for f in sorted(pending.folder.iterdir()):
-                        if f.is_file():
-                            self.tracker.log_artifact(f, "checkpoint")
-                    self.tracker.set_tag("fdreamer.checkpoint", Path(self.loop_config["run_dir"]) / pending.name)
-            ray.train.report(pending.metrics, checkpoint=ray.train.Checkpoint.from_directory(str(pending.folder)),
-                             checkpoint_dir_name=pending.name)
-        finally:
-            shutil.rmtree(pending.folder, ignore_errors=True)
 
     def run(self) -> None:
         """Train from the restored position to ``cfg.steps`` epoch by epoch, then :meth:`finish`."""

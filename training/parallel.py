@@ -23,6 +23,11 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def unwrap(model: Any) -> Any:
+    """The model inside a DDP wrapper (``.module``); an FSDP2-sharded or plain model as it is."""
+    return getattr(model, "module", model)
+
+
 def apply_ddp_grad_reduce(ddp_model: torch.nn.parallel.DistributedDataParallel, dtype: str) -> None:
     """Register the compress hook of ``dtype`` on a DDP model (fp32: nothing to do)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

@@ -9,6 +9,7 @@ which every run of the study starts from. :func:`split_args` separates them by t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fdreamer.cli.config_command import normalize_args, parse_command
@@ -56,14 +57,14 @@ def evaluate_final(cfg: Any, options: EvalOptions, *, modes: tuple[str, ...] = (
     from training.launch import run_dir
     from training.tracking import default_tracking_uri
 
-    ckpt = latest_checkpoint(run_dir(cfg))
+    ckpt = latest_checkpoint(Path(run_dir(cfg)))
     run_id = read_trainer_state(ckpt).mlflow_run_id
     if not options.data:
         return run_id, None
     from fdreamer.eval.evaluate import EvalSettings, evaluate
 
     res = evaluate(ckpt, options.data, modes=modes, num=options.num, settings=EvalSettings(steps=options.steps),
-                   tracking_uri=default_tracking_uri(cfg), run_id=run_id, out=run_dir(cfg) / "eval")
+                   tracking_uri=default_tracking_uri(cfg), run_id=run_id, out=Path(run_dir(cfg)) / "eval")
     return run_id, res.summary
 
 

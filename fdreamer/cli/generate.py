@@ -21,10 +21,12 @@ from fdreamer.inference.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUI
 
 @dataclass
 class GenerateConfig:
-    checkpoint: str = opt(help="checkpoint folder, run folder (its latest checkpoint) or runs:/<mlflow run id>")
+    checkpoint: str = opt(help="checkpoint folder, run folder (its latest checkpoint), either local or s3://, or "
+                               "runs:/<mlflow run id>")
     prompt: str = opt(help="text prompt (the motion caption for image-to-video)")
     out: str = opt(help="output video: .mp4 (H.264), .gif or .webp")
     image: str | None = opt(None, "conditioning first frame (image-to-video); none = text-to-video")
+    s3_endpoint: str | None = opt(None, "S3 endpoint URL of an s3:// checkpoint (MinIO/moto); null = AWS")
     negative_prompt: str = opt("", "negative prompt (the null text of guidance)")
     num_frames: int | None = opt(None, "frames (default: the checkpoint's)")
     height: int | None = opt(None, "height in pixels (default: the checkpoint's)")
@@ -66,7 +68,7 @@ def generate(cfg: GenerateConfig) -> int:
             guidance_scale=cfg.guidance_scale, image_guidance_scale=cfg.image_guidance_scale,
             guidance_rescale=cfg.guidance_rescale, sampler=cfg.sampler, seed=cfg.seed,
         )
-        checkpoint, _ = resolve_checkpoint(cfg.checkpoint)
+        checkpoint, _ = resolve_checkpoint(cfg.checkpoint, s3_endpoint=cfg.s3_endpoint)
         pipe = VideoPipeline.from_checkpoint(checkpoint, device=cfg.device, dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
                                              t2i_path=cfg.t2i_path, use_ema=cfg.use_ema)
 

@@ -4,7 +4,7 @@
 
 1. **Throughput** on the same ``--clips`` sample clips (generic manifest, tiny profile, tiny models
    with the trained VAE): a plain single-process loop calling the same stage functions
-   (``hash_videos`` -> ``plan_pass2`` (dedup) -> ``decode_clips`` -> ``EncodeClips`` -> ``add_flow``
+   (``hash_videos`` -> ``plan_pass2`` (dedup) -> ``decode_clips`` (+ flow) -> ``EncodeClips``
    -> ``write_shard``, one torch thread), then the Ray Data pipeline (``pipelines.job.run``) in a
    fresh ``ray.init(num_cpus=1)`` and a fresh ``ray.init(num_cpus=2)``. clips/s = clips written /
    wall seconds of the whole job (model loading included in both).
@@ -13,7 +13,7 @@
    with psutil (else /proc), and of the ``ray::`` worker processes alone. Streaming keeps the peak
    flat in the number of clips (only pass 1's ~100-byte hash rows grow with it).
 
-Stage resources for the Ray runs at N CPUs: decode and flow ``concurrency=N`` and every stage
+Stage resources for the Ray runs at N CPUs: decode (+ flow) ``concurrency=N`` and every stage
 ``num_cpus=0.5`` (so the encoder actor does not pin a whole CPU of a 1-CPU cluster).
 ``--quick``: 16 clips for throughput, 16 vs 64 for memory.
 """
@@ -106,7 +106,7 @@ def _config(manifest: Path, models: Path, out: Path, num_cpus: int) -> object:
     return load_config(PreprocessConfig, REPO / "pipelines/configs/tiny.yaml", [
         f"--inputs=[{manifest}]", f"--output={out}", f"--models_dir={models}",
         f"--stages.decode.concurrency={num_cpus}", "--stages.decode.num_cpus=0.5",
-        f"--stages.flow.concurrency={num_cpus}", "--stages.flow.num_cpus=0.5", "--stages.encode.num_cpus=0.5",
+        "--stages.encode.num_cpus=0.5",
     ])
 
 
@@ -117,11 +117,13 @@ def plain_loop(cfg: object, batch: int = 8) -> dict:
     import pyarrow as pa
 
     from fdreamer.data.manifests import read_manifests
-    from pipelines import stages
+    from pipelines import job, stages
     from pipelines.plan import plan_pass2
 
     started = time.perf_counter()
     profile = cfg.profile.stage_dict()
+    latent = cfg.profile.size // job._vae_factor(cfg)
+    flow_size = (latent, latent)
     records = [dict(r) for r in read_manifests(cfg.inputs)]
     rows = []
     for i in range(0, len(records), batch):
@@ -130,8 +132,7 @@ def plain_loop(cfg: object, batch: int = 8) -> dict:
     encode = stages.EncodeClips(dataclasses.asdict(cfg.resolved_encoders()))
     written = 0
     for i in range(0, len(todo), batch):
-        t = stages.decode_clips(pa.Table.from_pylist(todo[i:i + batch]), profile)
-        t = stages.add_flow(encode(t))
+        t = encode(stages.decode_clips(pa.Table.from_pylist(todo[i:i + batch]), profile, flow_size=flow_size))
         res = stages.write_shard(t, cfg.output)
         written += sum(s == stages.OK for s in res.column("status").to_pylist())
     return {"written": written, "seconds": time.perf_counter() - started}

@@ -68,7 +68,9 @@ def running_ray_head(workdir: Path, num_cpus: int = 2, timeout_s: float = 60.0) 
          f"--temp-dir={temp_dir}",
          "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", *(f"--{flag}={p}" for flag, p in fixed.items())],
-        env=subprocess_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"), stdout=log, stderr=subprocess.STDOUT,
+        # the head's workers fetch S3 checkpoints into the head's own cache folder, removed with it
+        env=subprocess_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", FDREAMER_CACHE=str(workdir / "cache")),
+        stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
