@@ -6,8 +6,9 @@ Training with an ``s3://`` ``storage_path`` has Ray Train upload each checkpoint
 checkpoint here (:func:`latest`) and downloads it once (:func:`fetch`). A committed checkpoint folder is
 never rewritten (Ray Train uploads it whole, then reports it); a cached copy is still checked against the
 listing (each object's size and modification time, recorded at fetch), so a folder written again under
-the same key is fetched again. A fetch writes a temporary folder and renames it, so a crash never leaves
-a half copy that looks complete.
+the same key is fetched again. A fetch writes each file under a temporary name and renames it, and records
+what it fetched last, so neither a crash nor another worker fetching the same folder at the same time
+leaves a half copy that looks complete, and a folder being read is never moved away.
 
 Cache: ``$FDREAMER_CACHE`` (default ``~/.cache/fdreamer``) ``/s3/<bucket>/<key>``.
 """
@@ -81,42 +82,31 @@ def fetch(uri: str, s3_endpoint: str | None = None, *, model_only: bool = True) 
     dest = cache_root() / "s3" / base
     todo = {p[len(base) + 1:]: list(v) for p, v in files.items() if wanted(p[len(base) + 1:])}
 
-    def fetched(folder: Path) -> dict[str, list]:
+    def fetched() -> dict[str, list]:
         try:
-            return json.loads((folder / FETCHED).read_text())
+            return json.loads((dest / FETCHED).read_text())
         except (OSError, ValueError):
             return {}
 
-    def complete(folder: Path) -> bool:  # every wanted object, of the same size and time as in the bucket
-        have = fetched(folder)
-        return all(have.get(r) == v and (folder / r).is_file() for r, v in todo.items())
-
-    if complete(dest):
-        return dest
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    have = fetched(dest)
-    if dest.is_dir():
-        shutil.copytree(dest, tmp)  # what an earlier (model-only) fetch has, completed below
+    have = fetched()
+    if all(have.get(r) == v and (dest / r).is_file() for r, v in todo.items()):
+        return dest  # every wanted object, of the same size and time as in the bucket
+    # In place, one file at a time (a temp name, then an atomic rename), the record of what is here last:
+    # other processes on this node (the other workers) may read or fetch the same folder meanwhile.
     for rel, version in todo.items():
-        target = tmp / rel
+        target = dest / rel
         if have.get(rel) == version and target.is_file():
             continue  # the same object as fetched before
         target.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(f"{base}/{rel}") as src, open(target, "wb") as out:
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        with fs.open_input_stream(f"{base}/{rel}") as src, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, 8 << 20)
+        os.replace(tmp, target)
         have[rel] = version
-    (tmp / FETCHED).write_text(json.dumps(have))
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    try:
-        if dest.is_dir():
-            dest.rename(old)
-        tmp.rename(dest)
-    except OSError:
-        if not complete(dest):  # another process (a second worker on this node) renamed its copy first
-            raise
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    record = dest / f".{FETCHED}.tmp-{os.getpid()}"
+    record.write_text(json.dumps(fetched() | have))
+    os.replace(record, dest / FETCHED)
     return dest
+
 
 __all__ = ["CACHE_ENV", "cache_root", "fetch", "latest"]

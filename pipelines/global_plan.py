@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import resource
 import time
 import zlib
 from collections import Counter
@@ -307,15 +308,18 @@ def _split(batch: pa.Table, part: str) -> pa.Table:
 
 
 class _Clock:
-    """Wall seconds of each plan stage since the previous one (``plan_stage_s`` in the counts)."""
+    """Wall seconds of each plan stage since the previous one (``plan_stage_s`` in the counts), and the driver's
+    peak RSS once it is done (``plan_stage_driver_rss_mb``: where the driver's memory grew, if it did)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.rss_mb: dict[str, float] = {}
         self.last = time.perf_counter()
 
     def __call__(self, name: str, value: Any) -> Any:
         now = time.perf_counter()
         self.seconds[name] = round(now - self.last, 2)
+        self.rss_mb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
         self.last = now
         return value
 
@@ -383,7 +387,8 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
                                   if k.startswith("quarantined:")},
         "dedup": dedup_stats, "near_edges": edges.num_rows - edges.column("a_clip_id").null_count, "partitions": parts,
         "records_hashed": hashed.get("records", 0), "hash_rows": hashed.get("rows", 0),
-        "hash_worker_s": hashed.get("hash_us", 0) / 1e6, "plan_stage_s": clock.seconds, "cache": compaction,
+        "hash_worker_s": hashed.get("hash_us", 0) / 1e6, "plan_stage_s": clock.seconds,
+        "plan_stage_driver_rss_mb": clock.rss_mb, "cache": compaction,
     }
     return GlobalPlan(
         todo=final.map_batches(_split, batch_format="pyarrow", fn_kwargs={"part": "todo"}),

@@ -22,10 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from helpers.ray_cluster import REPO, free_port, subprocess_env
+from helpers.worker_kill import run_killing_worker
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.timeout(1200)
@@ -80,28 +79,7 @@ def resumed(straight: dict, preprocessed_sample: dict, storage: Path, ray_head: 
     cmd = _args(preprocessed_sample, storage, ray_head["address"], "--name=fsdp_resume", "--resume",
                 "--checkpoint.every=2", "--checkpoint.max_failures=1")
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
-    reader.start()
-    killed = None
-    try:
-        deadline = time.monotonic() + 800
-        log = run_dir / "data_order" / "rank1.jsonl"
-        while killed is None and time.monotonic() < deadline and proc.poll() is None:
-            if log.is_file():
-                records = [json.loads(x) for x in log.read_text().splitlines()]
-                if records and records[-1]["step"] >= 2:
-                    killed = records[-1]["pid"]
-                    os.kill(killed, signal.SIGKILL)
-            time.sleep(0.2)
-        assert proc.wait(timeout=800) == 0, "".join(out)[-5000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        reader.join(10)
-    text = "".join(out)
+    text, killed = run_killing_worker(cmd, run_dir / "data_order" / "rank1.jsonl", 2)
     print(f"resumed run (with a restart): {time.monotonic() - started:.1f} s")
     assert killed is not None, "the resumed run finished before rank 1 trained step 2:\n" + text[-3000:]
     return {"stdout": text, "killed": killed, "run_dir": run_dir, "summary": _summary(text)}

@@ -126,8 +126,11 @@ def test_checkpoints_on_s3_resolve_fetch_and_load(s3_data: dict, tiny_dir: Path,
     assert checkpointing.read_trainer_state(resumable, endpoint).mlflow_run_id == "abc"
     model_only = checkpointing.local_checkpoint(resumable, endpoint)
     assert (model_only / "trainer_state.json").is_file() and not (model_only / "optimizer.pt").exists()
+    inode, weights_inode = model_only.stat().st_ino, (model_only / "model.safetensors").stat().st_ino
     full = checkpointing.local_checkpoint(resumable, endpoint, resume=True)
     assert full == model_only and (full / "optimizer.pt").is_file()  # the same cache folder, completed
+    # completed in place: a worker reading the folder meanwhile (another rank on the node) keeps its files
+    assert full.stat().st_ino == inode and (full / "model.safetensors").stat().st_ino == weights_inode
     with pytest.raises(CheckpointError, match="no checkpoint folder"):
         resolve_checkpoint("s3://features/runs/absent", s3_endpoint=endpoint)
 

@@ -332,9 +332,9 @@ def test_tiny_stage_a_joint_then_stage_b_spatial_only(preprocessed_sample: dict,
     import mlflow
     from safetensors.torch import load_file
 
-    a = _run("tiny_vc2_stageA", preprocessed_sample, images, tmp_path, ray_head["address"], "--steps=3",
+    a = _run("tiny_vc2_stageA", preprocessed_sample, images, tmp_path, ray_head["address"], "--steps=2",
              "--tracking.validate_every=100", "--tracking.log_every=1")
-    b = _run("tiny_vc2_stageB", preprocessed_sample, images, tmp_path, ray_head["address"], "--steps=3",
+    b = _run("tiny_vc2_stageB", preprocessed_sample, images, tmp_path, ray_head["address"], "--steps=2",
              f"--init_from={a['checkpoint']}", "--tracking.validate_every=100", "--tracking.log_every=1")
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_a, run_b = client.get_run(a["mlflow_run_id"]), client.get_run(b["mlflow_run_id"])

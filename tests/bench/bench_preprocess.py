@@ -1,6 +1,7 @@
 """Benchmark of the preprocessing job on the sample data. Not a test; prints ONE JSON line.
 
     python tests/bench/bench_preprocess.py [--clips 48] [--rss-clips 100 400] [--workdir DIR] [--quick]
+    python tests/bench/bench_preprocess.py --marginal 160 640    # marginal clips/s, plain loop vs Ray at 2 CPUs
 
 1. **Throughput** on the same ``--clips`` sample clips (generic manifest, tiny profile, tiny models
    with the trained VAE): a plain single-process loop calling the same stage functions
@@ -160,9 +161,32 @@ def ray_run(cfg: object, num_cpus: int, measure_rss: bool = False) -> dict:
     return out
 
 
+def marginal(root: Path, sizes: list[int], models: Path) -> dict:
+    """Marginal throughput, clips/s between two sizes (start-up and model loading cancel): the plain loop and
+    the Ray job at 2 CPUs, each run at both sizes on the first ``n`` sample clips."""
+    lines = (root / "sample" / "manifest.jsonl").read_text().splitlines()
+    runs: dict[str, dict[int, dict]] = {"plain": {}, "ray2": {}}
+    for n in sizes:
+        manifest = root / f"manifest-m{n}.jsonl"
+        manifest.write_text("".join(line + "\n" for line in lines[:n]))
+        runs["plain"][n] = plain_loop(_config(manifest, models, root / f"out-mplain-{n}", 1))
+        runs["ray2"][n] = ray_run(_config(manifest, models, root / f"out-mray2-{n}", 2), 2)
+    small, large = sizes
+    out: dict = {"bench": "preprocess_marginal", "profile": "tiny", "sizes": sizes, "cpu_count": os.cpu_count()}
+    for name, by_size in runs.items():
+        a, b = by_size[small], by_size[large]
+        out[f"{name}_seconds"] = [round(a["seconds"], 1), round(b["seconds"], 1)]
+        out[f"{name}_written"] = [a["written"], b["written"]]
+        out[f"{name}_marginal_clips_per_s"] = round((b["written"] - a["written"]) / max(b["seconds"] - a["seconds"], 1e-9), 2)
+    out["ray2_over_plain_marginal"] = round(out["ray2_marginal_clips_per_s"] / out["plain_marginal_clips_per_s"], 3)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clips", type=int, default=48, help="clips for the throughput comparison")
+    p.add_argument("--marginal", type=int, nargs=2, default=None, metavar=("N1", "N2"),
+                   help="only the marginal throughput between N1 and N2 clips (plain loop vs Ray at 2 CPUs)")
     p.add_argument("--rss-clips", type=int, nargs=2, default=[100, 400], help="two sizes for peak memory")
     p.add_argument("--workdir", default=None)
     p.add_argument("--quick", action="store_true", help="16 clips; memory at 16 vs 64")
@@ -178,11 +202,14 @@ def main() -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
         root = Path(args.workdir or tmp)
-        n_max = max(args.clips, *args.rss_clips)
+        n_max = max(*args.marginal) if args.marginal else max(args.clips, *args.rss_clips)
         write_sample_data(root / "sample", n_max, workers=1)
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             make_tiny_models(root / "models", seed=0)
+        if args.marginal:
+            print(json.dumps(marginal(root, sorted(args.marginal), root / "models")))
+            return 0
         lines = (root / "sample" / "manifest.jsonl").read_text().splitlines()
         manifests = {}
         for n in {args.clips, *args.rss_clips}:
