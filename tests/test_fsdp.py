@@ -4,10 +4,11 @@ checkpoints written asynchronously, a worker killed mid-run and the run resumed,
 Two Ray Train runs of ``training/configs/tiny_fsdp.yaml`` (the sd15 block structure at a small width, on
 the preprocessed sample clips, on the session's ``ray start --head`` cluster):
 
-- ``straight``: 4 uninterrupted steps, sharded checkpoints at step 2 (written asynchronously) and 4 (final:
+- ``straight``: 3 uninterrupted steps, sharded checkpoints at step 2 (written asynchronously) and 3 (final:
   also the gathered ``model.safetensors``);
 - ``resumed``: the step-2 checkpoint copied into a new run folder and continued with ``--resume`` to step
-  4; once rank 1 has trained step 2, its process is SIGKILLed, so Ray Train restarts the worker group,
+  3; once rank 1 has trained step 2 (the last: the final save follows), its process is SIGKILLed, so Ray Train
+  restarts the worker group,
   which restores the sharded checkpoint again.
 
 The test overrides ``global_batch=2`` (no gradient accumulation) to halve the step time; activation
@@ -36,7 +37,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.timeout(1200)
 RUN = [sys.executable, str(REPO / "training" / "run.py")]
-STEPS = 4
+STEPS = 3
 
 
 def _args(data: dict, storage: Path, address: str, *extra: str) -> list[str]:

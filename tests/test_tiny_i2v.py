@@ -52,12 +52,12 @@ def test_committed_tiny_i2v_moves_the_subject_the_captions_way(installed: dict[s
 @pytest.mark.slow
 def test_text_to_video_through_the_committed_t2i_draws_the_prompts_colour(installed: dict[str, Path]) -> None:
     """Text-to-video the paper's way: the committed T2I draws frame 0 from the full caption, the I2V animates
-    it (10 DDIM steps each). The subject of the video has the caption's colour in >= 80% of 10 held-out
-    captions (measured 10/10)."""
+    it (10 DDIM steps each). The subject of the video has the caption's colour in >= 80% of 6 held-out
+    captions (measured 10/10 on the first 10)."""
     from fdreamer.eval.evaluate import EvalSettings, evaluate
 
-    res = evaluate(installed["models"] / "i2v", installed["heldout"], modes=("t2v",), num=10,
+    res = evaluate(installed["models"] / "i2v", installed["heldout"], modes=("t2v",), num=6,
                    settings=EvalSettings(steps=10, t2i_path=str(installed["models"])), log=False,
                    out=installed["root"] / "eval_t2v", save_videos=0)
     s = res.summary["t2v"]
-    assert s["n"] == 10 and s["colour_accuracy"] >= 0.8, s
+    assert s["n"] == 6 and s["colour_accuracy"] >= 0.8, s
