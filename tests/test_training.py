@@ -3,7 +3,7 @@
 Runs ``training/run.py`` as a user does (a subprocess with ``--ray_address`` of the session's
 ``ray start --head`` cluster) on the preprocessed sample clips with ``training/configs/tiny_*.yaml``:
 2 workers (DDP over gloo), MLflow params/metrics/artifacts and learning, exact resume through a worker
-killed mid-run (checkpoints in a moto S3 bucket: ``storage_path: s3://``, ``init_from: s3://``), stage chaining (stage 3 with PredictNet from stage 1), the precise errors of bad
+killed mid-run, stage chaining (stage 3 with PredictNet from stage 1), the precise errors of bad
 configurations, and no dead config key. Three Ray Train runs in all: stage 1 (12 steps), its step-6
 checkpoint resumed to 12 with a worker killed, a 2-step stage 3 from it.
 """
@@ -11,8 +11,13 @@ checkpoint resumed to 12 with a worker killed, a 2-step stage 3 from it.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -20,7 +25,6 @@ import pytest
 import torch
 from helpers.ffprobe import mp4_info
 from helpers.ray_cluster import REPO, subprocess_env
-from helpers.worker_kill import run_killing_worker
 from safetensors.torch import load_file
 
 from fdreamer.checkpoint import read_meta
@@ -136,52 +140,54 @@ def test_stage1_logs_run_params_metrics_and_sample_video(stage1: dict, mlflow_se
 
 
 @pytest.fixture(scope="module")
-def resumed(stage1: dict, preprocessed_sample: dict, storage: Path, ray_head: dict, mlflow_server: str,
-            s3_endpoint: str) -> dict:
-    """Stage 1's step-6 checkpoint continued to step 12 with ``--resume`` on S3, rank 1 SIGKILLed on the way.
+def resumed(stage1: dict, preprocessed_sample: dict, storage: Path, ray_head: dict, mlflow_server: str) -> dict:
+    """Stage 1's step-6 checkpoint continued to step 12 with ``--resume``, rank 1 SIGKILLed on the way.
 
-    The checkpoint is put in a bucket as the only one of a new run (``storage_path: s3://train-runs``,
-    ``--name=resume``; the session's moto server) and detached from stage 1's MLflow run. The workers fetch
-    it from there; checkpoints every 2 steps go to the bucket; once ``checkpoint_step_00000008`` is there and
-    rank 1 has logged step 8, its process is killed, so Ray Train (``checkpoint.max_failures=2``) restarts
-    the worker group from the latest checkpoint in the bucket. Every option that changes the numbers is
-    stage 1's; the data-order logs go to a local folder (``data.log_order_dir``)."""
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    s3.create_bucket(Bucket="train-runs")
+    The checkpoint is copied into a new run folder (``resume``) and detached from stage 1's MLflow run.
+    Checkpoints every 2 steps; once ``checkpoint_step_00000008`` exists and rank 1 has logged step 8,
+    its process is killed, so Ray Train (``checkpoint.max_failures=2``) restarts the worker group from
+    the latest checkpoint. Every option that changes the numbers is stage 1's."""
+    run_dir = storage / "resume"
     source = stage1["run_dir"] / "checkpoint_step_00000006"
-    for f in source.iterdir():
-        body = f.read_bytes()
-        if f.name == "trainer_state.json":
-            body = json.dumps({**json.loads(body), "mlflow_run_id": None}).encode()
-        s3.put_object(Bucket="train-runs", Key=f"resume/{source.name}/{f.name}", Body=body)
-    run_dir = storage / "resume"  # local: the data-order logs
-    cmd = _args("tiny_stage1", preprocessed_sample, "s3://train-runs", ray_head["address"], "--name=resume",
-                "--steps=12", "--resume", "--checkpoint.every=2", "--checkpoint.max_failures=2",
-                "--data.log_order=true", f"--data.log_order_dir={run_dir / 'data_order'}", f"--s3_endpoint={s3_endpoint}",
+    shutil.copytree(source, run_dir / source.name)
+    state_file = run_dir / source.name / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "mlflow_run_id": None}))
+    cmd = _args("tiny_stage1", preprocessed_sample, storage, ray_head["address"], "--name=resume", "--steps=12",
+                "--resume", "--checkpoint.every=2", "--checkpoint.max_failures=2", "--data.log_order=true",
                 "--optim.lr=2e-3", "--tracking.sample_every=-1", "--tracking.validate_every=0",
                 f"--tracking.tracking_uri={mlflow_server}", "--tracking.experiment=test-training")
-
-    def in_bucket(key: str) -> bool:
-        return s3.list_objects_v2(Bucket="train-runs", Prefix=key).get("KeyCount", 0) > 0
-
-    text, killed = run_killing_worker(cmd, run_dir / "data_order" / "rank1.jsonl", 8, timeout_s=500,
-                                      ready=lambda: in_bucket("resume/checkpoint_step_00000008/"))
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    killed = None
+    try:
+        deadline = time.monotonic() + 400
+        log = run_dir / "data_order" / "rank1.jsonl"
+        while killed is None and time.monotonic() < deadline and proc.poll() is None:
+            if (run_dir / "checkpoint_step_00000008").is_dir() and log.is_file():
+                records = [json.loads(x) for x in log.read_text().splitlines()]
+                if records and records[-1]["step"] >= 8:
+                    killed = records[-1]["pid"]
+                    os.kill(killed, signal.SIGKILL)
+            time.sleep(0.2)
+        assert proc.wait(timeout=500) == 0, "".join(out)[-5000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+    text = "".join(out)
     assert killed is not None, "the resumed run finished before rank 1 reached step 8:\n" + text[-3000:]
-    summary = json.loads([ln for ln in text.splitlines() if ln.startswith("{") and '"checkpoint"' in ln][-1])
-    from training.checkpointing import local_checkpoint
-
-    return {"stdout": text, "killed": killed, "run_dir": run_dir, "summary": summary, "s3_endpoint": s3_endpoint,
-            "final": local_checkpoint(summary["checkpoint"], s3_endpoint, resume=True)}
+    return {"stdout": text, "killed": killed, "run_dir": run_dir,
+            "summary": json.loads([ln for ln in text.splitlines() if ln.startswith("{") and '"checkpoint"' in ln][-1])}
 
 
 def test_exact_resume_matches_uninterrupted_run(stage1: dict, resumed: dict) -> None:
-    """6 steps + ``--resume`` to 12 on S3 (through a worker restart) = the 12 uninterrupted steps of stage 1."""
-    assert "resuming from s3://train-runs/resume/checkpoint_step_00000006 (step 6)" in resumed["stdout"]
-    assert resumed["summary"]["checkpoint"] == "s3://train-runs/resume/checkpoint_step_00000012"
+    """6 steps + ``--resume`` to 12 (through a worker restart) = the 12 uninterrupted steps of stage 1."""
+    assert "resuming from" in resumed["stdout"] and "checkpoint_step_00000006" in resumed["stdout"]
     straight = load_file(str(Path(stage1["summary"]["checkpoint"]) / "model.safetensors"))
-    continued = load_file(str(resumed["final"] / "model.safetensors"))
+    continued = load_file(str(Path(resumed["summary"]["checkpoint"]) / "model.safetensors"))
     assert straight.keys() == continued.keys()
     diffs = {k: float((straight[k] - continued[k]).abs().max()) for k in straight}
     assert max(diffs.values()) <= 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
@@ -193,7 +199,7 @@ def test_exact_resume_matches_uninterrupted_run(stage1: dict, resumed: dict) -> 
 
 def test_worker_killed_mid_run_restarts_from_checkpoint(resumed: dict) -> None:
     run_dir = resumed["run_dir"]
-    state = json.loads((resumed["final"] / "trainer_state.json").read_text())
+    state = json.loads((run_dir / "checkpoint_step_00000012" / "trainer_state.json").read_text())
     assert state["step"] == 12
     pids = {json.loads(x)["pid"] for x in (run_dir / "data_order" / "rank1.jsonl").read_text().splitlines()}
     assert resumed["killed"] in pids and len(pids) >= 2  # rank 1 ran in a new process after the kill
@@ -217,26 +223,6 @@ def test_stage2_init_from_a_run_folder_resolves_to_its_latest_checkpoint(stage1:
                                         f"--data.path={preprocessed_sample['output']}", f"--storage_path={storage}",
                                         f"--init_from={stage1['run_dir']}"])
     assert prepare(stage2)["init_from"] == str(Path(stage1["summary"]["checkpoint"]))
-
-
-def test_stage2_init_from_an_s3_run_folder(resumed: dict, preprocessed_sample: dict, storage: Path) -> None:
-    """``init_from: s3://...`` (the resumed run's folder in the bucket): the driver finds its latest checkpoint
-    there and checks it fits; the workers' ``build_model`` fetches it (without the optimizer state) and loads
-    exactly its weights."""
-    from fdreamer.config import parse_cli
-    from training.config import TrainConfig
-    from training.launch import prepare
-    from training.loop import build_model
-
-    stage2, _ = parse_cli(TrainConfig, ["--config", str(REPO / "training/configs/tiny_stage2.yaml"),
-                                        f"--data.path={preprocessed_sample['output']}", f"--storage_path={storage}",
-                                        "--name=from_s3", "--init_from=s3://train-runs/resume",
-                                        f"--s3_endpoint={resumed['s3_endpoint']}"])
-    loop_config = prepare(stage2)
-    assert loop_config["init_from"] == "s3://train-runs/resume/checkpoint_step_00000012"
-    state = build_model(stage2, loop_config["init_from"]).state_dict()
-    saved = load_file(str(resumed["final"] / "model.safetensors"))
-    assert all(torch.equal(state[k], v) for k, v in saved.items() if k in state)
 
 
 def _fails(args: list[str], needle: str) -> None:

@@ -84,15 +84,15 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
     init = None
     if cfg.init_from:
         remote = storage.is_s3(cfg.init_from)
-        local = (checkpoint_store.latest(cfg.init_from, cfg.s3_endpoint) if remote else
+        found = (checkpoint_store.latest(cfg.init_from, cfg.s3_endpoint) if remote else
                  str(model_checkpoint.resolve_checkpoint(cfg.init_from, cfg.tracking.tracking_uri)[0]))
-        if local is None:
+        if found is None:
             raise model_checkpoint.CheckpointError(f"init_from {cfg.init_from}: no checkpoint under this S3 prefix")
-        if not remote and checkpointing.is_sharded(local) and not (Path(local) / "model.safetensors").is_file():
+        if not remote and checkpointing.is_sharded(found) and not (Path(found) / "model.safetensors").is_file():
             logger.warning("init_from %s: a sharded (FSDP) checkpoint without full weights: consolidating its "
-                           "shards into model.safetensors", local)
-        check_init_compatible(cfg, checkpointing.local_checkpoint(local, cfg.s3_endpoint))
-        init = local  # an s3:// checkpoint: every worker fetches it into its node's cache
+                           "shards into model.safetensors", found)
+        check_init_compatible(cfg, checkpointing.local_checkpoint(found, cfg.s3_endpoint))
+        init = found  # a folder, or an s3:// checkpoint that every worker fetches into its node's cache
     out = run_dir(cfg)
     latest = checkpointing.latest_resumable(out, cfg.s3_endpoint)
     if not cfg.resume and latest is not None:
