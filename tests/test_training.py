@@ -11,13 +11,9 @@ checkpoint resumed to 12 with a worker killed, a 2-step stage 3 from it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -25,6 +21,7 @@ import pytest
 import torch
 from helpers.ffprobe import mp4_info
 from helpers.ray_cluster import REPO, subprocess_env
+from helpers.worker_kill import run_killing_worker
 from safetensors.torch import load_file
 
 from fdreamer.checkpoint import read_meta
@@ -156,28 +153,8 @@ def resumed(stage1: dict, preprocessed_sample: dict, storage: Path, ray_head: di
                 "--resume", "--checkpoint.every=2", "--checkpoint.max_failures=2", "--data.log_order=true",
                 "--optim.lr=2e-3", "--tracking.sample_every=-1", "--tracking.validate_every=0",
                 f"--tracking.tracking_uri={mlflow_server}", "--tracking.experiment=test-training")
-    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
-    reader.start()
-    killed = None
-    try:
-        deadline = time.monotonic() + 400
-        log = run_dir / "data_order" / "rank1.jsonl"
-        while killed is None and time.monotonic() < deadline and proc.poll() is None:
-            if (run_dir / "checkpoint_step_00000008").is_dir() and log.is_file():
-                records = [json.loads(x) for x in log.read_text().splitlines()]
-                if records and records[-1]["step"] >= 8:
-                    killed = records[-1]["pid"]
-                    os.kill(killed, signal.SIGKILL)
-            time.sleep(0.2)
-        assert proc.wait(timeout=500) == 0, "".join(out)[-5000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        reader.join(10)
-    text = "".join(out)
+    text, killed = run_killing_worker(cmd, run_dir / "data_order" / "rank1.jsonl", 8, timeout_s=500,
+                                      ready=lambda: (run_dir / "checkpoint_step_00000008").is_dir())
     assert killed is not None, "the resumed run finished before rank 1 reached step 8:\n" + text[-3000:]
     return {"stdout": text, "killed": killed, "run_dir": run_dir,
             "summary": json.loads([ln for ln in text.splitlines() if ln.startswith("{") and '"checkpoint"' in ln][-1])}
