@@ -3,7 +3,7 @@
 Runs ``training/run.py`` as a user does (a subprocess with ``--ray_address`` of the session's
 ``ray start --head`` cluster) on the preprocessed sample clips with ``training/configs/tiny_*.yaml``:
 2 workers (DDP over gloo), MLflow params/metrics/artifacts and learning, exact resume through a worker
-killed mid-run, stage chaining (stage 3 with PredictNet from stage 1), the precise errors of bad
+killed mid-run (checkpoints in a moto S3 bucket: ``storage_path: s3://``, ``init_from: s3://``), stage chaining (stage 3 with PredictNet from stage 1), the precise errors of bad
 configurations, and no dead config key. Three Ray Train runs in all: stage 1 (12 steps), its step-6
 checkpoint resumed to 12 with a worker killed, a 2-step stage 3 from it.
 """
@@ -11,7 +11,6 @@ checkpoint resumed to 12 with a worker killed, a 2-step stage 3 from it.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,34 +136,52 @@ def test_stage1_logs_run_params_metrics_and_sample_video(stage1: dict, mlflow_se
 
 
 @pytest.fixture(scope="module")
-def resumed(stage1: dict, preprocessed_sample: dict, storage: Path, ray_head: dict, mlflow_server: str) -> dict:
-    """Stage 1's step-6 checkpoint continued to step 12 with ``--resume``, rank 1 SIGKILLed on the way.
+def resumed(stage1: dict, preprocessed_sample: dict, storage: Path, ray_head: dict, mlflow_server: str,
+            s3_endpoint: str) -> dict:
+    """Stage 1's step-6 checkpoint continued to step 12 with ``--resume`` on S3, rank 1 SIGKILLed on the way.
 
-    The checkpoint is copied into a new run folder (``resume``) and detached from stage 1's MLflow run.
-    Checkpoints every 2 steps; once ``checkpoint_step_00000008`` exists and rank 1 has logged step 8,
-    its process is killed, so Ray Train (``checkpoint.max_failures=2``) restarts the worker group from
-    the latest checkpoint. Every option that changes the numbers is stage 1's."""
-    run_dir = storage / "resume"
+    The checkpoint is put in a bucket as the only one of a new run (``storage_path: s3://train-runs``,
+    ``--name=resume``; the session's moto server) and detached from stage 1's MLflow run. The workers fetch
+    it from there; checkpoints every 2 steps go to the bucket; once ``checkpoint_step_00000008`` is there and
+    rank 1 has logged step 8, its process is killed, so Ray Train (``checkpoint.max_failures=2``) restarts
+    the worker group from the latest checkpoint in the bucket. Every option that changes the numbers is
+    stage 1's; the data-order logs go to a local folder (``data.log_order_dir``)."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="train-runs")
     source = stage1["run_dir"] / "checkpoint_step_00000006"
-    shutil.copytree(source, run_dir / source.name)
-    state_file = run_dir / source.name / "trainer_state.json"
-    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "mlflow_run_id": None}))
-    cmd = _args("tiny_stage1", preprocessed_sample, storage, ray_head["address"], "--name=resume", "--steps=12",
-                "--resume", "--checkpoint.every=2", "--checkpoint.max_failures=2", "--data.log_order=true",
+    for f in source.iterdir():
+        body = f.read_bytes()
+        if f.name == "trainer_state.json":
+            body = json.dumps({**json.loads(body), "mlflow_run_id": None}).encode()
+        s3.put_object(Bucket="train-runs", Key=f"resume/{source.name}/{f.name}", Body=body)
+    run_dir = storage / "resume"  # local: the data-order logs
+    cmd = _args("tiny_stage1", preprocessed_sample, "s3://train-runs", ray_head["address"], "--name=resume",
+                "--steps=12", "--resume", "--checkpoint.every=2", "--checkpoint.max_failures=2",
+                "--data.log_order=true", f"--data.log_order_dir={run_dir / 'data_order'}", f"--s3_endpoint={s3_endpoint}",
                 "--optim.lr=2e-3", "--tracking.sample_every=-1", "--tracking.validate_every=0",
                 f"--tracking.tracking_uri={mlflow_server}", "--tracking.experiment=test-training")
+
+    def in_bucket(key: str) -> bool:
+        return s3.list_objects_v2(Bucket="train-runs", Prefix=key).get("KeyCount", 0) > 0
+
     text, killed = run_killing_worker(cmd, run_dir / "data_order" / "rank1.jsonl", 8, timeout_s=500,
-                                      ready=lambda: (run_dir / "checkpoint_step_00000008").is_dir())
+                                      ready=lambda: in_bucket("resume/checkpoint_step_00000008/"))
     assert killed is not None, "the resumed run finished before rank 1 reached step 8:\n" + text[-3000:]
-    return {"stdout": text, "killed": killed, "run_dir": run_dir,
-            "summary": json.loads([ln for ln in text.splitlines() if ln.startswith("{") and '"checkpoint"' in ln][-1])}
+    summary = json.loads([ln for ln in text.splitlines() if ln.startswith("{") and '"checkpoint"' in ln][-1])
+    from training.checkpointing import local_checkpoint
+
+    return {"stdout": text, "killed": killed, "run_dir": run_dir, "summary": summary, "s3_endpoint": s3_endpoint,
+            "final": local_checkpoint(summary["checkpoint"], s3_endpoint, resume=True)}
 
 
 def test_exact_resume_matches_uninterrupted_run(stage1: dict, resumed: dict) -> None:
-    """6 steps + ``--resume`` to 12 (through a worker restart) = the 12 uninterrupted steps of stage 1."""
-    assert "resuming from" in resumed["stdout"] and "checkpoint_step_00000006" in resumed["stdout"]
+    """6 steps + ``--resume`` to 12 on S3 (through a worker restart) = the 12 uninterrupted steps of stage 1."""
+    assert "resuming from s3://train-runs/resume/checkpoint_step_00000006 (step 6)" in resumed["stdout"]
+    assert resumed["summary"]["checkpoint"] == "s3://train-runs/resume/checkpoint_step_00000012"
     straight = load_file(str(Path(stage1["summary"]["checkpoint"]) / "model.safetensors"))
-    continued = load_file(str(Path(resumed["summary"]["checkpoint"]) / "model.safetensors"))
+    continued = load_file(str(resumed["final"] / "model.safetensors"))
     assert straight.keys() == continued.keys()
     diffs = {k: float((straight[k] - continued[k]).abs().max()) for k in straight}
     assert max(diffs.values()) <= 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
@@ -174,9 +191,9 @@ def test_exact_resume_matches_uninterrupted_run(stage1: dict, resumed: dict) -> 
         assert steps == [s for s in straight_order[rank] if s[0] >= 6], rank
 
 
-def test_worker_killed_mid_run_restarts_from_checkpoint(resumed: dict) -> None:
+def test_worker_killed_mid_run_restarts_from_checkpoint(resumed: dict, mlflow_server: str) -> None:
     run_dir = resumed["run_dir"]
-    state = json.loads((run_dir / "checkpoint_step_00000012" / "trainer_state.json").read_text())
+    state = json.loads((resumed["final"] / "trainer_state.json").read_text())
     assert state["step"] == 12
     pids = {json.loads(x)["pid"] for x in (run_dir / "data_order" / "rank1.jsonl").read_text().splitlines()}
     assert resumed["killed"] in pids and len(pids) >= 2  # rank 1 ran in a new process after the kill
@@ -185,6 +202,27 @@ def test_worker_killed_mid_run_restarts_from_checkpoint(resumed: dict) -> None:
     assert steps[:restart] == list(range(6, steps[restart - 1] + 1))  # 6.. up to the kill
     assert steps[restart] in (8, 10), steps  # redone from a checkpoint written after the resume (every 2)
     assert steps[restart:] == list(range(steps[restart], 12)), steps
+    # no batch replayed to reach the restart position: since the restart, rank 0's reader collated the
+    # micro-batches of the remaining steps (2 per step) plus at most its prefetch (2), not the epoch's earlier ones
+    client = mlflow.tracking.MlflowClient(mlflow_server)
+    built = client.get_metric_history(resumed["summary"]["mlflow_run_id"], "data/train_built_batches")
+    final = max(built, key=lambda m: m.step)
+    assert final.step == 12 and (12 - steps[restart]) * 2 <= final.value <= (12 - steps[restart]) * 2 + 2, built
+
+
+def test_epochs_see_different_orders_and_ranks_disjoint_rows(stage1: dict) -> None:
+    """The data-order logs of the uninterrupted run: each epoch a new order of the rows (block order and shuffle
+    windows reseeded), and within an epoch the two ranks never train on the same clip."""
+    epochs: dict[int, dict[int, list[str]]] = {}
+    for f in sorted((stage1["run_dir"] / "data_order").glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            epochs.setdefault(rec["epoch"], {}).setdefault(int(f.stem[4:]), []).extend(rec["clip_ids"])
+    assert len(epochs) >= 3, sorted(epochs)
+    for by_rank in epochs.values():
+        assert not set(by_rank[0]) & set(by_rank[1])
+        assert len(set(by_rank[0])) == len(by_rank[0])
+    assert epochs[0][0] != epochs[1][0] and epochs[1][0] != epochs[2][0]
 
 
 def test_stage2_init_from_a_run_folder_resolves_to_its_latest_checkpoint(stage1: dict, preprocessed_sample: dict,
@@ -200,6 +238,26 @@ def test_stage2_init_from_a_run_folder_resolves_to_its_latest_checkpoint(stage1:
                                         f"--data.path={preprocessed_sample['output']}", f"--storage_path={storage}",
                                         f"--init_from={stage1['run_dir']}"])
     assert prepare(stage2)["init_from"] == str(Path(stage1["summary"]["checkpoint"]))
+
+
+def test_stage2_init_from_an_s3_run_folder(resumed: dict, preprocessed_sample: dict, storage: Path) -> None:
+    """``init_from: s3://...`` (the resumed run's folder in the bucket): the driver finds its latest checkpoint
+    there and checks it fits; the workers' ``build_model`` fetches it (without the optimizer state) and loads
+    exactly its weights."""
+    from fdreamer.config import parse_cli
+    from training.config import TrainConfig
+    from training.launch import prepare
+    from training.loop import build_model
+
+    stage2, _ = parse_cli(TrainConfig, ["--config", str(REPO / "training/configs/tiny_stage2.yaml"),
+                                        f"--data.path={preprocessed_sample['output']}", f"--storage_path={storage}",
+                                        "--name=from_s3", "--init_from=s3://train-runs/resume",
+                                        f"--s3_endpoint={resumed['s3_endpoint']}"])
+    loop_config = prepare(stage2)
+    assert loop_config["init_from"] == "s3://train-runs/resume/checkpoint_step_00000012"
+    state = build_model(stage2, loop_config["init_from"]).state_dict()
+    saved = load_file(str(resumed["final"] / "model.safetensors"))
+    assert all(torch.equal(state[k], v) for k, v in saved.items() if k in state)
 
 
 def _fails(args: list[str], needle: str) -> None:

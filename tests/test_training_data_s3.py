@@ -3,21 +3,19 @@ server on 127.0.0.1), through the same pyarrow filesystem layer as the preproces
 
 The session's preprocessed sample (32 clips) is copied to a bucket as is; every driver-side read of
 ``training/launch.prepare`` (shard listing, schema check, null conditions, row count, clip profile), the
-held-out batch (a filtered scan) and the Ray Data read of the workers (on the session's Ray head) must
-give what they give on the local folder. Checkpoints in a bucket: the latest found by step, fetched into
+held-out batch (a filtered scan) and the workers' streams (:mod:`training.stream`) must give what they
+give on the local folder. Checkpoints in a bucket: the latest found by step, fetched into
 the local cache, loaded as saved.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.ray_cluster import REPO, subprocess_env
+from helpers.ray_cluster import REPO
 
 from fdreamer.config import load_config
 from training.config import TrainConfig
@@ -64,27 +62,29 @@ def test_prepare_and_heldout_batch_read_s3_like_local(s3_data: dict, tmp_path: P
     assert summary == train_data.data_summary(s3_data["local"]) and summary["written"] >= want["rows"]
 
 
-def test_ray_data_reads_the_s3_shards_on_the_cluster(s3_data: dict, ray_head: dict, tmp_path: Path) -> None:
-    """The dataset the Ray Train workers consume, read by Ray Data tasks on the session's head (whose
-    workers have the test's AWS credentials): the same clip ids as the local folder."""
-    code = f"""
-import json, ray
-from fdreamer.config import load_config
-from training.config import TrainConfig
-from training import data as train_data
-ray.init(address={ray_head['address']!r}, log_to_driver=False)
-ids = {{}}
-for name, path in (("s3", {s3_data['uri']!r}), ("local", {s3_data['local']!r})):
-    cfg = load_config(TrainConfig, {str(CONFIG)!r}, ["data.path=" + path, "s3_endpoint={s3_data['endpoint']}",
-                                                     "data.materialize=false"])
-    ids[name] = sorted(r["clip_id"] for r in train_data.dataset(cfg).select_columns(["clip_id"]).take_all())
-print(json.dumps(ids))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ids = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert ids["s3"] == ids["local"] and len(ids["s3"]) > 0
+def test_worker_streams_read_the_s3_shards_like_local(s3_data: dict, tmp_path: Path) -> None:
+    """What a worker trains on (:func:`training.data.open_stream` over the block counts ``prepare`` made), read
+    from the bucket: the same batches, in the same order, as from the local folder, for both ranks of 2."""
+    from training import data as train_data
+    from training.launch import prepare
+    from training.order import Blocks
+
+    def epoch(cfg: TrainConfig, rank: int) -> list:
+        blocks = Blocks.from_dict(prepare(cfg)["blocks"]["train"])
+        stream = train_data.open_stream(cfg, "train", blocks, rank=rank, world=2)
+        batches = []
+        while (batch := stream.next()) is not None:
+            batches.append(batch)
+        stream.close()
+        return batches
+
+    remote, local = _cfg(s3_data["uri"], s3_data, tmp_path), _cfg(s3_data["local"], s3_data, tmp_path / "l")
+    for rank in (0, 1):
+        got, want = epoch(remote, rank), epoch(local, rank)
+        assert len(got) == len(want) > 0
+        assert [b.clip_ids for b in got] == [b.clip_ids for b in want]
+        assert all(torch.equal(a.latents, b.latents) and torch.equal(a.cond.t5_tokens, b.cond.t5_tokens)
+                   for a, b in zip(got, want))
 
 
 def _upload(s3: dict, folder: Path, key: str) -> None:

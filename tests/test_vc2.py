@@ -247,33 +247,6 @@ def test_manifest_kind_by_extension_or_column(tmp_path: Path) -> None:
         read_manifest(str(tmp_path / "bad.jsonl"))
 
 
-class _FakeShard:
-    """``iter_torch_batches`` of a Ray Train shard: epoch-dependent order from the shuffle seed."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def iter_torch_batches(self, *, batch_size: int, local_shuffle_seed: int, **_: object):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(local_shuffle_seed)).tolist()
-        return iter([order[i:i + batch_size] for i in range(0, self.n - batch_size + 1, batch_size)])
-
-
-def test_image_stream_cycles_epochs_and_resumes_exactly() -> None:
-    from fdreamer.config import load_config
-    from training.config import TrainConfig
-    from training.data import ShardStream
-
-    cfg = load_config(TrainConfig, REPO / "training" / "configs" / "tiny_vc2_stageA.yaml")
-    straight = ShardStream(_FakeShard(7), 2, cfg, None, seed_offset=5_003)
-    seen = [straight.next_cycling() for _ in range(8)]  # 3 batches an epoch: crosses two epoch ends
-    assert straight.position() == {"epoch": 2, "consumed": 2}
-    assert seen[:3] != seen[3:6]  # reshuffled per epoch
-    again = ShardStream(_FakeShard(7), 2, cfg, None, seed_offset=5_003)
-    first = [again.next_cycling() for _ in range(4)]
-    resumed = ShardStream(_FakeShard(7), 2, cfg, None, seed_offset=5_003, **again.position())
-    assert first + [resumed.next_cycling() for _ in range(4)] == seen
-
-
 # ------------------------------------------------------------------ through the real jobs (Ray)
 
 

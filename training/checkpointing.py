@@ -211,6 +211,18 @@ def latest_resumable(run_dir: str, s3_endpoint: str | None = None) -> str | None
     return str(found) if found else None
 
 
+def checkpoint_uri(checkpoint: Any) -> str:
+    """A ``ray.train.Checkpoint``'s folder as this module's specs take it: a local path, or ``s3://bucket/key``
+    (Ray keeps the filesystem and the bucket-relative path apart)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return str(checkpoint.path)
+    if checkpoint.filesystem.type_name != "s3":
+        raise ValueError(f"checkpoint on a {checkpoint.filesystem.type_name} filesystem: only local and s3:// are supported")
+    return f"s3://{checkpoint.path}"
+
+
 def local_checkpoint(spec: str, s3_endpoint: str | None = None, *, resume: bool = False) -> Path:
     """A checkpoint folder (path or ``s3://``) as a local folder with full weights: an S3 one fetched into this
     node's cache (everything when ``resume``, else what loading the model reads); a sharded one without
@@ -221,6 +233,6 @@ def local_checkpoint(spec: str, s3_endpoint: str | None = None, *, resume: bool 
     return path
 
 
-__all__ = ["DCP_DIR", "TrainerState", "check_resumable", "checkpoint_config", "consolidate", "is_sharded",
+__all__ = ["DCP_DIR", "TrainerState", "check_resumable", "checkpoint_config", "checkpoint_uri", "consolidate", "is_sharded",
            "latest_checkpoint", "latest_resumable", "load_optimizer_state", "local_checkpoint", "load_sharded", "load_sharded_model", "read_trainer_state",
            "restore_rng", "save_full_weights", "save_sharded", "save_sharded_files", "save_training_checkpoint"]

@@ -26,10 +26,12 @@ class DataConfig:
     min_motion_score: float | None = opt(None, "drop clips whose motion_score is below this (static clips)")
     max_motion_score: float | None = opt(None, "drop clips whose motion_score is above this (shaky / cuts)")
     num_frames: int | None = opt(None, "keep clips with this many frames (null: the model's stage profile is not checked)")
-    shuffle_buffer: int = opt(64, "rows in the per-worker local shuffle buffer (reseeded every epoch)")
-    prefetch_batches: int = opt(2, "batches Ray Data prefetches per worker")
+    shuffle_buffer: int = opt(64, "rows per shuffle window of each worker (at least one micro-batch): each window's "
+                                  "rows are permuted, seeded by seed, epoch, rank and window (training/order.py)")
+    prefetch_batches: int = opt(2, "batches each worker's reader thread keeps ready")
     max_heldout: int = opt(32, "at most this many held-out clips for the validation loss")
-    materialize: bool = opt(False, "read + filter once into the object store and reuse it every epoch (small data sets)")
+    cache_blocks: int = opt(0, "row groups (after filters) each worker keeps in memory across epochs (small data "
+                               "sets: all of them; 0: read every epoch)")
     log_order: bool = opt(False, "record every step's clip ids per rank in <log_order_dir>/rank<r>.jsonl")
     log_order_dir: str | None = opt(None, "folder of the data-order logs (default <run dir>/data_order); a local or "
                                           "shared folder, needed when storage_path is s3://")

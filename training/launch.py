@@ -75,7 +75,8 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
     fs, files = selection.shard_files(cfg.data.path, cfg.s3_endpoint)
     selection.check_schema(fs, files)
     train_data.load_null(cfg.data.path, cfg.s3_endpoint)
-    rows = train_data.count_rows(cfg)
+    blocks = train_data.plan_blocks(cfg)
+    rows = blocks["train"].total
     per_worker = rows // cfg.scaling.num_workers
     if per_worker < cfg.micro_batch * cfg.accumulation:
         raise selection.DataError(
@@ -102,7 +103,8 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
                                       cfg.s3_endpoint)
     encoders = encoder_config(cfg)
     return {"cfg": to_dict(cfg), "init_from": init, "encoders": to_dict(encoders),
-            "run_dir": str(out), "meta": clip_profile_meta(fs, files[0], encoders), "rows": rows}
+            "run_dir": str(out), "meta": clip_profile_meta(fs, files[0], encoders), "rows": rows,
+            "blocks": {name: b.to_dict() for name, b in blocks.items()}}
 
 
 def clip_profile_meta(fs: Any, shard: str, encoders: EncoderConfig) -> dict[str, Any]:
@@ -134,7 +136,6 @@ def fit(cfg: TrainConfig, loop_config: dict[str, Any] | None = None) -> Any:
     """Run the stage on the connected Ray cluster; returns the ``ray.train.Result``.
 
     ``loop_config``: what :func:`prepare` returned for this ``cfg`` (else it runs here)."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -153,9 +154,6 @@ def fit(cfg: TrainConfig, loop_config: dict[str, Any] | None = None) -> Any:
             print(f"resuming from {latest} (step {step})", flush=True)
     # Ray Train takes an s3:// storage path as the bucket/prefix on a filesystem with the job's endpoint
     fs, base = storage.resolve(cfg.storage_path, cfg.s3_endpoint)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic split and order: exact resume
-    dataset_config = ray.train.DataConfig(execution_options=ctx.execution_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -168,8 +166,6 @@ def fit(cfg: TrainConfig, loop_config: dict[str, Any] | None = None) -> Any:
             name=cfg.name, storage_path=base, storage_filesystem=fs if storage.is_s3(cfg.storage_path) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
-        datasets=train_data.train_datasets(cfg),  # "train" (+ "images" for joint image-video batches)
-        dataset_config=dataset_config,
     )
     result = trainer.fit()
     final = checkpointing.latest_resumable(out, cfg.s3_endpoint)

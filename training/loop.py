@@ -7,8 +7,8 @@
    worker failure) or the driver names one (``--resume``);
 2. **distribute**: wraps the model for DDP (``ray.train.torch.prepare_model``) or shards it with FSDP2
    (``training.parallel.apply_fsdp``: ``fully_shard`` on CPU/gloo and GPU/NCCL alike);
-3. **data streams**: reads its data shard (``ray.train.get_dataset_shard('train').iter_torch_batches``)
-   from the saved position; each optimizer step accumulates ``global_batch / (workers x micro_batch)``
+3. **data streams**: reads its rows of the epoch (:func:`training.data.open_stream`: a seeded block order
+   per epoch, its own range, shuffle windows) from the saved position, without replaying a batch; each optimizer step accumulates ``global_batch / (workers x micro_batch)``
    micro-batches;
 4. **validate / sample / save / report**: rank 0 validates, renders sample videos, logs to MLflow and
    writes checkpoints; all ranks call ``ray.train.report`` together. With FSDP every rank writes its shards
@@ -51,7 +51,6 @@ from training.config import TrainConfig
 from training.saving import CheckpointSaving, PendingCheckpoint
 
 MicroBatch = TrainBatch | JointBatch
-IMAGE_STREAM_SEED_OFFSET = 5_003  # the image stream's shuffle seeds differ from the clip stream's
 
 
 def preset_model(cfg: TrainConfig, model_cfg: Any, *, device: str | None = None,
@@ -170,30 +169,31 @@ class TrainWorker(CheckpointSaving):
         import ray.train
 
         restored = ray.train.get_checkpoint()
-        if restored is None and self.loop_config.get("resume_from"):  # local, or s3:// fetched to this node
-            folder = checkpointing.local_checkpoint(self.loop_config["resume_from"], self.cfg.s3_endpoint, resume=True)
-            restored = ray.train.Checkpoint.from_directory(str(folder))
-        if restored is None:
+        source = self.loop_config.get("resume_from") if restored is None else checkpointing.checkpoint_uri(restored)
+        if source is None:
             return None
-        with restored.as_directory() as folder:
-            folder = Path(folder)
-            self.state = checkpointing.read_trainer_state(folder)
-            if self.state.world_size != self.world:
-                raise ValueError(f"checkpoint was written by {self.state.world_size} workers, this run has "
-                                 f"{self.world}: the data position would not be exact; use the same num_workers")
-            checkpointing.check_resumable(folder, "fsdp" if self.fsdp else "ddp")
-            if self.fsdp:
-                self.sharded_restore = restored
-                checkpointing.restore_rng(folder)
-                return None
-            model_checkpoint.load_weights_into(self.model, folder)
-            saved_optimizer = checkpointing.load_optimizer_state(folder)
-            self.optimizer.load_state_dict(saved_optimizer)
-            if self.ema is not None and (folder / "ema.safetensors").is_file():
-                from safetensors.torch import load_file
-
-                self.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+        # Local, or s3:// fetched into this node's cache (each file written under a temp name, then renamed).
+        # Not Ray's ``Checkpoint.as_directory()``: it downloads into a shared temp folder under a lock that a
+        # second worker of the node takes again once the first has finished, rewriting the files in place
+        # while the first reads them (a restart after a worker kill read a torn model.safetensors).
+        folder = checkpointing.local_checkpoint(source, self.cfg.s3_endpoint, resume=True)
+        self.state = checkpointing.read_trainer_state(folder)
+        if self.state.world_size != self.world:
+            raise ValueError(f"checkpoint was written by {self.state.world_size} workers, this run has "
+                             f"{self.world}: the data position would not be exact; use the same num_workers")
+        checkpointing.check_resumable(folder, "fsdp" if self.fsdp else "ddp")
+        if self.fsdp:
+            self.sharded_restore = folder
             checkpointing.restore_rng(folder)
+            return None
+        model_checkpoint.load_weights_into(self.model, folder)
+        saved_optimizer = checkpointing.load_optimizer_state(folder)
+        self.optimizer.load_state_dict(saved_optimizer)
+        if self.ema is not None and (folder / "ema.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            self.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+        checkpointing.restore_rng(folder)
         return saved_optimizer
 
     def distribute(self, saved_optimizer: dict | None) -> None:
@@ -211,8 +211,7 @@ class TrainWorker(CheckpointSaving):
             self.no_sync = functools.partial(parallel.fsdp_no_sync, self.model)
             self.optimizer = self._new_optimizer()  # over the sharded (DTensor) parameters
             if self.sharded_restore is not None:
-                with self.sharded_restore.as_directory() as folder:
-                    checkpointing.load_sharded(Path(folder), self.model, self.optimizer)
+                checkpointing.load_sharded(self.sharded_restore, self.model, self.optimizer)
             if self.cfg.checkpoint.async_save:
                 self.checkpoint_group = torch.distributed.new_group(backend="gloo")
         elif self.world > 1:
@@ -225,21 +224,16 @@ class TrainWorker(CheckpointSaving):
 
     def open_data_streams(self) -> None:
         """The ``train`` stream (clips, or images when ``image_ratio = 1``) and, for joint batches, the
-        cycling ``images`` stream continued from its saved position."""
-        import ray.train
+        cycling ``images`` stream continued from its saved position (:func:`training.data.open_stream`:
+        this worker's read plan from the block counts the driver made)."""
+        from training.order import Blocks
 
-        cfg = self.cfg
-        n_video, n_image = cfg.video_micro_batch, cfg.image_micro_batch
-        self.primary = train_data.ShardStream(
-            ray.train.get_dataset_shard("train"), n_video or n_image, cfg,
-            train_data.make_collate(cfg.model.predictnet, image=n_video == 0, **train_data.conditions_for(cfg)))
-        self.images: train_data.ShardStream | None = None
-        if n_video and n_image:
-            position = self.state.extra.get("images", {})
-            self.images = train_data.ShardStream(
-                ray.train.get_dataset_shard("images"), n_image, cfg, train_data.make_collate(False, image=True),
-                epoch=int(position.get("epoch", 0)), consumed=int(position.get("consumed", 0)),
-                seed_offset=IMAGE_STREAM_SEED_OFFSET)
+        blocks = {name: Blocks.from_dict(b) for name, b in self.loop_config["blocks"].items()}
+        self.primary = train_data.open_stream(self.cfg, "train", blocks["train"], rank=self.rank, world=self.world)
+        self.images = None
+        if "images" in blocks:
+            self.images = train_data.open_stream(self.cfg, "images", blocks["images"], rank=self.rank,
+                                                 world=self.world, position=self.state.extra.get("images"))
 
     def next_micro_batches(self) -> list[MicroBatch] | None:
         """The micro-batches of the next optimizer step, or None when this epoch of the clips is used up
@@ -335,6 +329,7 @@ class TrainWorker(CheckpointSaving):
         self.tracker.log_metrics({
             "loss": result.loss, "l_df": result.l_df, "l_flow": result.l_flow, "grad_norm": result.grad_norm,
             **images, "lr": self.optimizer.param_groups[0]["lr"], **self.window.metrics(), "epoch": self.state.epoch,
+            **self.primary.stats(), **(self.images.stats() if self.images is not None else {}),
         }, step=self.state.step)
 
     def run(self) -> None:
@@ -383,6 +378,9 @@ class TrainWorker(CheckpointSaving):
 
     def finish(self) -> None:
         """Final validation and samples, the final checkpoint (also logged to MLflow), the run closed."""
+        for stream in (self.primary, self.images):
+            if stream is not None:
+                stream.close()
         metrics: dict[str, Any] = {"step": self.state.step}
         metrics.update(self.evaluate(self.state.step, validate=True, samples=self.cfg.tracking.sample_every >= 0))
         self.save_and_report(metrics, final=True)

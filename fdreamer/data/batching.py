@@ -101,7 +101,7 @@ def pad_tokens(seqs: Sequence[np.ndarray | torch.Tensor], min_length: int = 1) -
     dims = {s.shape[1] for s in seqs}
     if len(dims) != 1:
         raise ValueError(f"token widths differ: {sorted(dims)}")
-    ts = [s if isinstance(s, torch.Tensor) else torch.from_numpy(np.asarray(s, dtype=np.float32)) for s in seqs]
+    ts = [s if isinstance(s, torch.Tensor) else torch.from_numpy(np.array(s, dtype=np.float32)) for s in seqs]
     length = max(min_length, max(s.shape[0] for s in ts))
     tokens = ts[0].new_zeros(len(ts), length, dims.pop())
     mask = torch.zeros(len(ts), length, dtype=torch.bool, device=ts[0].device)
@@ -114,7 +114,7 @@ def pad_tokens(seqs: Sequence[np.ndarray | torch.Tensor], min_length: int = 1) -
 def _fps(batch: Mapping[str, Any]) -> torch.Tensor | None:
     if "fps" not in batch:
         return None
-    return torch.as_tensor(np.asarray(batch["fps"], dtype=np.float32))  # [B]
+    return torch.tensor(np.asarray(batch["fps"], dtype=np.float32))  # [B] (a copy: the column may be read-only)
 
 
 def to_train_batch(
