@@ -121,15 +121,26 @@ def test_seeds_make_evaluation_repeatable(checkpoint: Path, sample: Path) -> Non
     assert a.rows[0]["fc"] == b.rows[0]["fc"] and a.rows[0]["psnr0"] == b.rows[0]["psnr0"]
 
 
-def test_ray_job_prints_table_and_json_over_ray_data(checkpoint: Path, sample: Path, ray_head: dict, tmp_path: Path) -> None:
+def test_ray_job_prints_table_and_json_over_ray_data(checkpoint: Path, sample: Path, ray_head: dict, tmp_path: Path,
+                                                    s3_endpoint: str) -> None:
+    """The Ray Data evaluation job on a run folder in a bucket (the session's moto server): the driver finds its
+    latest checkpoint there, each actor fetches it on its node; same videos as in-process from the local folder."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket="eval-runs")
+    for f in checkpoint.rglob("*"):
+        if f.is_file():
+            client.upload_file(str(f), "eval-runs", f"tiny_run/{f.relative_to(checkpoint.parent).as_posix()}")
     proc = subprocess.run(
-        [sys.executable, "training/evaluate_job.py", "--checkpoint", str(checkpoint.parent), "--data", str(sample),
+        [sys.executable, "training/evaluate_job.py", "--checkpoint", "s3://eval-runs/tiny_run", "--data", str(sample),
          "--split", "all", "--num", "2", "--sampling.steps", "2", "--log=false", "--out", str(tmp_path / "o"),
-         "--ray_address", ray_head["address"], "--concurrency", "2"],
+         "--ray_address", ray_head["address"], "--concurrency", "2", "--s3_endpoint", s3_endpoint],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     out = json.loads(lines[-1])
+    assert out["checkpoint"] == "s3://eval-runs/tiny_run/checkpoint_step_00000005"
     assert out["i2v_n"] == 2 and "i2v_direction_accuracy" in out and "i2v_fc" in out
     assert any(line.startswith("| i2v | 2 |") for line in lines)
     local = evaluate(checkpoint, sample, num=2, split=None, settings=FAST, log=False)  # same seeds in-process: same videos

@@ -114,6 +114,17 @@ def test_the_cycling_stream_crosses_epochs_and_resumes_exactly(shards: dict) -> 
     assert first + [resumed.next_cycling() for _ in range(6)] == seen
 
 
+def test_a_block_spanning_several_windows_is_read_once(shards: dict) -> None:
+    """One shard of 40 rows in one row group, windows of 4 rows: the block is read once per epoch, not 10 times."""
+    fs, path = shards["fs"], str(Path(shards["files"][0]).parent / "big.parquet")
+    pq.write_table(pa.table({"clip_id": [f"b{i}" for i in range(40)], "split": ["train"] * 40,
+                             "motion_score": [0.5] * 40, "num_frames": [8] * 40, "schema_version": [1] * 40}), path)
+    blocks = count_blocks(fs, [path], DATA, "train", VIDEO)
+    stream = RowStream(ReadPlan(blocks.selected, 1, 0, 2, 4, seed=3),
+                       BlockReader(fs, blocks, ["clip_id"], DATA, "train", VIDEO), _ids)
+    assert len(_epoch(stream)) == 20 and stream.reader.blocks_read == 1
+
+
 def test_cached_blocks_give_the_same_stream(shards: dict) -> None:
     plain = _stream(shards, 0)
     blocks = _blocks(shards)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,14 +35,15 @@ def _to_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for it in items]
 
 
-def ray_runner(concurrency: int, num_cpus: float):
-    """A :data:`fdreamer.eval.evaluate.Runner` on Ray Data (ray must be initialised)."""
+def ray_runner(concurrency: int, num_cpus: float, s3_endpoint: str | None = None):
+    """A :data:`fdreamer.eval.evaluate.Runner` on Ray Data (ray must be initialised); each actor loads the
+    checkpoint itself (an ``s3://`` one fetched into its node's cache)."""
     import ray
 
-    def run(checkpoint: Path, items: list[dict[str, Any]], settings: EvalSettings) -> list[dict[str, Any]]:
+    def run(checkpoint: str, items: list[dict[str, Any]], settings: EvalSettings) -> list[dict[str, Any]]:
         ds = ray.data.from_items(_to_rows(items)).map_batches(
             GenerateAndScore, fn_constructor_kwargs={"checkpoint": str(checkpoint), "settings": asdict(settings),
-                                                     "torch_threads": max(1, int(num_cpus))},
+                                                     "torch_threads": max(1, int(num_cpus)), "s3_endpoint": s3_endpoint},
             batch_size=1, concurrency=concurrency, num_cpus=num_cpus)
         outs = [{"row": json.loads(r["row_json"]), "frames": np.asarray(r["frames"])} for r in ds.iter_rows()]
         order = {it["id"]: i for i, it in enumerate(items)}
@@ -61,13 +61,13 @@ def run(cfg: EvalJobConfig) -> int:
     from fdreamer.eval.evaluate import evaluate_config
 
     try:
-        resolve_checkpoint(cfg.checkpoint, cfg.tracking_uri)  # fail before Ray starts
+        resolve_checkpoint(cfg.checkpoint, cfg.tracking_uri, s3_endpoint=cfg.s3_endpoint)  # fail before Ray starts
     except (CheckpointError, ValueError) as exc:
         print(f"evaluate_job: {exc}", file=sys.stderr)
         return 2
     init_ray(cfg.ray_address, log_to_driver=False)
     try:
-        result = evaluate_config(cfg, runner=ray_runner(cfg.concurrency, cfg.num_cpus))
+        result = evaluate_config(cfg, runner=ray_runner(cfg.concurrency, cfg.num_cpus, cfg.s3_endpoint))
     except (ValueError, FileNotFoundError) as exc:
         print(f"evaluate_job: {exc}", file=sys.stderr)
         return 2

@@ -40,8 +40,11 @@ class BlockReader:
         self.read_columns = self.columns + list(FILTER_COLUMNS)
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._open_files = open_files
+        self.blocks_read = 0
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
-        self._cache_blocks = cache_blocks
+        # at least the 2 last blocks: windows advance through the range, so a block larger than a window is
+        # read once for the consecutive windows it spans (a 256 MB shard, 64-row windows: not ~6 reads)
+        self._cache_blocks = max(cache_blocks, 2)
 
     def _file(self, index: int) -> pq.ParquetFile:
         if index in self._files:
@@ -68,10 +71,10 @@ class BlockReader:
         if table.num_rows != self.blocks.selected[block]:
             raise DataError(f"{where}: {table.num_rows} selected rows, the plan counted {self.blocks.selected[block]} "
                             "(was the data moved or rewritten during the run?)")
-        if self._cache_blocks > 0:
-            self._cache[block] = table
-            while len(self._cache) > self._cache_blocks:
-                self._cache.popitem(last=False)
+        self._cache[block] = table
+        while len(self._cache) > self._cache_blocks:
+            self._cache.popitem(last=False)
+        self.blocks_read += 1
         return table
 
 

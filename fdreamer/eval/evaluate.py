@@ -31,6 +31,7 @@ Ray Data actors in ``training/evaluate_job.py`` (the library imports no Ray).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -80,6 +81,7 @@ class EvalConfig:
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI or <storage>/mlflow.db)")
     run_id: str | None = opt(None, "log to this MLflow run (default: the checkpoint's)")
     log: bool = opt(True, "log the metrics to the checkpoint's MLflow run")
+    s3_endpoint: str | None = opt(None, "S3 endpoint URL for an s3:// checkpoint (MinIO / moto; default: AWS)")
     sampling: EvalSettings = nested(EvalSettings, "how each video is generated")
 
 
@@ -192,13 +194,17 @@ class GenerateAndScore:
     """Loads the pipeline once; ``__call__`` generates and scores a batch of prompt items (Ray Data
     ``map_batches`` with a dict of columns, or a plain list of item dicts in-process)."""
 
-    def __init__(self, checkpoint: str, settings: dict[str, Any] | None = None, torch_threads: int | None = None) -> None:
+    def __init__(self, checkpoint: str, settings: dict[str, Any] | None = None, torch_threads: int | None = None,
+                 s3_endpoint: str | None = None) -> None:
         import torch
 
+        from fdreamer.checkpoint import resolve_checkpoint
         from fdreamer.inference.pipeline import VideoPipeline
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if checkpoint.startswith("s3://"):  # fetched into this node's cache (an actor may run on any node)
+            checkpoint = str(resolve_checkpoint(checkpoint, s3_endpoint=s3_endpoint)[0])
         self.settings = EvalSettings(**(settings or {}))
         self.pipe = VideoPipeline.from_checkpoint(checkpoint, use_ema=self.settings.use_ema, t2i_path=self.settings.t2i_path)
 
@@ -247,12 +253,14 @@ def _unbox(v: Any) -> Any:
 # ----------------------------------------------------------------------------------- running
 
 
-Runner = Callable[[Path, list[dict[str, Any]], "EvalSettings"], list[dict[str, Any]]]
+#: ``runner(checkpoint, items, settings)``: ``checkpoint`` is a local folder or the ``s3://`` checkpoint folder.
+Runner = Callable[[str, list[dict[str, Any]], "EvalSettings"], list[dict[str, Any]]]
 
 
-def run_in_process(checkpoint: Path, items: list[dict[str, Any]], settings: EvalSettings) -> list[dict[str, Any]]:
+def run_in_process(checkpoint: str, items: list[dict[str, Any]], settings: EvalSettings,
+                   s3_endpoint: str | None = None) -> list[dict[str, Any]]:
     """Generate and score every item here (one :class:`GenerateAndScore`)."""
-    worker = GenerateAndScore(str(checkpoint), asdict(settings))
+    worker = GenerateAndScore(str(checkpoint), asdict(settings), s3_endpoint=s3_endpoint)
     return worker(items)
 
 
@@ -312,16 +320,23 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, modes: tuple[str, ...]
              split: str | None = "heldout", seed: int = 0, settings: EvalSettings | None = None,
              out: str | Path | None = None, tracking_uri: str | None = None, run_id: str | None = None,
              log: bool = True, runner: Runner | None = None,
-             save_videos: int = 4, i2v_prompt: str = "motion_caption") -> EvalResult:
+             save_videos: int = 4, i2v_prompt: str = "motion_caption", s3_endpoint: str | None = None) -> EvalResult:
     """Generate and score (module docstring). ``runner(checkpoint, items, settings)`` generates the items
-    (default :func:`run_in_process`; ``training/evaluate_job.py`` passes one on Ray Data)."""
+    (default :func:`run_in_process`; ``training/evaluate_job.py`` passes one on Ray Data). An ``s3://``
+    checkpoint (or run folder, ``s3_endpoint`` for MinIO / moto) is fetched here for its metadata and handed
+    to the runner as the ``s3://`` checkpoint folder, which each generating process fetches on its node."""
     from fdreamer.checkpoint import read_meta, resolve_checkpoint
     from fdreamer.config import load_config
     from fdreamer.schedule import ScheduleConfig
 
     settings = settings or EvalSettings()
     t0 = time.perf_counter()
-    ckpt, found_run = resolve_checkpoint(str(checkpoint), tracking_uri)
+    ckpt, found_run = resolve_checkpoint(str(checkpoint), tracking_uri, s3_endpoint=s3_endpoint)
+    source = str(ckpt)
+    if str(checkpoint).startswith("s3://"):
+        from fdreamer import checkpoint_store
+
+        source = checkpoint_store.latest(str(checkpoint), s3_endpoint) or source
     run_id = run_id or found_run
     meta = read_meta(ckpt)
     sched = load_config(ScheduleConfig, ckpt / "schedule.yaml")
@@ -332,7 +347,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, modes: tuple[str, ...]
                                 fps=meta.get("fps"), seed=seed, i2v_prompt=i2v_prompt,
                                 t5_caption=meta.get("t5_caption", "caption"))
     t1 = time.perf_counter()
-    outs = (runner or run_in_process)(ckpt, items, settings)
+    runner = runner or functools.partial(run_in_process, s3_endpoint=s3_endpoint)
+    outs = runner(source, items, settings)
     t2 = time.perf_counter()
     rows = [o["row"] for o in outs]
     videos = [o["frames"] for o in outs]
@@ -340,7 +356,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, modes: tuple[str, ...]
     summary["real"] = reference_summary(real, items)
     timings = {"prompts_s": t1 - t0, "generate_s": t2 - t1, "summary_s": time.perf_counter() - t2,
                "per_video_s": (t2 - t1) / max(1, len(items))}
-    result = EvalResult(summary, rows, timings, str(ckpt), run_id, str(out) if out else None)
+    result = EvalResult(summary, rows, timings, source, run_id, str(out) if out else None)
     artifacts: list[Path] = []
     if out is not None:
         artifacts = write_outputs(Path(out), result, videos, save_videos)
@@ -392,4 +408,5 @@ def evaluate_config(cfg: EvalConfig, runner: Runner | None = None) -> EvalResult
     modes = MODES if cfg.mode == "both" else (cfg.mode,)
     return evaluate(cfg.checkpoint, cfg.data, modes=modes, num=cfg.num, split=None if cfg.split == "all" else cfg.split,
                     seed=cfg.seed, settings=cfg.sampling, out=cfg.out, tracking_uri=cfg.tracking_uri, run_id=cfg.run_id,
-                    log=cfg.log, runner=runner, save_videos=cfg.save_videos, i2v_prompt=cfg.i2v_prompt)
+                    log=cfg.log, runner=runner, save_videos=cfg.save_videos, i2v_prompt=cfg.i2v_prompt,
+                    s3_endpoint=cfg.s3_endpoint)
