@@ -55,8 +55,8 @@ class Tracker:
 
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        if ms:
-            self.client.log_batch(self.run_id, metrics=ms)
+        if ms:  # queued and sent by MLflow's logging thread: the step does not wait for the server
+            self.client.log_batch(self.run_id, metrics=ms, synchronous=False)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -68,4 +68,7 @@ class Tracker:
         self.client.set_tag(self.run_id, key, str(value))
 
     def finish(self, status: str = "FINISHED") -> None:
+        import mlflow
+
+        mlflow.flush_async_logging()  # every queued metric is on the server before the run is closed
         self.client.set_terminated(self.run_id, status)

@@ -4,7 +4,7 @@
 
 1. ``bare``: two processes (``torch.multiprocessing``, DDP over gloo, one thread each as Ray gives a 1-CPU
    worker), the stage's model (``training.loop.build_model``) and ``fdreamer.train.step.optimizer_step``
-   with the stage's micro-batch and accumulation, on batches read into memory beforehand from the same shards
+   with the stage's micro-batch and accumulation, and its EMA update, on batches read into memory beforehand from the same shards
    (each rank its own, through the job's own stream): the step with nothing around it.
 2. ``job``: the real job (``training.launch.fit``, tiny_stage1, 2 workers) on the streaming path
    (``data.cache_blocks=0``: every row group read from the shards while training), logging every 2 steps, no
@@ -48,7 +48,7 @@ def _bare_worker(rank: int, cfg, loop_config: dict, steps: int, port: int, out: 
 
     from fdreamer.data.batching import null_from_tensors
     from fdreamer.schedule import NoiseSchedule
-    from fdreamer.train.step import make_optimizer, optimizer_step
+    from fdreamer.train.step import EMA, make_optimizer, optimizer_step
     from training import data as train_data
     from training.loop import build_model
     from training.order import Blocks
@@ -65,8 +65,10 @@ def _bare_worker(rank: int, cfg, loop_config: dict, steps: int, port: int, out: 
             continue
         batches.append(batch)
     stream.close()
-    model = torch.nn.parallel.DistributedDataParallel(build_model(cfg, None).train())
+    plain = build_model(cfg, None).train()
+    model = torch.nn.parallel.DistributedDataParallel(plain)
     o = cfg.optim
+    ema = EMA(plain, o.ema_decay, o.ema_start) if o.ema_decay > 0 else None  # part of the step, as in the job
     optimizer = make_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps)
     schedule = NoiseSchedule(cfg.schedule)
     null = null_from_tensors(train_data.load_null(cfg.data.path))
@@ -78,6 +80,8 @@ def _bare_worker(rank: int, cfg, loop_config: dict, steps: int, port: int, out: 
                        null=null, drop_probs=(obj.drop_text, obj.drop_image, obj.drop_both), gamma=obj.gamma,
                        grad_clip=o.grad_clip, seed=cfg.seed, rank=rank, step=step, no_sync=model.no_sync,
                        image_weight=obj.image_loss_weight, timestep_sampling=obj.timestep_sampling)
+        if ema is not None:
+            ema.update(plain, step + 1)
         times.append(time.perf_counter() - t0)
     if rank == 0:
         Path(out).write_text(json.dumps(times))
@@ -123,6 +127,7 @@ def main() -> int:
     p.add_argument("--models", default=None, help="the models folder the sample was preprocessed with")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the tests' clusters: the preprocessing subprocess joins it
     import ray
 
     from training.launch import prepare
