@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import resource
+import sys
 import time
 import zlib
 from collections import Counter
@@ -321,6 +322,7 @@ class _Clock:
         self.seconds[name] = round(now - self.last, 2)
         self.rss_mb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
         self.last = now
+        print(f"preprocess: plan stage {name} done ({self.seconds[name]} s)", file=sys.stderr, flush=True)
         return value
 
 

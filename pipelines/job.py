@@ -16,7 +16,9 @@ Resume: clip ids found in completed ``shards/part-*.parquet`` files are skipped 
 the plan) and pass-1 results are read back from ``_hashes/``, so a rerun after a crash decodes and
 writes only what is missing and never duplicates a row. Each shard records the ``t5_caption`` its ``t5``
 column was encoded with; a rerun with the other option fails (:class:`OutputMismatchError`) before
-touching the output, so T5 encodings of the other text are never reused or mixed in.
+touching the output, so T5 encodings of the other text are never reused or mixed in. What the shards hold
+(rows, ``t5_caption``, bytes per column) comes from the commit ledger (:mod:`pipelines.ledger`: one file per
+run, footers read only for shards a crashed run did not record), never from every shard's footer.
 """
 
 from __future__ import annotations
@@ -33,13 +35,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import ray
 
 from fdreamer.config import to_dict
 from fdreamer.data import schema, storage
 from fdreamer.encoders import vae_downsample_factor
-from pipelines import global_plan, stages
+from pipelines import global_plan, ledger, stages
 from pipelines.config import PreprocessConfig
 from pipelines.plan import DUPLICATES_SCHEMA
 from pipelines.stages import record_key  # noqa: F401 - the pass-1 cache key, re-exported for callers of the job
@@ -49,14 +50,6 @@ logger = logging.getLogger(__name__)
 
 class OutputMismatchError(ValueError):
     """The output folder holds shards written with settings this run would contradict."""
-
-
-def shard_t5_captions(fs: pafs.FileSystem, base: str) -> Counter[str]:
-    """Complete shards under ``base/shards`` per ``t5_caption`` (Parquet footers only; temp files ignored)."""
-    found: Counter[str] = Counter()
-    for f in storage.list_files(fs, storage.join(base, "shards"), "part-", ".parquet"):
-        found[schema.shard_t5_caption(storage.parquet_metadata(fs, f).schema.to_arrow_schema().metadata)] += 1
-    return found
 
 
 def check_t5_caption(output: str, t5_caption: str, shards: Counter[str]) -> None:
@@ -95,21 +88,6 @@ def _stage_kwargs(stage: Any) -> dict:
             **({"num_gpus": stage.num_gpus} if stage.num_gpus else {})}
 
 
-def _column_bytes(fs: pafs.FileSystem, base: str) -> tuple[int, dict[str, float]]:
-    """(rows, compressed bytes per clip of each column) over all complete shards."""
-    totals: Counter[str] = Counter()
-    rows = 0
-    for f in storage.list_files(fs, storage.join(base, "shards"), "part-", ".parquet"):
-        meta = storage.parquet_metadata(fs, f)
-        rows += meta.num_rows
-        for g in range(meta.num_row_groups):
-            rg = meta.row_group(g)
-            for c in range(rg.num_columns):
-                col = rg.column(c)
-                totals[col.path_in_schema.split(".")[0]] += col.total_compressed_size
-    return rows, {k: round(v / max(rows, 1), 1) for k, v in sorted(totals.items())}
-
-
 def _pass2_tally(batch: pa.Table) -> pa.Table:
     """Counts and worker seconds of pass 2 per block (the driver sums O(blocks) rows)."""
     c: Counter[str] = Counter()
@@ -146,7 +124,9 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
     cfg.check_ready()
     fs, base = storage.resolve(cfg.output, cfg.s3_endpoint)
     storage.makedirs(fs, storage.join(base, "shards"))
-    check_t5_caption(cfg.output, cfg.t5_caption, shard_t5_captions(fs, base))  # before the output is touched
+    # the shards already there, from the ledger (footers read only for shards a crashed run did not record)
+    committed, recovered = ledger.reconcile(fs, base)
+    check_t5_caption(cfg.output, cfg.t5_caption, ledger.t5_captions(committed))  # before the output is touched
     if storage.exists(fs, storage.join(base, "_SUCCESS")):
         fs.delete_file(storage.join(base, "_SUCCESS"))  # a rerun is unfinished until it writes it again
     profile = cfg.profile.stage_dict()
@@ -193,6 +173,10 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
                          concurrency=cfg.stages.write.concurrency, num_cpus=cfg.stages.write.num_cpus)
         ).materialize()
         p2 = global_plan.sum_counts(res, _pass2_tally)
+        # this run's shards into the ledger: one row per shard (first row of each), not per clip
+        written_shards = [json.loads(r["ledger"]) for r in res.map_batches(
+            lambda t: t.filter(pc.is_valid(t.column("ledger"))).select(["ledger"]), batch_format="pyarrow").take_all()]
+        ledger.write(fs, base, written_shards)
         quarantine_parts.append(res.map_batches(lambda t: t.filter(pc.equal(t.column("status"), stages.QUARANTINED)),
                                                 batch_format="pyarrow"))
     t_pass2 = time.perf_counter() - t_pass2
@@ -207,7 +191,10 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
         global_plan.write_table.remote(gp.duplicates, cfg.output, "duplicates.parquet", cfg.s3_endpoint,
                                        DUPLICATES_SCHEMA),
     ])
-    rows_total, col_bytes = _column_bytes(fs, base)
+    # listed again: a shard another writer completed meanwhile (a task of a killed driver) is recorded too
+    committed, late = ledger.reconcile(fs, base)
+    recovered += late
+    rows_total, col_bytes = ledger.column_bytes(committed)
     reasons = Counter(counts["quarantined_by_reason"])
     reasons.update({k.split(":", 1)[1]: n for k, n in p2.items() if k.startswith("quarantined:")})
     written, fallbacks = p2.get("written", 0), p2.get("t5_fallbacks", 0)
@@ -236,6 +223,7 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
         "t5_caption": cfg.t5_caption,
         "t5_caption_fallbacks": fallbacks,  # written by this run with t5 of caption for lack of a motion_caption
         "rows_in_shards": rows_total,
+        "ledger": {"shards": len(committed), "recovered": recovered},  # recovered: written by a run that crashed
         "records_hashed": counts["records_hashed"],  # others: from the _hashes/ cache
         "hash_cache": counts["cache"],  # files in _hashes/ after compaction (when it ran) and those it replaced
         "plan_partitions": counts["partitions"],  # 1: the plan ran in one task per stage (a small job)

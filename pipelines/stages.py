@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from fdreamer.data import dedup, flow, quarantine, schema, storage
+from pipelines import ledger
 from fdreamer.data.images import read_image
 from fdreamer.data.manifests import read_bytes
 from fdreamer.data.video import (
@@ -365,7 +366,8 @@ def null_conditions_bytes(encoder_cfg: dict) -> bytes:
 WRITE_SCHEMA = pa.schema([("clip_id", pa.string()), ("uri", pa.string()), ("status", pa.string()),
                           ("reason", pa.string()), ("detail", pa.string()), ("shard", pa.string()),
                           ("t5_fallback", pa.bool_()),
-                          *[(f"sec_{k}", pa.float64()) for k in ("decode", "encode", "flow", "write")]])
+                          *[(f"sec_{k}", pa.float64()) for k in ("decode", "encode", "flow", "write")],
+                          ("ledger", pa.string())])
 
 
 def write_shard(batch: pa.Table, output: str, s3_endpoint: str | None = None, t5_caption: str = "caption") -> pa.Table:
@@ -376,23 +378,28 @@ def write_shard(batch: pa.Table, output: str, s3_endpoint: str | None = None, t5
     ``t5`` column encodes) goes into the shard's metadata (:data:`fdreamer.data.schema.T5_CAPTION_META`).
     Returned columns: :data:`WRITE_SCHEMA` (``shard`` is empty for rows not written; ``t5_fallback``
     true for written rows whose T5 fell back to ``caption``; ``sec_*`` the seconds each stage spent
-    per row).
+    per row; ``ledger``: the shard's :mod:`pipelines.ledger` row as JSON, on its first row only).
     """
     t0 = time.perf_counter()
     rows = batch.to_pylist()
     good = [dict(r, schema_version=schema.SCHEMA_VERSION, captions=r.get("captions") or [r["caption"]])
             for r in rows if r["status"] == OK]  # a row without exact copies: its own caption only
-    name = ""
+    name, record = "", None
     if good:
         fs, base = storage.resolve(output, s3_endpoint)
         name = part_name([r["clip_id"] for r in good])
+        footer: list = []
         storage.write_parquet(fs, storage.join(base, "shards", name), schema.rows_to_table(good, t5_caption),
-                              compression="zstd")
+                              compression="zstd", metadata_collector=footer)
+        record = json.dumps(ledger.entry(name, footer[0]))
     sec_write = (time.perf_counter() - t0) / max(len(rows), 1)
+    first_ok = next((i for i, r in enumerate(rows) if r["status"] == OK), -1)
     return pa.Table.from_pylist([
         {"clip_id": r["clip_id"], "uri": r["uri"], "status": r["status"], "reason": r["reason"],
          "detail": r["detail"], "shard": name if r["status"] == OK else "",
          "t5_fallback": bool(r.get("t5_fallback")) and r["status"] == OK,
          "sec_decode": r.get("sec_decode") or 0.0, "sec_encode": r.get("sec_encode") or 0.0,
-         "sec_flow": r.get("sec_flow") or 0.0, "sec_write": sec_write} for r in rows
+         "sec_flow": r.get("sec_flow") or 0.0, "sec_write": sec_write,
+         "ledger": record if i == first_ok else None}
+        for i, r in enumerate(rows)
     ], schema=WRITE_SCHEMA)

@@ -218,6 +218,9 @@ def test_rerun_resumes_without_duplicate_rows(cluster: str, first_run: dict, dat
     assert summary["already_done"] + summary["duplicates"] + summary["quarantined"] == dataset["n_in"]
     assert sorted(p.name for p in (out / "shards").glob("part-*.parquet")) == before
     assert summary["rows_in_shards"] == NUM_CLIPS
+    # every shard recorded by the first run's ledger: no footer read again, no ledger file added
+    assert summary["ledger"] == {"shards": len(before), "recovered": 0}
+    assert len(list((out / "_ledger").glob("run-*.parquet"))) == 1 and not list((out / "_ledger").glob("recovered-*"))
 
 
 def first_run_reasons(out: Path) -> dict[str, int]:
@@ -239,22 +242,41 @@ def _shard_ids(out: Path) -> list[str]:
     return [c for f in sorted((out / "shards").glob("part-*.parquet")) for c in pd.read_parquet(f, columns=["clip_id"])["clip_id"]]
 
 
-def test_sigkill_then_resume(cluster: str, dataset: dict, tiny_dir: Path, first_run: dict) -> None:
-    """Kill the driver (SIGKILL) once a first shard is complete; the rerun completes the rest exactly once."""
+def _kill_when(cmd: list[str], ready, timeout_s: float = 120) -> tuple[bool, str]:
+    """Run the job; SIGKILL it once ``ready(stderr so far)`` holds. (killed mid-run, its stderr)."""
+    import threading
+
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None and not ready("".join(err)):
+            time.sleep(0.05)
+        killed = proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(30)
+        reader.join(10)
+    return killed, "".join(err)
+
+
+def test_sigkill_at_three_points_then_resume(cluster: str, dataset: dict, tiny_dir: Path, first_run: dict) -> None:
+    """The driver SIGKILLed during pass 1, then (rerun) during the dedup plan, then (rerun) during the shard
+    writes; the last rerun completes: the same output as the uninterrupted run, every clip exactly once."""
     out = dataset["root"] / "killed"
-    # One-row shards and one clip at a time through every stage, so the kill lands mid-job (tasks of
-    # the dead driver may still finish a few shards: those are complete files and count as done).
-    extra = ("--shard_target_bytes=100000", "--stages.decode.concurrency=1", "--stages.decode.batch_size=1",
-             "--stages.encode.batch_size=1")
-    proc = subprocess.Popen(_job_cmd(cluster, dataset["inputs"], tiny_dir, out, *extra), env=_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not list((out / "shards").glob("part-*.parquet")):
-        time.sleep(0.05)
-    killed = proc.poll() is None
-    proc.kill()
-    proc.wait(30)
-    assert killed, "the job finished before it could be killed"
+    # One-row shards and one clip at a time through every stage, so each kill lands mid-stage (tasks of
+    # the dead driver may still finish a few files: those are complete and count as done).
+    cmd = _job_cmd(cluster, dataset["inputs"], tiny_dir, out, "--shard_target_bytes=100000",
+                   "--stages.decode.concurrency=1", "--stages.decode.batch_size=1", "--stages.encode.batch_size=1")
+    hashes, shards = out / "_hashes", out / "shards"
+    killed, err = _kill_when(cmd, lambda _: any(hashes.glob("part-*.parquet")))  # 1. pass 1 under way
+    assert killed and "plan stage pass1 done" not in err, err[-3000:]
+    killed, err = _kill_when(cmd, lambda e: "plan stage ids done" in e)  # 2. pass 1 done, duplicates being resolved
+    assert killed and not any(shards.glob("part-*.parquet")), err[-3000:]
+    killed, err = _kill_when(cmd, lambda _: any(shards.glob("part-*.parquet")))  # 3. shards being written
+    assert killed, err[-3000:]
     assert not (out / "_SUCCESS").exists()
     partial = _shard_ids(out)
     assert 0 < len(partial) < NUM_CLIPS
@@ -264,6 +286,11 @@ def test_sigkill_then_resume(cluster: str, dataset: dict, tiny_dir: Path, first_
     ids = _shard_ids(out)
     assert len(ids) == len(set(ids)) == NUM_CLIPS  # no clip lost, none written twice
     assert summary["already_done"] == len(partial) and summary["written"] == NUM_CLIPS - len(partial)
+    # each input in exactly one place: a shard row, duplicates.parquet or quarantine.parquet
+    inputs = [r["uri"] for m in dataset["inputs"] for r in read_manifest(m)]
+    placed = (list(pd.read_parquet(out / "shards", columns=["uri"])["uri"])
+              + list(pd.read_parquet(out / "duplicates.parquet")["uri"]) + list(pd.read_parquet(out / "quarantine.parquet")["uri"]))
+    assert sorted(placed) == sorted(inputs)
     # The same final output as the uninterrupted run: same ids, same side tables, same tensors.
     assert sorted(ids) == sorted(_shard_ids(first_run["out"]))
     for table in ("duplicates.parquet", "quarantine.parquet"):
@@ -279,6 +306,10 @@ def test_sigkill_then_resume(cluster: str, dataset: dict, tiny_dir: Path, first_
                                    schema.columns_to_tensor(b.loc[cid], "latents").astype(np.float32), atol=2e-2)
     # The killed run had finished pass 1 (shards existed): the rerun decoded only the missing file again.
     assert summary["records_hashed"] == 1
+    # The killed run wrote shards but no ledger file: the rerun read those footers and recorded them.
+    shards = len(list((out / "shards").glob("part-*.parquet")))
+    assert summary["ledger"]["shards"] == shards and summary["ledger"]["recovered"] >= 1
+    assert summary["rows_in_shards"] == NUM_CLIPS
 
 
 def test_s3_inputs_and_output_via_moto(cluster: str, dataset: dict, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch,

@@ -5,6 +5,7 @@ and the shard writer (names from the clip ids, so a retried write replaces its s
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,7 @@ def test_hash_cache_round_trip_skips_transient(rows: list[dict], tmp_path: Path)
 def test_t5_caption_option_through_the_stages(rows: list[dict], tiny_dir: Path, tmp_path: Path) -> None:
     """motion_caption: t5 of the motion caption, an empty one falls back (flagged); CLIP stays on caption."""
     from fdreamer.config import ConfigError, load_config
-    from pipelines import job, stages
+    from pipelines import job, ledger, stages
     from pipelines.config import PreprocessConfig, ProfileConfig
 
     recs = [dict(r) for r in manifests.read_manifest(str(Path(rows[0]["path"]).parents[1] / "manifest.jsonl"))[:2]]
@@ -142,8 +143,19 @@ def test_t5_caption_option_through_the_stages(rows: list[dict], tiny_dir: Path, 
                                  str(tmp_path / "o"), t5_caption="motion_caption")
     assert set(retried.column("shard").to_pylist()) == {shard}
     assert [p.name for p in (tmp_path / "o" / "shards").iterdir()] == [shard]
-    per_option = job.shard_t5_captions(*storage.resolve(str(tmp_path / "o")))
-    assert per_option == {"motion_caption": 1}  # from the shard's footer
+    # The writer returns the shard's ledger row (its own footer) on the shard's first row only.
+    record = json.loads(out.column("ledger")[0].as_py())
+    assert out.column("ledger")[1].as_py() is None
+    assert record["shard"] == shard and record["rows"] == 2 and record["t5_caption"] == "motion_caption"
+    assert json.loads(record["column_bytes"])["latents"] > 0
+    # No job recorded it (as after a crash): the next run's reconcile reads that footer once and records it.
+    fs, base = storage.resolve(str(tmp_path / "o"))
+    committed, recovered = ledger.reconcile(fs, base)
+    assert recovered == 1 and committed[shard] == json.loads(retried.column("ledger")[0].as_py())  # the file there
+    assert ledger.reconcile(fs, base) == (committed, 0)  # recorded now: no footer read again
+    per_option = ledger.t5_captions(committed)
+    assert per_option == {"motion_caption": 1}
+    assert ledger.column_bytes(committed)[0] == 2
     assert len(pq.read_table(tmp_path / "o" / "shards" / shard, columns=["clip_id"])) == 2
     job.check_t5_caption(str(tmp_path / "o"), "motion_caption", per_option)
     mismatch = r"1 shard\(s\) with t5_caption=motion_caption, .* this run's t5_caption=caption"
