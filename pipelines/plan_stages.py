@@ -52,11 +52,11 @@ PLAN_SCHEMA = pa.schema([*PASS1_SCHEMA, pa.field("role", pa.string()), pa.field(
                          pa.field("captions", pa.list_(pa.string())), pa.field("done", pa.bool_())])
 EDGE_SCHEMA = pa.schema(
     [pa.field(f"{side}_{name}", typ) for side in ("a", "b") for name, typ in (
-        ("clip_id", pa.string()), ("phash", pa.binary()), ("source_width", pa.int32()),
+        ("clip_id", pa.string()), ("phash", pa.binary()), ("phash_center", pa.binary()), ("source_width", pa.int32()),
         ("source_height", pa.int32()), ("source", pa.string()))]
     + [pa.field("distance", pa.float64()), pa.field("band_buckets", pa.int64()), pa.field("pairs_checked", pa.int64()),
        pa.field("oversized_buckets", pa.int64()), pa.field("oversized_bucket_members", pa.int64())])
-BAND_COLUMNS = ("clip_id", "phash", "source_width", "source_height", "source")
+BAND_COLUMNS = ("clip_id", "phash", "phash_center", "source_width", "source_height", "source")
 STAT_NAMES = ("band_buckets", "pairs_checked", "oversized_buckets", "oversized_bucket_members")
 
 
@@ -180,11 +180,21 @@ def exact_groups(table: pa.Table) -> pa.Table:
 
 
 def band_rows(table: pa.Table, bands: int = dedup.DEFAULT_BANDS) -> pa.Table:
-    """Kept PLAN rows -> one row per (row, band): ``band_key`` and the columns the near check needs."""
+    """Kept PLAN rows -> one row per (row, distinct band key of its full and centre hashes): ``band_key`` and
+    the columns the near check needs (a row without a centre hash: its full hash's keys only)."""
     keep = table.filter(pc.equal(table.column("role"), KEEP)).select(list(BAND_COLUMNS))
-    keys = dedup.band_values(keep.column("phash").to_pylist(), bands)  # [N, bands]
-    rows = keep.take(pa.array(np.repeat(np.arange(keep.num_rows), bands)))  # each row once per band
-    return rows.append_column("band_key", pa.array(keys.reshape(-1), pa.int64()))
+    full = keep.column("phash").to_pylist()
+    keys = dedup.band_values(full, bands)  # [N, bands]
+    centers = keep.column("phash_center").to_pylist()
+    has = np.array([bool(c) for c in centers], dtype=bool)
+    ckeys = np.full_like(keys, -1)  # -1: no key (band values are >= 0)
+    if has.any():
+        ckeys[has] = dedup.band_values([c for c in centers if c], bands)
+    both = np.sort(np.concatenate([keys, ckeys], axis=1), axis=1)  # [N, 2 * bands]
+    valid = (both >= 0) & np.concatenate([np.ones((len(both), 1), bool), both[:, 1:] != both[:, :-1]], axis=1)
+    row, col = np.nonzero(valid)  # each row once per distinct key
+    rows = keep.take(pa.array(row))
+    return rows.append_column("band_key", pa.array(both[row, col], pa.int64()))
 
 
 def near_edges(table: pa.Table, threshold: float = dedup.DEFAULT_THRESHOLD, bands: int = dedup.DEFAULT_BANDS,
@@ -198,8 +208,8 @@ def near_edges(table: pa.Table, threshold: float = dedup.DEFAULT_THRESHOLD, band
         starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
         ends = np.r_[starts[1:], len(keys)]
         phash = table.column("phash").to_pylist()
-        cols = {c: table.column(c).to_pylist() for c in BAND_COLUMNS if c != "phash"}
-        width_bits = 8 * (len(phash[0]) // bands)
+        center = table.column("phash_center").to_pylist()
+        cols = {c: table.column(c).to_pylist() for c in BAND_COLUMNS if c not in ("phash", "phash_center")}
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             if e - s < 2:
                 continue
@@ -207,14 +217,16 @@ def near_edges(table: pa.Table, threshold: float = dedup.DEFAULT_THRESHOLD, band
             if e - s > max_bucket:
                 stats["oversized_buckets"] += 1
                 stats["oversized_bucket_members"] += e - s
-            band = int(keys[s]) >> width_bits
-            ii, jj, dist, checked = dedup.bucket_near_pairs(phash[s:e], threshold, max_bucket, cols["clip_id"][s:e])
+            ii, jj, dist, checked = dedup.bucket_near_pairs(phash[s:e], threshold, max_bucket, cols["clip_id"][s:e],
+                                                            center[s:e])
             stats["pairs_checked"] += checked
             for i, j, d in zip((ii + s).tolist(), (jj + s).tolist(), dist.tolist(), strict=True):
-                if dedup.first_shared_band(phash[i], phash[j], bands) != band:
-                    continue  # reported by a lower band the pair also shares
+                if dedup.first_shared_key(_variants(phash[i], center[i]), _variants(phash[j], center[j]),
+                                          bands) != int(keys[s]):
+                    continue  # reported by the smallest band key the pair shares
                 for side, k in (("a", i), ("b", j)):
                     out[f"{side}_phash"].append(phash[k])
+                    out[f"{side}_phash_center"].append(center[k])
                     for c, values in cols.items():
                         out[f"{side}_{c}"].append(values[k])
                 out["distance"].append(d)
@@ -225,8 +237,12 @@ def near_edges(table: pa.Table, threshold: float = dedup.DEFAULT_THRESHOLD, band
     return pa.Table.from_pydict(out, schema=EDGE_SCHEMA)
 
 
-def resolve_near(edges: pa.Table) -> tuple[dict[str, tuple[str, float, bytes]], dict[str, int]]:
-    """(``{dropped clip_id: (kept clip_id, distance, kept phash)}``, summed counts) from all EDGE rows.
+def _variants(phash: bytes, center: bytes | None) -> list[bytes]:
+    return dedup.variants({"phash": phash, "phash_center": center})
+
+
+def resolve_near(edges: pa.Table) -> tuple[dict[str, tuple[str, float, list[bytes]]], dict[str, int]]:
+    """(``{dropped clip_id: (kept clip_id, distance, kept hashes)}``, summed counts) from all EDGE rows.
 
     Components of the edge graph; the best copy of each (:func:`fdreamer.data.dedup.copy_rank`) is kept.
     """
@@ -241,17 +257,17 @@ def resolve_near(edges: pa.Table) -> tuple[dict[str, tuple[str, float, bytes]], 
     groups: dict[str, list[str]] = defaultdict(list)
     for cid in node:
         groups[uf.find(cid)].append(cid)
-    dropped: dict[str, tuple[str, float, bytes]] = {}
+    dropped: dict[str, tuple[str, float, list[bytes]]] = {}
     for members in groups.values():
         best = min(members, key=lambda c: dedup.copy_rank(node[c]))
-        best_hash = bytes(node[best]["phash"])
+        best_hash = dedup.variants(node[best])
         for m in members:
             if m != best:
-                dropped[m] = (best, dedup.mean_frame_distance(bytes(node[m]["phash"]), best_hash), best_hash)
+                dropped[m] = (best, dedup.variant_distance(dedup.variants(node[m]), best_hash), best_hash)
     return dropped, stats
 
 
-def apply_near(table: pa.Table, dropped: dict[str, tuple[str, float, bytes]]) -> pa.Table:
+def apply_near(table: pa.Table, dropped: dict[str, tuple[str, float, list[bytes]]]) -> pa.Table:
     """PLAN rows -> kept rows in ``dropped`` become ``near`` duplicates; their exact copies follow them."""
     if not dropped or not table.num_rows:
         return table
@@ -263,5 +279,5 @@ def apply_near(table: pa.Table, dropped: dict[str, tuple[str, float, bytes]]) ->
         elif r["role"] == DUP and r["dup_kind"] == "exact" and r["kept_clip_id"] in dropped:
             keep, _, keep_hash = dropped[r["kept_clip_id"]]
             r.update(kept_clip_id=keep, dup_kind="near",
-                     distance=dedup.mean_frame_distance(bytes(r["phash"]), keep_hash))
+                     distance=dedup.variant_distance(dedup.variants(r), keep_hash))
     return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)

@@ -95,7 +95,7 @@ def _base_row(rec: dict, profile: dict) -> dict:
         "motion_caption": rec["motion_caption"], "split": rec.get("split") or "", "motion": rec.get("motion") or "",
         "record_key": rec.get("record_key") or "", "sec_hash": 0.0, "fps": 0.0, "source_width": int(rec.get("width") or 0),
         "source_height": int(rec.get("height") or 0), "num_frames": profile["num_frames"], "start_frame": 0,
-        "content_hash": "", "phash": b"", "status": OK, "reason": "", "detail": "",
+        "content_hash": "", "phash": b"", "phash_center": b"", "status": OK, "reason": "", "detail": "",
     }
 
 
@@ -114,7 +114,7 @@ def _video_rows(src: str | bytes, rec: dict, base: dict, profile: dict) -> list[
                                            profile["tag"]),
             "fps": clip.fps, "source_width": info.width, "source_height": info.height,
             "start_frame": start, "content_hash": dedup.content_hash(clip.frames),
-            "phash": dedup.perceptual_hash(clip.frames),
+            "phash": dedup.perceptual_hash(clip.frames), "phash_center": dedup.center_hash(clip.frames),
         })
     return rows
 
@@ -124,7 +124,8 @@ def _image_rows(src: str | bytes, rec: dict, base: dict, profile: dict) -> list[
     frames, info = read_image(src, profile["size"])  # [1, S, S, 3]
     quarantine.check_size(info, int(profile["min_side"]))
     return [base | {"source_width": info.width, "source_height": info.height,
-                    "content_hash": dedup.content_hash(frames), "phash": dedup.perceptual_hash(frames)}]
+                    "content_hash": dedup.content_hash(frames), "phash": dedup.perceptual_hash(frames),
+                    "phash_center": dedup.center_hash(frames)}]
 
 
 def hash_videos(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) -> pa.Table:
@@ -157,7 +158,8 @@ def hash_videos(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) 
 HASH_SCHEMA = pa.schema([f for f in schema.METADATA_FIELDS
                          if f.name not in ("captions", "motion_score", "t5_length", "schema_version")]
                         + [pa.field("record_key", pa.string()), pa.field("sec_hash", pa.float64()),
-                           pa.field("phash", pa.binary()), pa.field("status", pa.string()),
+                           pa.field("phash", pa.binary()), pa.field("phash_center", pa.binary()),
+                           pa.field("status", pa.string()),
                            pa.field("reason", pa.string()), pa.field("detail", pa.string())])
 
 # Quarantine reasons that may change on a rerun (the object may appear, the machine may be less

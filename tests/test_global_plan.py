@@ -109,7 +109,28 @@ def test_a_pair_in_several_bands_is_reported_once_and_a_chain_is_one_component()
     assert sorted(zip(pairs.column("a_clip_id").to_pylist(), pairs.column("b_clip_id").to_pylist())) == [
         ("a", "b"), ("a", "c"), ("b", "c")]  # each pair once, though they share up to 15 bands
     dropped, _ = ps.resolve_near(edges)
-    assert dropped == {"a": ("b", 3 / 4, base), "c": ("b", 1 / 4, base)}  # b has the most pixels
+    assert dropped == {"a": ("b", 3 / 4, [base]), "c": ("b", 1 / 4, [base])}  # b has the most pixels; its hashes (no centre)
+
+
+def test_a_cropped_copy_meets_its_original_through_the_centre_hash() -> None:
+    """Each row enters the buckets with its full and centre hashes; the copy's full hash is the original's
+    centre (1 bit off): one edge, reported once, at distance 1/4 bit per frame; without centre hashes, none."""
+    full, centre = bytes(range(32)), bytes(range(100, 132))
+    crop = bytes([centre[0] ^ 1]) + centre[1:]
+    rows = [{"clip_id": "orig", "phash": full, "phash_center": centre, "source_width": 40, "source_height": 10,
+             "source": "generic", "role": ps.KEEP},
+            {"clip_id": "crop", "phash": crop, "phash_center": bytes(range(200, 232)), "source_width": 20,
+             "source_height": 10, "source": "generic", "role": ps.KEEP}]
+    bands = ps.band_rows(ps._conform(pa.Table.from_pylist(rows), ps.PLAN_SCHEMA))
+    assert bands.num_rows == 2 * 32  # 16 keys per hash, two hashes per row
+    edges = ps.near_edges(bands.sort_by([("band_key", "ascending")]))
+    pairs = edges.filter(pa.compute.is_valid(edges.column("a_clip_id")))
+    assert pairs.num_rows == 1 and pairs.column("distance").to_pylist() == [1 / 4]
+    dropped, _ = ps.resolve_near(edges)
+    assert dropped == {"crop": ("orig", 1 / 4, [full, centre])}
+    plain = [{k: v for k, v in r.items() if k != "phash_center"} for r in rows]
+    bands = ps.band_rows(ps._conform(pa.Table.from_pylist(plain), ps.PLAN_SCHEMA))
+    assert bands.num_rows == 2 * 16 and ps.resolve_near(ps.near_edges(bands))[0] == {}
 
 
 DRIVER = """

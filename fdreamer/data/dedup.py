@@ -14,6 +14,18 @@ Near duplicates (:func:`perceptual_hash`)
     :data:`DEFAULT_THRESHOLD` = 10 of 64). Re-encodes at another CRF and rescaled copies land at
     0-4 bits; unrelated clips sit near 32 (the tests check both sides with numbers).
 
+Cropped copies (:func:`center_hash`)
+    A copy with ~10% of each border cropped and rescaled to the frame size moves the pHashes by 7-18.5 bits
+    per frame of 64 on the sample clips (most above the threshold), but its full frame is the original's
+    central 80%: :func:`center_hash` hashes that region of each clip (the same ``K`` frames), and the
+    near-duplicate search also compares one clip's full hash with the other's centre hash (0-4 bits there;
+    ``tests/test_dedup_copies.py``: crops, watermarks and grading all found, no distinct clips merged;
+    a copy trimmed by 1 s is found only when its content moves slowly: 4 of 8, as frames are compared at
+    the same positions of the clip). Cost: up to twice the band rows of the near-duplicate shuffle. Each clip enters the band buckets twice, with its full and its centre hash (the
+    job's ``plan_stages.band_rows``), and a pair's distance is the smallest over the pairings of
+    (full, centre) (:func:`variant_distance`). The centre variant of one clip never pairs with its own full
+    variant. Rows without a centre hash (cached by an older version) enter with their full hash only.
+
 Global search without O(N^2) (:func:`band_keys`)
     The hash is cut into ``b`` bands of ``r`` bits (default 16 bands x 16 bits for K = 4). Clips
     sharing any band value become candidate pairs, which are then verified with the full Hamming
@@ -21,10 +33,11 @@ Global search without O(N^2) (:func:`band_keys`)
     p = 10/64 -> 0.93, p = 4/64 -> 1.0. The pipeline groups (band index, band value) keys
     (a shuffle of ``b * N`` small rows) and verifies pairs inside each bucket.
 
-    Cost at 19M clips: the hash table is ids + 32-byte hashes, ~1 GB; band keys are 16 x 19M =
-    304M rows (~12 GB shuffled). Unrelated clips collide in a 16-bit band with probability about
-    2^-16, i.e. ~19M^2 / 2 / 65536 = 2.8e9 candidate pairs per band, 4.4e10 in all; each check is
-    4 popcounts (~5 ns), ~220 CPU-seconds, spread over the cluster. Real data is not uniform
+    Cost at 19M clips: the hash table is ids + 2 x 32-byte hashes, ~1.6 GB; band keys of the full and
+    centre hashes are up to 32 x 19M = 608M rows (~24 GB shuffled). Unrelated clips collide in a 16-bit
+    band with probability about 2^-16, i.e. ~19M^2 / 2 / 65536 = 2.8e9 candidate pairs per band, ~1.8e11
+    in all with both variants (a bucket holds full and centre keys alike); each check is 3 pairings of 4
+    popcounts (~15 ns), ~2,700 CPU-seconds, spread over the cluster. Real data is not uniform
     (static title cards, black frames), so a bucket larger than ``max_bucket`` is not checked all pairs
     against all: its members, sorted by their full hash, are checked in consecutive windows of
     ``max_bucket`` that overlap by half (at most ~2 ``max_bucket`` checks per member; near copies sort close
@@ -107,6 +120,31 @@ def perceptual_hash(frames: np.ndarray, k: int = PHASH_FRAMES) -> bytes:
     return b"".join(frame_phash(frames[i]).to_bytes(8, "big") for i in phash_frame_indices(len(frames), k))
 
 
+CROP_BORDER = 0.1  # fraction of each side the centre hash leaves out
+
+
+def center_hash(frames: np.ndarray, k: int = PHASH_FRAMES, border: float = CROP_BORDER) -> bytes:
+    """:func:`perceptual_hash` of the central region of each frame (``border`` of each side left out): what a
+    copy cropped by about ``border`` per side and rescaled shows in its full frame."""
+    _check(frames)
+    h, w = frames.shape[1:3]
+    y, x = int(round(h * border)), int(round(w * border))
+    return perceptual_hash(np.ascontiguousarray(frames[:, y:h - y, x:w - x]), k)
+
+
+def variants(row: Mapping[str, Any]) -> list[bytes]:
+    """The hashes a row enters the near-duplicate search with: its full ``phash`` and, when it has one, its
+    ``phash_center``."""
+    center = row.get("phash_center")
+    return [bytes(row["phash"])] + ([bytes(center)] if center else [])
+
+
+def variant_distance(a: Sequence[bytes], b: Sequence[bytes]) -> float:
+    """The smallest :func:`mean_frame_distance` between a hash of ``a`` and one of ``b`` (:func:`variants`)
+    except centre against centre, which a cropped copy never needs (its full frame is the other's centre)."""
+    return min(mean_frame_distance(x, y) for i, x in enumerate(a) for j, y in enumerate(b) if i == 0 or j == 0)
+
+
 def hamming(a: bytes, b: bytes) -> int:
     """Number of differing bits of two equal-length hashes."""
     if len(a) != len(b):
@@ -156,8 +194,11 @@ def band_values(phashes: Sequence[bytes], bands: int = DEFAULT_BANDS) -> np.ndar
     return value | (np.arange(bands, dtype=np.int64) << (8 * width))[None, :]  # [N, bands]
 
 
-def _window_pairs(words: np.ndarray, limit: int, rows_per_block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, bits) of every pair i < j of ``words`` [n, K] whose summed Hamming distance is <= ``limit``.
+def _window_pairs(words: np.ndarray, limit: int, rows_per_block: int,
+                  centers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, bits) of every pair i < j of ``words`` [n, K] whose summed Hamming distance is <= ``limit``;
+    with ``centers`` ([n, K], an all-zero row where a row has no centre hash) the distance
+    is the smallest of full-full, full-centre and centre-full (:func:`variant_distance`).
 
     numpy XOR + popcount over blocks of rows (memory ~ rows_per_block * n * K words).
     """
@@ -166,6 +207,13 @@ def _window_pairs(words: np.ndarray, limit: int, rows_per_block: int) -> tuple[n
     for r0 in range(0, n - 1, rows_per_block):
         r1 = min(n, r0 + rows_per_block)
         bits = np.bitwise_count(words[r0:r1, None, :] ^ words[None, :, :]).sum(-1, dtype=np.int64)  # [r, n]
+        if centers is not None:
+            fc = np.bitwise_count(words[r0:r1, None, :] ^ centers[None, :, :]).sum(-1, dtype=np.int64)
+            cf = np.bitwise_count(centers[r0:r1, None, :] ^ words[None, :, :]).sum(-1, dtype=np.int64)
+            missing = ~centers.any(-1)  # no centre hash: those pairings do not count
+            fc[:, missing] = np.iinfo(np.int64).max
+            cf[missing[r0:r1], :] = np.iinfo(np.int64).max
+            bits = np.minimum(bits, np.minimum(fc, cf))
         upper = np.arange(n)[None, :] > np.arange(r0, r1)[:, None]  # j > i only
         ii, jj = np.nonzero((bits <= limit) & upper)
         out_i.append(ii + r0)
@@ -178,11 +226,12 @@ def _window_pairs(words: np.ndarray, limit: int, rows_per_block: int) -> tuple[n
 
 def bucket_near_pairs(
     phashes: Sequence[bytes], threshold: float = DEFAULT_THRESHOLD, max_bucket: int = 10_000,
-    order_keys: Sequence[str] | None = None,
+    order_keys: Sequence[str] | None = None, centers: Sequence[bytes | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The near-duplicate pairs of one band bucket, vectorised: ``(i, j, distance, pairs checked)``.
 
-    ``i < j`` index ``phashes``; ``distance`` is :func:`mean_frame_distance` (<= ``threshold``). A bucket
+    ``i < j`` index ``phashes``; ``distance`` is :func:`mean_frame_distance` (<= ``threshold``), or with
+    ``centers`` (each row's centre hash or None) :func:`variant_distance`. A bucket
     over ``max_bucket`` members is checked in windows of its hash order that overlap by half (module
     docstring; ties of equal hashes broken by ``order_keys``, e.g. the clip ids), each pair reported once.
     """
@@ -190,10 +239,13 @@ def bucket_near_pairs(
         raise ValueError(f"max_bucket must be >= 2, got {max_bucket}")
     words = phash_words(phashes)  # [m, K]
     m, k = words.shape
+    cwords = None
+    if centers is not None and any(centers):  # an all-zero row: no centre hash (its pairings do not count)
+        cwords = phash_words([bytes(c) if c else bytes(8 * k) for c in centers])
     limit = int(np.floor(threshold * k + 1e-9))  # mean <= threshold  <=>  summed bits <= threshold * K
     rows_per_block = max(1, 2_000_000 // max(m * k, 1))
     if m <= max_bucket:
-        i, j, bits = _window_pairs(words, limit, rows_per_block)
+        i, j, bits = _window_pairs(words, limit, rows_per_block, cwords)
         return i, j, bits / k, m * (m - 1) // 2
     keys = list(order_keys) if order_keys is not None else [""] * m
     order = np.array(sorted(range(m), key=lambda n: (bytes(phashes[n]), keys[n])), dtype=np.int64)
@@ -203,13 +255,26 @@ def bucket_near_pairs(
     for start in range(0, m - step, step):
         window = order[start:start + max_bucket]
         checked += len(window) * (len(window) - 1) // 2
-        wi, wj, bits = _window_pairs(words[window], limit, max(1, 2_000_000 // max(len(window) * k, 1)))
+        wi, wj, bits = _window_pairs(words[window], limit, max(1, 2_000_000 // max(len(window) * k, 1)),
+                                     None if cwords is None else cwords[window])
         for a, b, d in zip(window[wi].tolist(), window[wj].tolist(), bits.tolist(), strict=True):
             found[(min(a, b), max(a, b))] = d
     pairs = sorted(found)
     i = np.array([p[0] for p in pairs], np.int64)
     j = np.array([p[1] for p in pairs], np.int64)
     return i, j, np.array([found[p] for p in pairs], np.float64) / k, checked
+
+
+def variant_keys(hashes: Sequence[bytes], bands: int = DEFAULT_BANDS) -> set[int]:
+    """The band keys (:func:`band_values`) of all of a row's :func:`variants`."""
+    return {int(v) for v in band_values(list(hashes), bands).reshape(-1)}
+
+
+def first_shared_key(a: Sequence[bytes], b: Sequence[bytes], bands: int = DEFAULT_BANDS) -> int | None:
+    """The smallest band key two rows share over their variants (None when none): a pair that meets in
+    several buckets is reported by that one only."""
+    shared = variant_keys(a, bands) & variant_keys(b, bands)
+    return min(shared) if shared else None
 
 
 def first_shared_band(a: bytes, b: bytes, bands: int = DEFAULT_BANDS) -> int:
@@ -297,8 +362,8 @@ def resolve_duplicates(
             uf.union(ids[0], other)
             kind[frozenset((ids[0], other))] = ("exact", 0.0)
     buckets: dict[str, list[str]] = defaultdict(list)
-    for cid, r in by_id.items():
-        for key in band_keys(bytes(r["phash"]), bands):
+    for cid, r in by_id.items():  # each clip with its full and its centre hash (a cropped copy's full frame)
+        for key in dict.fromkeys(k for h in variants(r) for k in band_keys(h, bands)):
             buckets[key].append(cid)
     for members in buckets.values():
         if len(members) < 2:
@@ -317,7 +382,7 @@ def resolve_duplicates(
                     if uf.find(a) == uf.find(b):
                         continue
                     counts["pairs_checked"] += 1
-                    d = mean_frame_distance(bytes(by_id[a]["phash"]), bytes(by_id[b]["phash"]))
+                    d = variant_distance(variants(by_id[a]), variants(by_id[b]))
                     if d <= threshold:
                         uf.union(a, b)
                         kind[frozenset((a, b))] = ("near", d)
@@ -340,8 +405,7 @@ def resolve_duplicates(
             if by_id[m]["content_hash"] == best["content_hash"]:
                 dropped[m] = (keep, "exact", 0.0)
             else:
-                d = mean_frame_distance(bytes(by_id[m]["phash"]), bytes(best["phash"]))
-                dropped[m] = (keep, "near", d)
+                dropped[m] = (keep, "near", variant_distance(variants(by_id[m]), variants(best)))
     return dropped
 
 
