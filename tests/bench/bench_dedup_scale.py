@@ -13,7 +13,7 @@ by a worker. Each size runs in a fresh driver process, whose peak RSS (``ru_maxr
 reported; recall of the planted pairs and false merges are checked against ``duplicates.parquet`` by
 this process afterwards (so the check does not count in the driver's memory).
 
-Goals (issue 19): driver peak RSS flat (<= 1.2x from the smallest to the largest size), time <= 12x for
+Goals: driver peak RSS flat (<= 1.2x from the smallest to the largest size), time <= 12x for
 10x rows, recall 1.0, no false merges.
 """
 

@@ -1,7 +1,7 @@
 """Benchmark of the preprocessing job on the sample data. Not a test; prints ONE JSON line.
 
     python tests/bench/bench_preprocess.py [--clips 48] [--rss-clips 100 400] [--workdir DIR] [--quick]
-    python tests/bench/bench_preprocess.py --marginal 160 640    # marginal clips/s, plain loop vs Ray at 2 CPUs
+    python tests/bench/bench_preprocess.py --marginal 160 640 [--encoders 2]   # marginal clips/s, plain loop vs Ray at 2 CPUs
 
 1. **Throughput** on the same ``--clips`` sample clips (generic manifest, tiny profile, tiny models
    with the trained VAE): a plain single-process loop calling the same stage functions
@@ -100,14 +100,14 @@ class PeakRSS:
 
 
 # -------------------------------------------------------------------------------------------- runs
-def _config(manifest: Path, models: Path, out: Path, num_cpus: int) -> object:
+def _config(manifest: Path, models: Path, out: Path, num_cpus: int, encoders: int = 1) -> object:
     from fdreamer.config import load_config
     from pipelines.config import PreprocessConfig
 
     return load_config(PreprocessConfig, REPO / "pipelines/configs/tiny.yaml", [
         f"--inputs=[{manifest}]", f"--output={out}", f"--models_dir={models}",
         f"--stages.decode.concurrency={num_cpus}", "--stages.decode.num_cpus=0.5",
-        "--stages.encode.num_cpus=0.5",
+        "--stages.encode.num_cpus=0.5", f"--stages.encode.concurrency={encoders}",
     ])
 
 
@@ -161,7 +161,7 @@ def ray_run(cfg: object, num_cpus: int, measure_rss: bool = False) -> dict:
     return out
 
 
-def marginal(root: Path, sizes: list[int], models: Path) -> dict:
+def marginal(root: Path, sizes: list[int], models: Path, encoders: int = 1) -> dict:
     """Marginal throughput, clips/s between two sizes (start-up and model loading cancel): the plain loop and
     the Ray job at 2 CPUs, each run at both sizes on the first ``n`` sample clips."""
     lines = (root / "sample" / "manifest.jsonl").read_text().splitlines()
@@ -170,9 +170,10 @@ def marginal(root: Path, sizes: list[int], models: Path) -> dict:
         manifest = root / f"manifest-m{n}.jsonl"
         manifest.write_text("".join(line + "\n" for line in lines[:n]))
         runs["plain"][n] = plain_loop(_config(manifest, models, root / f"out-mplain-{n}", 1))
-        runs["ray2"][n] = ray_run(_config(manifest, models, root / f"out-mray2-{n}", 2), 2)
+        runs["ray2"][n] = ray_run(_config(manifest, models, root / f"out-mray2-{n}", 2, encoders), 2)
     small, large = sizes
-    out: dict = {"bench": "preprocess_marginal", "profile": "tiny", "sizes": sizes, "cpu_count": os.cpu_count()}
+    out: dict = {"bench": "preprocess_marginal", "profile": "tiny", "sizes": sizes, "cpu_count": os.cpu_count(),
+                 "ray2_encoder_actors": encoders}
     for name, by_size in runs.items():
         a, b = by_size[small], by_size[large]
         out[f"{name}_seconds"] = [round(a["seconds"], 1), round(b["seconds"], 1)]
@@ -188,6 +189,7 @@ def main() -> int:
     p.add_argument("--marginal", type=int, nargs=2, default=None, metavar=("N1", "N2"),
                    help="only the marginal throughput between N1 and N2 clips (plain loop vs Ray at 2 CPUs)")
     p.add_argument("--rss-clips", type=int, nargs=2, default=[100, 400], help="two sizes for peak memory")
+    p.add_argument("--encoders", type=int, default=1, help="encoder actors of the Ray run of --marginal")
     p.add_argument("--workdir", default=None)
     p.add_argument("--quick", action="store_true", help="16 clips; memory at 16 vs 64")
     args = p.parse_args()
@@ -208,7 +210,7 @@ def main() -> int:
             warnings.simplefilter("ignore")
             make_tiny_models(root / "models", seed=0)
         if args.marginal:
-            print(json.dumps(marginal(root, sorted(args.marginal), root / "models")))
+            print(json.dumps(marginal(root, sorted(args.marginal), root / "models", args.encoders)))
             return 0
         lines = (root / "sample" / "manifest.jsonl").read_text().splitlines()
         manifests = {}
