@@ -17,19 +17,17 @@ import sys
 import time
 from pathlib import Path
 
-import av
-import cv2
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers.datasets import planted_dataset
 from helpers.ray_cluster import free_port, subprocess_env
+from helpers.worker_kill import kill_job_when, write_task_pids
 
 from fdreamer.data import schema
 from fdreamer.data.manifests import read_manifest
-from fdreamer.toy.sample_data import write_sample_data
-from fdreamer.data.video import read_video, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLIPS = 24
@@ -46,42 +44,9 @@ def cluster(ray_head: dict[str, str]) -> str:
     return ray_head["address"]
 
 
-def _remux(src: str, dst: Path) -> None:
-    with av.open(src) as inp, av.open(str(dst), "w", format="matroska") as out:
-        stream = out.add_stream_from_template(inp.streams.video[0])
-        for packet in inp.demux(inp.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = stream
-                out.mux(packet)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("pp")
-    write_sample_data(root / "sample", NUM_CLIPS, workers=1)
-    rows = [json.loads(line) for line in (root / "sample" / "manifest.jsonl").read_text().splitlines()]
-    extra = root / "extra"
-    extra.mkdir()
-    full = [read_video(rows[i]["path"], 24).frames for i in range(3)]
-    _remux(rows[0]["path"], extra / "remux.mkv")
-    write_video(extra / "crf35.mp4", full[1], 12, crf=35)
-    write_video(extra / "small.mp4", np.stack([cv2.resize(f, (96, 72), interpolation=cv2.INTER_AREA)
-                                               for f in full[2]]), 12)
-    good = Path(rows[3]["path"]).read_bytes()
-    bad = {r: extra / f"{r}.mp4" for r in BAD}
-    bad["zero_byte"].write_bytes(b"")
-    bad["not_a_video"].write_bytes(b"<html>not a video</html>" * 20)
-    bad["corrupt"].write_bytes(good[:3000] + bytes(len(good) - 3000))
-    write_video(bad["too_short"], full[0][:4], 12)
-    write_video(bad["too_small"], np.stack([cv2.resize(f, (32, 24)) for f in full[0]]), 12)
-    planted = {"remux": (extra / "remux.mkv", rows[0]["path"]), "crf35": (extra / "crf35.mp4", rows[1]["path"]),
-               "small": (extra / "small.mp4", rows[2]["path"])}
-    lines = [{"path": str(p), "caption": f"copy of {orig}", "source": "generic"} for p, orig in planted.values()]
-    lines += [{"path": str(p), "caption": f"bad {r}"} for r, p in bad.items()]
-    (extra / "extra.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    inputs = [root / "sample" / "webvid.csv", root / "sample" / "pexels.csv", extra / "extra.jsonl"]
-    return {"root": root, "inputs": [str(p) for p in inputs], "planted": planted, "bad": bad,
-            "n_in": NUM_CLIPS + len(planted) + len(bad)}
+    return planted_dataset(tmp_path_factory.mktemp("pp"), NUM_CLIPS, BAD)
 
 
 @pytest.fixture(scope="module")
@@ -242,24 +207,35 @@ def _shard_ids(out: Path) -> list[str]:
     return [c for f in sorted((out / "shards").glob("part-*.parquet")) for c in pd.read_parquet(f, columns=["clip_id"])["clip_id"]]
 
 
-def _kill_when(cmd: list[str], ready, timeout_s: float = 120) -> tuple[bool, str]:
-    """Run the job; SIGKILL it once ``ready(stderr so far)`` holds. (killed mid-run, its stderr)."""
-    import threading
+def test_a_killed_write_task_is_retried_without_extra_rows(cluster: str, dataset: dict, tiny_dir: Path) -> None:
+    """The worker process of a shard-writing task SIGKILLed once a first shard is committed: Ray retries the
+    task (the same rows, so the same shard name: the file is replaced), and the job completes with every
+    clip exactly once."""
+    import os
+    import signal
 
+    out = dataset["root"] / "retried"
+    cmd = _job_cmd(cluster, dataset["inputs"], tiny_dir, out, "--shard_target_bytes=100000")
     proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
-    reader.start()
+    killed: list[int] = []
     try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and proc.poll() is None and not ready("".join(err)):
-            time.sleep(0.05)
-        killed = proc.poll() is None
+        deadline = time.monotonic() + 180
+        while not killed and time.monotonic() < deadline and proc.poll() is None:
+            if any((out / "shards").glob("part-*.parquet")):
+                for pid in write_task_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.01)
+        _, err = proc.communicate(timeout=240)
     finally:
-        proc.kill()
-        proc.wait(30)
-        reader.join(10)
-    return killed, "".join(err)
+        if proc.poll() is None:
+            proc.kill()
+    assert killed, "no write task was running once the first shard existed"
+    assert proc.returncode == 0, err[-4000:]
+    summary = json.loads((out / "_SUCCESS").read_text())
+    ids = _shard_ids(out)
+    assert len(ids) == len(set(ids)) == NUM_CLIPS == summary["written"] == summary["rows_in_shards"]
+    assert summary["ledger"]["shards"] == len(list((out / "shards").glob("part-*.parquet")))
 
 
 def test_sigkill_at_three_points_then_resume(cluster: str, dataset: dict, tiny_dir: Path, first_run: dict) -> None:
@@ -271,11 +247,11 @@ def test_sigkill_at_three_points_then_resume(cluster: str, dataset: dict, tiny_d
     cmd = _job_cmd(cluster, dataset["inputs"], tiny_dir, out, "--shard_target_bytes=100000",
                    "--stages.decode.concurrency=1", "--stages.decode.batch_size=1", "--stages.encode.batch_size=1")
     hashes, shards = out / "_hashes", out / "shards"
-    killed, err = _kill_when(cmd, lambda _: any(hashes.glob("part-*.parquet")))  # 1. pass 1 under way
+    killed, err = kill_job_when(cmd, lambda _: any(hashes.glob("part-*.parquet")))  # 1. pass 1 under way
     assert killed and "plan stage pass1 done" not in err, err[-3000:]
-    killed, err = _kill_when(cmd, lambda e: "plan stage ids done" in e)  # 2. pass 1 done, duplicates being resolved
+    killed, err = kill_job_when(cmd, lambda e: "plan stage ids done" in e)  # 2. pass 1 done, duplicates being resolved
     assert killed and not any(shards.glob("part-*.parquet")), err[-3000:]
-    killed, err = _kill_when(cmd, lambda _: any(shards.glob("part-*.parquet")))  # 3. shards being written
+    killed, err = kill_job_when(cmd, lambda _: any(shards.glob("part-*.parquet")))  # 3. shards being written
     assert killed, err[-3000:]
     assert not (out / "_SUCCESS").exists()
     partial = _shard_ids(out)

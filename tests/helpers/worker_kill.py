@@ -1,4 +1,4 @@
-"""Run a training job and SIGKILL one worker mid-run: the shared part of the worker-failure tests."""
+"""SIGKILL a job or one of its workers mid-run: the shared part of the worker-failure and crash tests."""
 
 from __future__ import annotations
 
@@ -42,3 +42,33 @@ def run_killing_worker(cmd: list[str], order_log: Path, step: int, *, ready: Cal
             proc.kill()
         reader.join(10)
     return "".join(out), killed
+
+
+def kill_job_when(cmd: list[str], ready, timeout_s: float = 120) -> tuple[bool, str]:
+    """Run the job; SIGKILL it once ``ready(stderr so far)`` holds. (killed mid-run, its stderr)."""
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None and not ready("".join(err)):
+            time.sleep(0.05)
+        killed = proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(30)
+        reader.join(10)
+    return killed, "".join(err)
+
+
+def write_task_pids() -> list[int]:
+    """Ray worker processes running a ``write_shard`` task now (their title: ``ray::MapBatches(write_shard)``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"write_shard" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
