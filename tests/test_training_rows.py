@@ -51,7 +51,7 @@ def test_row_filter_expression_selects_what_the_mask_selects() -> None:
 
 def test_filter_rows_is_the_mask_and_drops_filter_columns() -> None:
     cfg = DataConfig(min_motion_score=0.05, max_motion_score=None, num_frames=None)
-    out = filter_rows(_table(), {"min_motion_score": 0.05, "max_motion_score": None, "num_frames": None}, "train")
+    out = filter_rows(_table(), cfg, "train")
     assert out["clip_id"].to_pylist() == ["b"]
     assert out.column_names == ["clip_id"]
     assert row_mask(_table(), cfg, "train").to_pylist().count(True) == 1

@@ -1,9 +1,9 @@
 """Which rows and columns a training stage reads from the preprocessing job's shards (no torch).
 
 Scores are columns of the data (``motion_score``, ``split``, ``num_frames``): a stage selects rows with
-:func:`row_mask` at read time instead of deleting anything. This module imports only pyarrow and numpy,
-so the Ray Data read tasks that run :func:`filter_rows` start without importing torch (a few seconds per
-task process); ``training/data.py`` builds the datasets and the torch batches on top of it.
+:func:`row_mask` at read time instead of deleting anything. This module imports only pyarrow and numpy;
+the read plan (``training/order.py``), the workers' reader (``training/stream.py``) and the torch batches
+(``training/data.py``) build on it.
 
 Two kinds of rows: video clips (``num_frames >= 2``) and images (``num_frames == 1``, VideoCrafter2 joint
 training).
@@ -11,7 +11,6 @@ training).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -113,10 +112,9 @@ def row_filter(data: Any, split: str | None, kind: str = VIDEO) -> pc.Expression
     return expr
 
 
-def filter_rows(batch: pa.Table, cfg: dict[str, Any], split: str | None, kind: str = VIDEO) -> pa.Table:
-    """Ray Data ``map_batches`` form of :func:`row_mask` (``cfg``: the ``DataConfig`` as a dict), then drops
-    the filter-only columns."""
-    table = batch.filter(row_mask(batch, SimpleNamespace(**cfg), split, kind))
+def filter_rows(batch: pa.Table, data: Any, split: str | None, kind: str = VIDEO) -> pa.Table:
+    """The rows of ``batch`` that :func:`row_mask` selects, without the filter-only columns."""
+    table = batch.filter(row_mask(batch, data, split, kind))
     return table.drop_columns([c for c in FILTER_COLUMNS if c in table.column_names])
 
 
@@ -125,9 +123,3 @@ def columns_for(predictnet: bool, kind: str = VIDEO) -> list[str]:
     if kind == IMAGE:
         return list(IMAGE_COLUMNS) + list(FILTER_COLUMNS)
     return list(TRAIN_COLUMNS) + list(FILTER_COLUMNS) + (list(FLOW_COLUMNS) if predictnet else [])
-
-
-def count(fs: pafs.FileSystem, files: list[str], data: Any, split: str | None, kind: str = VIDEO) -> int:
-    """Rows of ``files`` that :func:`row_mask` selects (reads only the filter columns)."""
-    table = pq.read_table(files, filesystem=fs, columns=list(FILTER_COLUMNS))
-    return int(pc.sum(row_mask(table, data, split, kind).cast(pa.int64())).as_py() or 0)

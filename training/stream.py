@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from training.order import Blocks, ReadPlan
-from training.rows import FILTER_COLUMNS, DataError, row_mask
+from training.rows import FILTER_COLUMNS, DataError, filter_rows
 
 _END = object()
 
@@ -67,7 +67,7 @@ class BlockReader:
                                                                              columns=self.read_columns)
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"{where}: {exc} (was the data moved or rewritten during the run?)") from exc
-        table = table.filter(row_mask(table, self.data, self.split, self.kind)).select(self.columns)
+        table = filter_rows(table, self.data, self.split, self.kind).select(self.columns)
         if table.num_rows != self.blocks.selected[block]:
             raise DataError(f"{where}: {table.num_rows} selected rows, the plan counted {self.blocks.selected[block]} "
                             "(was the data moved or rewritten during the run?)")
