@@ -2,8 +2,8 @@
 
 A shard is committed when its file exists (written atomically: temp name + rename locally, one upload on
 S3). Each run then records its shards in one ledger file ``<output>/_ledger/run-<time>-<id>.parquet`` (one
-row per shard: name, rows, ``t5_caption``, compressed bytes per column, taken from the writer's own footer;
-written by a worker). A run that crashed wrote shards but no ledger file: the next run lists ``shards/``
+row per shard: name, rows, ``t5_caption``, compressed bytes per column, taken from the writer's own footer
+and returned with the write task's rows; the driver writes the file, O(shards) small rows, not O(clips)). A run that crashed wrote shards but no ledger file: the next run lists ``shards/``
 (a listing, ~1 request per 1,000 shards), reads the footers of the shards no ledger names (only those:
 the crashed run's), and records them in ``_ledger/recovered-<time>-<id>.parquet``. So a run reads O(runs)
 ledger files and O(unrecorded shards) footers, never every footer (at 19M clips, ~44k shards: 44k serial
@@ -50,13 +50,12 @@ def _file_name(kind: str) -> str:
     return f"{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
 
 
-def write(fs: pafs.FileSystem, base: str, rows: list[dict] | pa.Table, kind: str = "run") -> str | None:
+def write(fs: pafs.FileSystem, base: str, rows: list[dict], kind: str = "run") -> str | None:
     """Record ``rows`` (ledger rows) in a new ledger file; None when there is nothing to record."""
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
-    if table.num_rows == 0:
+    if not rows:
         return None
     path = storage.join(base, LEDGER_DIR, _file_name(kind))
-    storage.write_parquet(fs, path, table.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA))
+    storage.write_parquet(fs, path, pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA))
     return path
 
 
