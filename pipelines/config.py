@@ -102,11 +102,8 @@ class PreprocessConfig:
     dedup_threshold: float = opt(10.0, "near-duplicate threshold: mean Hamming bits per 64-bit frame pHash")
     dedup_bands: int = opt(16, f"LSH bands of the {8 * PHASH_FRAMES}-byte perceptual hash (must divide it)")
     shard_target_bytes: int = opt(256 * 2**20, "target (uncompressed) bytes of one Parquet shard")
-    plan_shuffle: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "shuffle_v2"] = opt(
-        "sort_shuffle_pull_based", "Ray Data shuffle of the global plan's groupbys: task-based sort shuffles, or "
-        "shuffle_v2 (Ray 2.60's default, aggregator actors started per shuffle: 8x slower here, bench_dedup_scale)")
-    plan_partition_rows: int = opt(100_000, "manifest records per partition of the global plan's shuffles (cache "
-                                   "lookup, ids, exact and near duplicates); a job with no more records plans in one task")
+    plan_partition_rows: int = opt(100_000, "manifest records per partition of the global plan's shuffles through "
+                                   "<output>/_plan (cache lookup, ids, exact and near duplicates), and per map task")
     ray_address: str | None = opt(None, "Ray address; null = 'auto' when a cluster runs, else a local one")
     mlflow_tracking_uri: str | None = opt(None, "log the summary to MLflow when set (optional)")
     mlflow_experiment: str = opt("preprocess", "MLflow experiment name for the summary run")

@@ -1,13 +1,12 @@
 """The job's global plan on Ray Data: manifests -> pass 1 (with its cache) -> ids, exact and near duplicates.
 
-Nothing here holds a row per clip on the driver. The stages are :mod:`pipelines.plan_stages` functions
-run by :func:`grouped` over partitions that hold complete groups of their key:
-
-- a job with more than ``plan_partition_rows`` records hash-partitions by the key
-  (``groupby(<coarse hash of the key>).map_groups``: a few thousand rows per call, vectorised inside, so
-  the per-group overhead of Ray Data is paid per coarse group and not per key);
-- a smaller job runs each stage in one task over everything (``repartition(1)``): the same function,
-  without the fixed cost of a hash shuffle.
+Nothing here holds a row per clip on the driver. The stages are :mod:`pipelines.plan_stages` functions,
+each run once per partition of ``ceil(records / plan_partition_rows)`` hash partitions of its key, which
+hold complete groups of the key. The rows reach their partition through storage
+(:mod:`pipelines.shuffle`: map tasks write per-partition files, one task per partition reads them), not
+through Ray Data's shuffles, whose intermediate blocks the driver would own; the driver sums one row of
+counts per task as the stages stream and holds the materialized outputs' block references (one per
+partition).
 
 Order: manifests read by tasks, one per manifest (:func:`read_records`; a bad record fails the job
 with the manifest, line and field) -> cache lookup (key ``record_key``) -> pass 1 on the records the
@@ -24,79 +23,22 @@ import re
 import resource
 import sys
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data.context import ShuffleStrategy
 
 from fdreamer.data import storage
 from fdreamer.data.manifests import ManifestError, read_manifest
 from pipelines import plan_stages as ps
-from pipelines import stages
+from pipelines import shuffle, stages
 from pipelines.plan import DUPLICATES_SCHEMA
 
-GROUPS_PER_PARTITION = 64  # at most this many coarse groups (map_groups calls) per shuffle partition
-MIN_GROUP_ROWS = 1_500  # and about this many records per group at least (a call has a fixed cost)
 ROW_BITS = 40  # row_order = manifest index << ROW_BITS | row within the manifest
-
-
-def _group_of(values: pa.ChunkedArray | pa.Array, groups: int) -> np.ndarray:
-    """Stable coarse group (0..groups-1) of each key: int keys modulo, others by crc32 of the text."""
-    if pa.types.is_integer(values.type):
-        return np.mod(values.to_numpy(), groups)
-    return np.array([zlib.crc32(str(v).encode()) % groups for v in values.to_pylist()], np.int64)
-
-
-def _add_group(batch: pa.Table, key: str, groups: int) -> pa.Table:
-    return batch.append_column("_group", pa.array(_group_of(batch.column(key), groups), pa.int64()))
-
-
-def _call_group(batch: pa.Table, fn: Callable[..., pa.Table], kwargs: dict) -> pa.Table:
-    return fn(batch.drop_columns(["_group"]), **kwargs)
-
-
-def _call_all(batch: pa.Table, fn: Callable[..., pa.Table], kwargs: dict) -> pa.Table:
-    return fn(batch, **kwargs)
-
-
-def nonempty(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """``ds`` materialized without its empty blocks.
-
-    Ray Data does not call a UDF on an empty block and passes on a block without columns, which its hash
-    shuffle then fails to concatenate with the others ("Schema at index 1 was different"); the block
-    metadata tells which to drop without fetching any.
-    """
-    refs = [entry.ref for bundle in ds.materialize().iter_internal_ref_bundles() for entry in bundle.blocks
-            if entry.metadata.num_rows]
-    return ray.data.from_arrow_refs(refs) if refs else ds.limit(0).materialize()
-
-
-def groups_per_partition(partition_rows: int) -> int:
-    """Coarse groups per partition: 64 at the default 100k records per partition, fewer for small partitions."""
-    return max(1, min(GROUPS_PER_PARTITION, partition_rows // MIN_GROUP_ROWS))
-
-
-def grouped(ds: ray.data.Dataset, key: str, fn: Callable[..., pa.Table], partitions: int,
-            shuffle: str = "sort_shuffle_pull_based", groups: int = GROUPS_PER_PARTITION,
-            **kwargs: Any) -> ray.data.Dataset:
-    """``fn`` over partitions of ``ds`` that hold complete groups of ``key`` (module docstring), shuffled with
-    Ray Data's ``shuffle`` strategy (the job's ``plan_shuffle``) into ``groups`` coarse groups per partition."""
-    ds = nonempty(ds)
-    ds.context.shuffle_strategy = ShuffleStrategy(shuffle)  # this dataset and those derived from it
-    if partitions <= 1:
-        return ds.repartition(1).map_batches(_call_all, batch_size=None, batch_format="pyarrow",
-                                             fn_kwargs={"fn": fn, "kwargs": kwargs})
-    groups = partitions * groups
-    keyed = ds.map_batches(_add_group, batch_format="pyarrow", fn_kwargs={"key": key, "groups": groups})
-    return keyed.groupby("_group", num_partitions=partitions).map_groups(
-        _call_group, batch_format="pyarrow", fn_kwargs={"fn": fn, "kwargs": kwargs})
 
 
 # ------------------------------------------------------------------------------------------ manifests
@@ -224,21 +166,20 @@ def _prune_cache(output: str, s3_endpoint: str | None, keep: list[str]) -> int:
     return len(old)
 
 
-def compact_cache(pass1: ray.data.Dataset, output: str, s3_endpoint: str | None, parts: int, shuffle: str,
-                  groups: int = GROUPS_PER_PARTITION) -> dict:
-    """Rewrite the pass-1 cache as one file per plan partition (``plan_stages.cache_rows``), then delete the
-    per-batch files it replaces.
+def compact_cache(sh: shuffle.StorageShuffle, output: str, s3_endpoint: str | None) -> dict:
+    """Rewrite the pass-1 cache as one file per plan partition from the ``cache`` stage that pass 1 scattered
+    (``plan_stages.cache_rows``), then delete the per-batch files it replaces.
 
     Pass 1 persists one small file per hash batch (a crash loses at most a batch); a 19M-clip run leaves
-    millions of them. Compacted, a rerun lists and reads ``parts`` files (about ``plan_partition_rows``
+    millions of them. Compacted, a rerun lists and reads ``partitions`` files (about ``plan_partition_rows``
     rows each). A crash between the write and the delete leaves rows cached twice, which the next lookup
     reads once (``cache_rows`` and the ids stage keep one row per record key and clip).
     """
-    rows = grouped(pass1, "record_key", ps.cache_rows, parts, shuffle, groups).repartition(parts)  # merges blocks, no shuffle
-    names = [n for t in ray.get(rows.map_batches(_write_cache_file, batch_size=None, batch_format="pyarrow",
-                                                 fn_kwargs={"output": output, "s3_endpoint": s3_endpoint}
-                                                 ).to_arrow_refs())
-             if t.num_rows for n in t.column("name").to_pylist()]
+    written = sh.read("cache", ps.PASS1_SCHEMA, ps.cache_rows).map_batches(
+        _write_cache_file, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"output": output, "s3_endpoint": s3_endpoint})
+    names = [r["name"] for r in written.take_all()]  # one per partition
+    sh.drop("cache")
     return {"cache_files": len(names), "cache_files_removed": ray.get(_prune_cache.remote(output, s3_endpoint, names))}
 
 
@@ -254,7 +195,7 @@ class GlobalPlan:
 
 
 def _tally(batch: pa.Table) -> pa.Table:
-    """One row of counts per block (what the summary needs), so the driver collects O(blocks) rows."""
+    """One row of counts per block (what the summary needs), so the driver sums O(blocks) rows as they stream."""
     role, status = batch.column("role").to_pylist(), batch.column("status").to_pylist()
     done, kind, reason = (batch.column(c).to_pylist() for c in ("done", "dup_kind", "reason"))
     c: Counter[str] = Counter()
@@ -266,28 +207,25 @@ def _tally(batch: pa.Table) -> pa.Table:
         else:
             c[f"quarantined:{q}"] += 1
     c["clips"] = len(status)
-    return pa.table({"counts": [dict(c)]}, schema=pa.schema([("counts", pa.map_(pa.string(), pa.int64()))]))
+    return shuffle.counts_row(c)
 
 
-def sum_counts(ds: ray.data.Dataset, fn: Callable[[pa.Table], pa.Table]) -> Counter[str]:
-    total: Counter[str] = Counter()
-    for t in ray.get(ds.map_batches(fn, batch_size=None, batch_format="pyarrow").to_arrow_refs()):
-        if not t.num_rows:
-            continue  # an empty block (no UDF call, no columns)
-        for m in t.column("counts").to_pylist():
-            total.update(dict(m))
-    return total
+def _hash_tally(batch: pa.Table) -> dict[str, int]:
+    """Counts of freshly hashed rows of a map bundle: distinct records, rows and worker microseconds of pass 1."""
+    return {"records": len(set(batch.column("record_key").to_pylist())), "hash_rows": batch.num_rows,
+            "hash_us": int(1e6 * float(pc.sum(batch.column("sec_hash")).as_py() or 0.0))}
 
 
-def _hash_tally(batch: pa.Table) -> pa.Table:
-    """Counts of freshly hashed rows per block: distinct records, rows and worker seconds of pass 1."""
-    c = {"records": len(set(batch.column("record_key").to_pylist())), "rows": batch.num_rows,
-         "hash_us": int(1e6 * float(pc.sum(batch.column("sec_hash")).as_py() or 0.0))}
-    return pa.table({"counts": [c]}, schema=pa.schema([("counts", pa.map_(pa.string(), pa.int64()))]))
+def _apply_near(batch: pa.Table, dropped: ray.ObjectRef) -> pa.Table:
+    return ps.apply_near(batch, ray.get(dropped))  # the dropped table is put once, not sent with every task
 
 
 def _is(column: str, value: str) -> Callable[[pa.Table], pa.Table]:
     return lambda t: t.filter(pc.equal(t.column(column), value))
+
+
+def _is_not(column: str, value: str) -> Callable[[pa.Table], pa.Table]:
+    return lambda t: t.filter(pc.not_equal(t.column(column), value))
 
 
 def _split(batch: pa.Table, part: str) -> pa.Table:
@@ -317,7 +255,7 @@ class _Clock:
         self.rss_mb: dict[str, float] = {}
         self.last = time.perf_counter()
 
-    def __call__(self, name: str, value: Any) -> Any:
+    def __call__(self, name: str, value: Any = None) -> Any:
         now = time.perf_counter()
         self.seconds[name] = round(now - self.last, 2)
         self.rss_mb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
@@ -329,14 +267,15 @@ class _Clock:
 def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, profile: dict,
          partition_rows: int, threshold: float, bands: int, max_bucket: int = 10_000,
          hash_fn: Callable[..., pa.Table] = stages.hash_and_cache, hash_kwargs: dict | None = None,
-         hash_stage: dict | None = None, shuffle: str = "sort_shuffle_pull_based") -> GlobalPlan:
+         hash_stage: dict | None = None) -> GlobalPlan:
     """The whole plan (module docstring) from the materialized manifest ``records``."""
     n_records = records.count()
-    parts = max(1, math.ceil(n_records / max(partition_rows, 1))) if n_records > partition_rows else 1
-    groups = groups_per_partition(partition_rows)
+    parts = max(1, math.ceil(n_records / max(partition_rows, 1)))
     fs, base = storage.resolve(output, s3_endpoint)
     cache_files = storage.list_files(fs, storage.join(base, stages.HASH_DIR), "part-", ".parquet")
     shard_files = storage.list_files(fs, storage.join(base, "shards"), "part-", ".parquet")
+    shuffle.clear(output, s3_endpoint)  # what a crashed run left in the scratch
+    sh = shuffle.StorageShuffle(output, s3_endpoint, parts, partition_rows)
 
     def files(paths: list[str]) -> ray.data.Dataset:
         return ray.data.from_items([{"path": _uri(output, p)} for p in paths],
@@ -346,49 +285,58 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
     clock = _Clock()
     looked = records
     if cache_files:
-        cached = files(cache_files).map_batches(_read_cache_files, batch_format="pyarrow",
-                                                fn_kwargs={"s3_endpoint": s3_endpoint})
-        looked = grouped(records.union(cached), "record_key", ps.lookup_cache, parts, shuffle, groups)
-    looked = clock("cache_lookup", looked.materialize())
-    kwargs = {"profile": profile, "output": output, "s3_endpoint": s3_endpoint} | (hash_kwargs or {})
+        sh.write(records, [("lookup", "record_key")])
+        sh.write(files(cache_files).map_batches(_read_cache_files, batch_format="pyarrow",
+                                                fn_kwargs={"s3_endpoint": s3_endpoint}), [("lookup", "record_key")])
+        looked = sh.read("lookup", ps.PASS1_SCHEMA, ps.lookup_cache).materialize()
+        sh.drop("lookup")
+    clock("cache_lookup")
     stage = {"batch_size": 8, "num_cpus": 1} | (hash_stage or {})
+    to_hash = looked.map_batches(_is("status", ps.RECORD), batch_format="pyarrow").materialize()
+    hash_batches = math.ceil(to_hash.count() / stage["batch_size"])  # one cache file per hash batch
+    compact = len(cache_files) + hash_batches > 2 * parts  # more files than compacting would leave (x2 slack)
+    targets = [("ids", "clip_id")] + ([("cache", "record_key")] if compact else [])
+    # pass-1 rows go straight to the ids stage (and the cache compaction); the driver sums count rows
+    sh.write(looked.map_batches(_is_not("status", ps.RECORD), batch_format="pyarrow"), targets)
+    kwargs = {"profile": profile, "output": output, "s3_endpoint": s3_endpoint} | (hash_kwargs or {})
     # one block per batch: a map task works on one block, so a one-block input would hash serially
-    to_hash = looked.map_batches(_is("status", ps.RECORD), batch_format="pyarrow").repartition(
-        target_num_rows_per_block=stage["batch_size"])
-    fresh = to_hash.map_batches(_hash_records, batch_format="pyarrow",
-                                fn_kwargs={"hash_fn": hash_fn, "fn_kwargs": kwargs}, **stage).materialize()
-    clock("pass1", fresh)
-    hashed = sum_counts(fresh, _hash_tally)
-    pass1 = looked.map_batches(lambda t: t.filter(pc.not_equal(t.column("status"), ps.RECORD)),
-                               batch_format="pyarrow").union(fresh)
-    hash_batches = fresh.num_blocks() if hashed.get("rows") else 0  # one cache file per hash batch
+    fresh = to_hash.repartition(target_num_rows_per_block=stage["batch_size"]).map_batches(
+        _hash_records, batch_format="pyarrow", fn_kwargs={"hash_fn": hash_fn, "fn_kwargs": kwargs}, **stage)
+    hashed = sh.write(fresh, targets, tally=_hash_tally)
+    clock("pass1")
     compaction = {"cache_files": len(cache_files), "cache_files_removed": 0}
-    if len(cache_files) + hash_batches > 2 * parts:  # more files than compacting would leave (x2 slack)
-        compaction = clock("compact_cache", compact_cache(pass1, output, s3_endpoint, parts, shuffle, groups))
+    if compact:
+        compaction = clock("compact_cache", compact_cache(sh, output, s3_endpoint))
     if shard_files:
-        pass1 = pass1.union(files(shard_files).map_batches(_done_markers, batch_format="pyarrow",
-                                                           fn_kwargs={"s3_endpoint": s3_endpoint}))
+        sh.write(files(shard_files).map_batches(_done_markers, batch_format="pyarrow",
+                                                fn_kwargs={"s3_endpoint": s3_endpoint}), [("ids", "clip_id")])
 
     # ---- ids, exact duplicates, near duplicates ----
-    ids = clock("ids", grouped(pass1, "clip_id", ps.first_of_each_id, parts, shuffle, groups).materialize())
-    exact = clock("exact", grouped(ids, "content_hash", ps.exact_groups, parts, shuffle, groups).materialize())
-    bands_ds = exact.map_batches(ps.band_rows, batch_format="pyarrow", fn_kwargs={"bands": bands})
-    edges_ds = grouped(bands_ds, "band_key", ps.near_edges, parts, shuffle, groups,
-                       threshold=threshold, bands=bands, max_bucket=max_bucket)
-    edge_tables = [t for t in ray.get(edges_ds.to_arrow_refs()) if t.num_rows]
+    sh.write(sh.read("ids", ps.PASS1_SCHEMA, ps.first_of_each_id), [("exact", "content_hash")], bundle=False)
+    sh.drop("ids")
+    clock("ids")
+    exact = sh.read("exact", ps.PLAN_SCHEMA, ps.exact_groups).materialize()  # one block per partition
+    sh.drop("exact")
+    clock("exact")
+    sh.write(exact.map_batches(ps.band_rows, batch_format="pyarrow", fn_kwargs={"bands": bands}),
+             [("near", "band_key")], bundle=False)
+    edge_tables = [t for t in sh.read("near", ps.BAND_SCHEMA, ps.near_edges, threshold=threshold, bands=bands,
+                                      max_bucket=max_bucket).iter_batches(batch_format="pyarrow", batch_size=None)
+                   if t.num_rows]
     edges = pa.concat_tables(edge_tables) if edge_tables else ps.EDGE_SCHEMA.empty_table()
-    clock("near", edges)
+    sh.drop()
+    clock("near")
     dropped, dedup_stats = ps.resolve_near(edges)
-    final = exact.map_batches(ps.apply_near, batch_format="pyarrow", fn_kwargs={"dropped": dropped}).materialize()
-    tally = sum_counts(final, _tally)
-    clock("apply_near", final)
+    final = exact.map_batches(_apply_near, batch_format="pyarrow", fn_kwargs={"dropped": ray.put(dropped)}).materialize()
+    tally = shuffle.sum_counts(final.map_batches(_tally, batch_size=None, batch_format="pyarrow"))
+    clock("apply_near")
     counts = {
         "clips": tally.pop("clips", 0), "todo": tally.pop("todo", 0), "already": tally.pop("already", 0),
         "duplicates_by_kind": {k.split(":", 1)[1]: n for k, n in sorted(tally.items()) if k.startswith("dup:")},
         "quarantined_by_reason": {k.split(":", 1)[1]: n for k, n in sorted(tally.items())
                                   if k.startswith("quarantined:")},
         "dedup": dedup_stats, "near_edges": edges.num_rows - edges.column("a_clip_id").null_count, "partitions": parts,
-        "records_hashed": hashed.get("records", 0), "hash_rows": hashed.get("rows", 0),
+        "records_hashed": hashed.get("records", 0), "hash_rows": hashed.get("hash_rows", 0),
         "hash_worker_s": hashed.get("hash_us", 0) / 1e6, "plan_stage_s": clock.seconds,
         "plan_stage_driver_rss_mb": clock.rss_mb, "cache": compaction,
     }

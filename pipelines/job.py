@@ -3,7 +3,7 @@
 Manifests and pass 1 (:mod:`pipelines.global_plan`): manifests read by one task each; each record's
 pass-1 rows (per-clip hashes, or one quarantine row per bad video: ``hash_and_cache``, CPU tasks) come
 from the ``_hashes/`` cache or are computed and persisted there; ids, exact and near duplicates are
-resolved in the cluster (hash-partitioned ``map_groups``, one task for a small job), and the kept rows
+resolved in the cluster (hash partitions of each key, shuffled through ``<output>/_plan``), and the kept rows
 get the captions of their exact copies. The driver receives counts and the near-duplicate edges only.
 Pass 2: kept clips not yet in a completed shard -> decode + optical flow (CPU tasks: the frames are
 decoded once, flow is computed beside them) -> encoder actor pool (models loaded once per actor) -> Parquet shards written by tasks (atomic: temp
@@ -40,7 +40,7 @@ import ray
 from fdreamer.config import to_dict
 from fdreamer.data import schema, storage
 from fdreamer.encoders import vae_downsample_factor
-from pipelines import global_plan, ledger, stages
+from pipelines import global_plan, ledger, shuffle, stages
 from pipelines.config import PreprocessConfig
 from pipelines.plan import DUPLICATES_SCHEMA
 from pipelines.stages import record_key  # noqa: F401 - the pass-1 cache key, re-exported for callers of the job
@@ -100,7 +100,7 @@ def _pass2_tally(batch: pa.Table) -> pa.Table:
         c["rows"] += 1
         for k in PASS2_STAGES:
             c[f"us_{k}"] += int(1e6 * (r[f"sec_{k}"] or 0.0))
-    return pa.table({"counts": [dict(c)]}, schema=pa.schema([("counts", pa.map_(pa.string(), pa.int64()))]))
+    return shuffle.counts_row(c)
 
 
 PASS2_STAGES = ("decode", "encode", "flow", "write")
@@ -141,7 +141,7 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
     gp = global_plan.plan(records, output=cfg.output, s3_endpoint=cfg.s3_endpoint, profile=profile,
                           partition_rows=cfg.plan_partition_rows, threshold=cfg.dedup_threshold,
                           bands=cfg.dedup_bands, hash_fn=hash_fn or stages.hash_and_cache,
-                          hash_stage=_stage_kwargs(dec), shuffle=cfg.plan_shuffle)
+                          hash_stage=_stage_kwargs(dec))
     t_pass1 = time.perf_counter() - t_pass1
     counts = gp.counts
 
@@ -172,7 +172,7 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
                                     "t5_caption": cfg.t5_caption},
                          concurrency=cfg.stages.write.concurrency, num_cpus=cfg.stages.write.num_cpus)
         ).materialize()
-        p2 = global_plan.sum_counts(res, _pass2_tally)
+        p2 = shuffle.sum_counts(res.map_batches(_pass2_tally, batch_size=None, batch_format="pyarrow"))
         # this run's shards into the ledger: one row per shard (first row of each), not per clip
         written_shards = [json.loads(r["ledger"]) for r in res.map_batches(
             lambda t: t.filter(pc.is_valid(t.column("ledger"))).select(["ledger"]), batch_format="pyarrow").take_all()]

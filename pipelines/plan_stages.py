@@ -24,11 +24,13 @@ of the single-process reference :func:`pipelines.plan.plan_pass2` (the tests com
 ``cache_rows`` (key ``record_key``)
     pass-1 rows -> the distinct rows the compacted ``_hashes/`` cache keeps (one per record key and clip).
 ``resolve_near`` (the driver, over the edges only) and ``apply_near`` (any partition)
-    connected components of the edges -> the copy kept per component; the others become ``near``
-    duplicates, and exact copies of a dropped row follow it to the component's kept copy.
+    connected components of the edges -> a table of the dropped copies (the kept copy per component);
+    ``apply_near`` joins it: dropped rows become ``near`` duplicates, and exact copies of a dropped row
+    follow it to the component's kept copy.
 
-Memory bound on the driver: ``resolve_near`` holds the near-duplicate edges and their endpoints
-(~200 bytes per edge), never a row per clip.
+Memory bound on the driver: ``resolve_near`` holds the near-duplicate edges in Arrow (~200 bytes per
+edge) and a few integers and a rank tuple per endpoint, never a row per clip; the dropped table
+(~100 bytes per near duplicate) is put in the object store once for ``apply_near``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ EDGE_SCHEMA = pa.schema(
     + [pa.field("distance", pa.float64()), pa.field("band_buckets", pa.int64()), pa.field("pairs_checked", pa.int64()),
        pa.field("oversized_buckets", pa.int64()), pa.field("oversized_bucket_members", pa.int64())])
 BAND_COLUMNS = ("clip_id", "phash", "phash_center", "source_width", "source_height", "source")
+BAND_SCHEMA = pa.schema([*(PLAN_SCHEMA.field(c) for c in BAND_COLUMNS), pa.field("band_key", pa.int64())])
+DROPPED_SCHEMA = pa.schema([("clip_id", pa.string()), ("kept_clip_id", pa.string()), ("distance", pa.float64()),
+                            ("kept_phash", pa.binary()), ("kept_phash_center", pa.binary())])
 STAT_NAMES = ("band_buckets", "pairs_checked", "oversized_buckets", "oversized_bucket_members")
 
 
@@ -241,43 +246,91 @@ def _variants(phash: bytes, center: bytes | None) -> list[bytes]:
     return dedup.variants({"phash": phash, "phash_center": center})
 
 
-def resolve_near(edges: pa.Table) -> tuple[dict[str, tuple[str, float, list[bytes]]], dict[str, int]]:
-    """(``{dropped clip_id: (kept clip_id, distance, kept hashes)}``, summed counts) from all EDGE rows.
+def resolve_near(edges: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """(``DROPPED_SCHEMA`` rows: each dropped clip id, the kept one, their distance and the kept hashes; summed
+    counts) from all EDGE rows.
 
     Components of the edge graph; the best copy of each (:func:`fdreamer.data.dedup.copy_rank`) is kept.
+    Memory: the edge table (~200 bytes per near pair, in Arrow) and a few integers and one rank per endpoint;
+    no Python object per edge.
     """
     stats = {name: int(pc.sum(edges.column(name)).as_py() or 0) for name in STAT_NAMES}
     pairs = edges.filter(pc.is_valid(edges.column("a_clip_id")))
-    node: dict[str, dict] = {}
-    uf = dedup._UnionFind()
-    for r in pairs.to_pylist():
-        for side in ("a", "b"):
-            node[r[f"{side}_clip_id"]] = {k: r[f"{side}_{k}"] for k in (*BAND_COLUMNS,)}
-        uf.union(r["a_clip_id"], r["b_clip_id"])
-    groups: dict[str, list[str]] = defaultdict(list)
-    for cid in node:
-        groups[uf.find(cid)].append(cid)
-    dropped: dict[str, tuple[str, float, list[bytes]]] = {}
-    for members in groups.values():
-        best = min(members, key=lambda c: dedup.copy_rank(node[c]))
-        best_hash = dedup.variants(node[best])
-        for m in members:
-            if m != best:
-                dropped[m] = (best, dedup.variant_distance(dedup.variants(node[m]), best_hash), best_hash)
-    return dropped, stats
+    if not pairs.num_rows:
+        return DROPPED_SCHEMA.empty_table(), stats
+    ends = pa.concat_tables([pairs.select([f"{side}_{c}" for c in BAND_COLUMNS]).rename_columns(list(BAND_COLUMNS))
+                             for side in ("a", "b")])
+    ids = pc.unique(ends.column("clip_id"))
+    nodes = ends.take(pc.index_in(ids, value_set=ends.column("clip_id")))  # first row of each endpoint
+    a = pc.index_in(pairs.column("a_clip_id"), value_set=ids).to_numpy()
+    b = pc.index_in(pairs.column("b_clip_id"), value_set=ids).to_numpy()
+    parent = np.arange(len(ids))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = int(parent[x])
+        return x
+
+    for i, j in zip(a.tolist(), b.tolist(), strict=True):
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    roots = np.array([find(i) for i in range(len(ids))])
+    cols = {c: nodes.column(c).to_pylist() for c in ("clip_id", "source_width", "source_height", "source")}
+    ranks = [dedup.copy_rank(dict(zip(cols, values, strict=True))) for values in zip(*cols.values(), strict=True)]
+    best: dict[int, int] = {}
+    for i, root in enumerate(roots.tolist()):
+        if root not in best or ranks[i] < ranks[best[root]]:
+            best[root] = i
+    phash, center = nodes.column("phash").to_pylist(), nodes.column("phash_center").to_pylist()
+    members = [i for i in range(len(ids)) if best[int(roots[i])] != i]
+    keep = [best[int(roots[i])] for i in members]
+    distance = [dedup.variant_distance(dedup.variants({"phash": phash[m], "phash_center": center[m]}),
+                                       dedup.variants({"phash": phash[k], "phash_center": center[k]}))
+                for m, k in zip(members, keep, strict=True)]
+    m_idx, k_idx = pa.array(members, pa.int64()), pa.array(keep, pa.int64())
+    return pa.table({"clip_id": nodes.column("clip_id").take(m_idx), "kept_clip_id": nodes.column("clip_id").take(k_idx),
+                     "distance": pa.array(distance, pa.float64()), "kept_phash": nodes.column("phash").take(k_idx),
+                     "kept_phash_center": nodes.column("phash_center").take(k_idx)}, schema=DROPPED_SCHEMA), stats
 
 
-def apply_near(table: pa.Table, dropped: dict[str, tuple[str, float, list[bytes]]]) -> pa.Table:
-    """PLAN rows -> kept rows in ``dropped`` become ``near`` duplicates; their exact copies follow them."""
-    if not dropped or not table.num_rows:
+def apply_near(table: pa.Table, dropped: pa.Table) -> pa.Table:
+    """PLAN rows -> kept rows in ``dropped`` (:func:`resolve_near`) become ``near`` duplicates; their exact
+    copies follow them to the component's kept copy (distance: their own hashes to the kept copy's)."""
+    if not dropped.num_rows or not table.num_rows:
         return table
-    rows = table.to_pylist()
-    for r in rows:
-        if r["role"] == KEEP and r["clip_id"] in dropped:
-            keep, dist, _ = dropped[r["clip_id"]]
-            r.update(role=DUP, kept_clip_id=keep, dup_kind="near", distance=dist, captions=None)
-        elif r["role"] == DUP and r["dup_kind"] == "exact" and r["kept_clip_id"] in dropped:
-            keep, _, keep_hash = dropped[r["kept_clip_id"]]
-            r.update(kept_clip_id=keep, dup_kind="near",
-                     distance=dedup.variant_distance(dedup.variants(r), keep_hash))
-    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+    table = _conform(table, PLAN_SCHEMA)
+    role, kind = table.column("role"), pc.fill_null(table.column("dup_kind"), "")
+    at = pc.index_in(table.column("clip_id"), value_set=dropped.column("clip_id"))  # row of the dropped table
+    via = pc.index_in(table.column("kept_clip_id"), value_set=dropped.column("clip_id"))
+    is_near = pc.fill_null(pc.and_(pc.equal(role, KEEP), pc.is_valid(at)), False)
+    follows = pc.fill_null(pc.and_(pc.and_(pc.equal(role, DUP), pc.equal(kind, "exact")), pc.is_valid(via)), False)
+    if not (pc.any(is_near).as_py() or pc.any(follows).as_py()):
+        return table
+    kept_of = dropped.column("kept_clip_id")
+    follow_rows = np.flatnonzero(follows.to_numpy(zero_copy_only=False))
+    distance = table.column("distance").to_numpy(zero_copy_only=False).astype(np.float64, copy=True)
+    near_distance = dropped.column("distance").take(at).to_numpy(zero_copy_only=False)
+    distance = np.where(is_near.to_numpy(zero_copy_only=False), near_distance, distance)
+    via_rows = via.to_numpy(zero_copy_only=False)
+    for r in follow_rows.tolist():  # an exact copy of a dropped row: its own distance to the kept copy
+        d = int(via_rows[r])
+        kept_hashes = dedup.variants({"phash": dropped.column("kept_phash")[d].as_py(),
+                                      "phash_center": dropped.column("kept_phash_center")[d].as_py()})
+        own = dedup.variants({"phash": table.column("phash")[r].as_py(),
+                              "phash_center": table.column("phash_center")[r].as_py()})
+        distance[r] = dedup.variant_distance(own, kept_hashes)
+    changed = pc.or_(is_near, follows)
+    columns = {
+        "role": pc.if_else(is_near, DUP, role),
+        "kept_clip_id": pc.if_else(is_near, kept_of.take(at), pc.if_else(follows, kept_of.take(via),
+                                                                          table.column("kept_clip_id"))),
+        "dup_kind": pc.if_else(changed, "near", table.column("dup_kind")),
+        "distance": pa.array(distance, pa.float64(), mask=pc.invert(pc.or_(changed, pc.is_valid(
+            table.column("distance")))).to_numpy(zero_copy_only=False)),
+        "captions": pc.if_else(is_near, pa.scalar(None, pa.list_(pa.string())), table.column("captions")),
+    }
+    for name, values in columns.items():
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return _conform(table, PLAN_SCHEMA)

@@ -88,7 +88,7 @@ def _partitioned(rows: list[dict]) -> dict[str, str]:
     edges = ps.near_edges(bands.sort_by([("band_key", "ascending")]))
     dropped, stats = ps.resolve_near(edges)
     assert stats["pairs_checked"] > 0
-    return {cid: keep for cid, (keep, _, _) in dropped.items()}
+    return dict(zip(dropped.column("clip_id").to_pylist(), dropped.column("kept_clip_id").to_pylist(), strict=True))
 
 
 def test_crops_watermarks_and_grades_found_distinct_clips_kept(rows: list[dict]) -> None:

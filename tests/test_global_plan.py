@@ -20,6 +20,7 @@ import pyarrow as pa
 from helpers import synthetic_dedup as sd
 from helpers.ray_cluster import subprocess_env
 
+from fdreamer.data import dedup
 from pipelines import plan_stages as ps
 from pipelines.config import PreprocessConfig
 from pipelines.plan import plan_pass2
@@ -40,13 +41,19 @@ def _rows(n: int) -> list[dict]:
     return [dict(r, row_order=i, kind="video") for i, r in enumerate(rows)]
 
 
+def _as_dict(dropped: pa.Table) -> dict[str, tuple]:
+    """resolve_near's table as {dropped id: (kept id, distance, kept hashes)}."""
+    return {r["clip_id"]: (r["kept_clip_id"], r["distance"], dedup.variants(
+        {"phash": r["kept_phash"], "phash_center": r["kept_phash_center"]})) for r in dropped.to_pylist()}
+
+
 def _one_partition(rows: list[dict], done: set[str]) -> pa.Table:
     table = pa.Table.from_pylist(rows, schema=ps.PASS1_SCHEMA)
     markers = ps._conform(pa.table({"clip_id": sorted(done), "status": [ps.DONE] * len(done)}), ps.PASS1_SCHEMA)
     exact = ps.exact_groups(ps.first_of_each_id(pa.concat_tables([table, markers])))
     edges = ps.near_edges(ps.band_rows(exact), max_bucket=4)
     dropped, stats = ps.resolve_near(edges)
-    assert stats["band_buckets"] > 0 and stats["pairs_checked"] >= len(dropped)
+    assert stats["band_buckets"] > 0 and stats["pairs_checked"] >= dropped.num_rows
     return ps.apply_near(exact, dropped)
 
 
@@ -109,7 +116,7 @@ def test_a_pair_in_several_bands_is_reported_once_and_a_chain_is_one_component()
     assert sorted(zip(pairs.column("a_clip_id").to_pylist(), pairs.column("b_clip_id").to_pylist())) == [
         ("a", "b"), ("a", "c"), ("b", "c")]  # each pair once, though they share up to 15 bands
     dropped, _ = ps.resolve_near(edges)
-    assert dropped == {"a": ("b", 3 / 4, [base]), "c": ("b", 1 / 4, [base])}  # b has the most pixels; its hashes (no centre)
+    assert _as_dict(dropped) == {"a": ("b", 3 / 4, [base]), "c": ("b", 1 / 4, [base])}  # b has the most pixels; its hashes (no centre)
 
 
 def test_a_cropped_copy_meets_its_original_through_the_centre_hash() -> None:
@@ -127,10 +134,10 @@ def test_a_cropped_copy_meets_its_original_through_the_centre_hash() -> None:
     pairs = edges.filter(pa.compute.is_valid(edges.column("a_clip_id")))
     assert pairs.num_rows == 1 and pairs.column("distance").to_pylist() == [1 / 4]
     dropped, _ = ps.resolve_near(edges)
-    assert dropped == {"crop": ("orig", 1 / 4, [full, centre])}
+    assert _as_dict(dropped) == {"crop": ("orig", 1 / 4, [full, centre])}
     plain = [{k: v for k, v in r.items() if k != "phash_center"} for r in rows]
     bands = ps.band_rows(ps._conform(pa.Table.from_pylist(plain), ps.PLAN_SCHEMA))
-    assert bands.num_rows == 2 * 16 and ps.resolve_near(ps.near_edges(bands))[0] == {}
+    assert bands.num_rows == 2 * 16 and ps.resolve_near(ps.near_edges(bands))[0].num_rows == 0
 
 
 DRIVER = """

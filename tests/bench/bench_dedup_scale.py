@@ -54,8 +54,7 @@ def driver(manifest: str, output: str, address: str, partition_rows: int) -> Non
     t_manifests = time.perf_counter() - t0
     gp = global_plan.plan(records, output=output, s3_endpoint=None, profile=profile, partition_rows=partition_rows,
                           threshold=cfg.dedup_threshold, bands=cfg.dedup_bands,
-                          hash_kwargs={"hasher": sd.hasher}, hash_stage={"batch_size": 4096},
-                          shuffle=os.environ.get("BENCH_SHUFFLE", cfg.plan_shuffle))
+                          hash_kwargs={"hasher": sd.hasher}, hash_stage={"batch_size": 4096})
     ray.get(global_plan.write_table.remote(gp.duplicates, output, "duplicates.parquet", None, DUPLICATES_SCHEMA))
     todo = gp.todo.count()
     seconds = time.perf_counter() - started
