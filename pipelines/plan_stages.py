@@ -276,16 +276,18 @@ def resolve_near(edges: pa.Table) -> tuple[pa.Table, dict[str, int]]:
         ri, rj = find(i), find(j)
         if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)
-    roots = np.array([find(i) for i in range(len(ids))])
+    roots = np.array([find(i) for i in range(len(ids))], np.int64)
+    order = np.argsort(roots, kind="stable")  # endpoints grouped by component
+    starts = np.flatnonzero(np.r_[True, roots[order][1:] != roots[order][:-1]])
     cols = {c: nodes.column(c).to_pylist() for c in ("clip_id", "source_width", "source_height", "source")}
-    ranks = [dedup.copy_rank(dict(zip(cols, values, strict=True))) for values in zip(*cols.values(), strict=True)]
-    best: dict[int, int] = {}
-    for i, root in enumerate(roots.tolist()):
-        if root not in best or ranks[i] < ranks[best[root]]:
-            best[root] = i
+    members: list[int] = []
+    keep: list[int] = []
+    for s, e in zip(starts.tolist(), np.r_[starts[1:], len(order)].tolist(), strict=True):
+        group = order[s:e].tolist()  # rank tuples live for one component at a time
+        best = min(group, key=lambda i: dedup.copy_rank({c: values[i] for c, values in cols.items()}))
+        members += [i for i in group if i != best]
+        keep += [best] * (len(group) - 1)
     phash, center = nodes.column("phash").to_pylist(), nodes.column("phash_center").to_pylist()
-    members = [i for i in range(len(ids)) if best[int(roots[i])] != i]
-    keep = [best[int(roots[i])] for i in members]
     distance = [dedup.variant_distance(dedup.variants({"phash": phash[m], "phash_center": center[m]}),
                                        dedup.variants({"phash": phash[k], "phash_center": center[k]}))
                 for m, k in zip(members, keep, strict=True)]
