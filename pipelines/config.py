@@ -64,6 +64,14 @@ class StageConfig:
 
 
 @dataclass
+class HashStageConfig(StageConfig):
+    """Resources of pass 1 (decode + exact and perceptual hashes, CPU tasks)."""
+
+    batch_size: int = opt(32, "videos per pass-1 task: a Ray Data task has ~0.4 s of fixed cost on a small machine, "
+                              "more than 8 videos' hashing at the tiny profile")
+
+
+@dataclass
 class WriteStageConfig:
     """Resources of the shard writers (rows per shard follow from ``shard_target_bytes``)."""
 
@@ -73,7 +81,8 @@ class WriteStageConfig:
 
 @dataclass
 class StagesConfig:
-    decode: StageConfig = nested(StageConfig, "decode + sample + resize (+ hash in pass 1, + optical flow in pass 2) (CPU)")
+    hash: HashStageConfig = nested(HashStageConfig, "pass 1: decode + sample + resize + hashes (CPU)")
+    decode: StageConfig = nested(StageConfig, "pass 2: decode + sample + resize + optical flow (CPU)")
     encode: StageConfig = nested(StageConfig, "frozen encoder actor pool (VAE, SD CLIP text, T5, CLIP)")
     write: WriteStageConfig = nested(WriteStageConfig, "Parquet shard writers")
 

@@ -141,7 +141,7 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
     gp = global_plan.plan(records, output=cfg.output, s3_endpoint=cfg.s3_endpoint, profile=profile,
                           partition_rows=cfg.plan_partition_rows, threshold=cfg.dedup_threshold,
                           bands=cfg.dedup_bands, hash_fn=hash_fn or stages.hash_and_cache,
-                          hash_stage=_stage_kwargs(dec))
+                          hash_stage=_stage_kwargs(cfg.stages.hash))
     t_pass1 = time.perf_counter() - t_pass1
     counts = gp.counts
 

@@ -108,24 +108,28 @@ def _video_rows(src: str | bytes, rec: dict, base: dict, profile: dict) -> list[
     starts = [k * span for k in range(profile["clips_per_video"]) if (k + 1) * span <= info.num_frames]
     rows = []
     for start in starts:
-        clip = read_video(src, profile["num_frames"], start_frame=start, size=profile["size"], **_sampling(profile))
+        clip = hash_clip(src, profile, start, info)
         rows.append(base | {
             "clip_id": schema.make_clip_id(rec["source"], rec["video_id"], start, profile["num_frames"],
                                            profile["tag"]),
             "fps": clip.fps, "source_width": info.width, "source_height": info.height,
-            "start_frame": start, "content_hash": dedup.content_hash(clip.frames),
-            "phash": dedup.perceptual_hash(clip.frames), "phash_center": dedup.center_hash(clip.frames),
+            "start_frame": start, **dedup.clip_hashes(clip.frames),
         })
     return rows
 
 
+def hash_clip(src: str | bytes, profile: dict, start: int, info: Any = None) -> Any:
+    """The clip at ``start`` as pass 1 hashes it: the profile's frames, decoded straight to
+    :data:`fdreamer.data.dedup.HASH_SIDE` (the decoder scales; no frame at the profile's size is made)."""
+    return read_video(src, profile["num_frames"], start_frame=start, size=dedup.HASH_SIDE,
+                      decode_side=dedup.HASH_SIDE, info=info, **_sampling(profile))
+
+
 def _image_rows(src: str | bytes, rec: dict, base: dict, profile: dict) -> list[dict]:
     """Pass 1 of an image record: one 1-frame row (``base`` has its id) with its hashes (raises on a bad image)."""
-    frames, info = read_image(src, profile["size"])  # [1, S, S, 3]
+    frames, info = read_image(src, dedup.HASH_SIDE)  # [1, S, S, 3]
     quarantine.check_size(info, int(profile["min_side"]))
-    return [base | {"source_width": info.width, "source_height": info.height,
-                    "content_hash": dedup.content_hash(frames), "phash": dedup.perceptual_hash(frames),
-                    "phash_center": dedup.center_hash(frames)}]
+    return [base | {"source_width": info.width, "source_height": info.height, **dedup.clip_hashes(frames)}]
 
 
 def hash_videos(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) -> pa.Table:
@@ -175,14 +179,15 @@ LABEL_FIELDS = ("caption", "motion_caption", "split", "motion")
 def record_key(rec: dict, profile: dict) -> str:
     """Key of one manifest record under one sampling profile (the pass-1 cache key).
 
-    The video's identity (``uri``, ``source``, ``video_id``, the manifest's ``width``/``height``) and the
-    sampling profile; not its labels (:data:`LABEL_FIELDS`). ``kind`` enters the key only for images.
+    The video's identity (``uri``, ``source``, ``video_id``, the manifest's ``width``/``height``), the
+    sampling profile and :data:`fdreamer.data.dedup.HASH_VERSION` (hashes of another version are not reused);
+    not its labels (:data:`LABEL_FIELDS`). ``kind`` enters the key only for images.
     An object replaced under the same uri keeps its key: write changed videos under a new uri.
     """
     prof = {k: v for k, v in sorted(profile.items()) if k != "decode_timeout_s"}
     skip = {"record_key", *LABEL_FIELDS} | ({"kind"} if rec.get("kind", "video") == "video" else set())
-    text = json.dumps({"record": {k: rec[k] for k in sorted(rec) if k not in skip}, "profile": prof},
-                      sort_keys=True, default=str)
+    text = json.dumps({"record": {k: rec[k] for k in sorted(rec) if k not in skip}, "profile": prof,
+                       "hash_version": dedup.HASH_VERSION}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()
 
 

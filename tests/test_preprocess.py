@@ -245,7 +245,8 @@ def test_sigkill_at_three_points_then_resume(cluster: str, dataset: dict, tiny_d
     # One-row shards and one clip at a time through every stage, so each kill lands mid-stage (tasks of
     # the dead driver may still finish a few files: those are complete and count as done).
     cmd = _job_cmd(cluster, dataset["inputs"], tiny_dir, out, "--shard_target_bytes=100000",
-                   "--stages.decode.concurrency=1", "--stages.decode.batch_size=1", "--stages.encode.batch_size=1")
+                   "--stages.hash.concurrency=1", "--stages.hash.batch_size=1", "--stages.decode.concurrency=1",
+                   "--stages.decode.batch_size=1", "--stages.encode.batch_size=1")
     hashes, shards = out / "_hashes", out / "shards"
     killed, err = kill_job_when(cmd, lambda _: any(hashes.glob("part-*.parquet")))  # 1. pass 1 under way
     assert killed and "plan stage pass1 done" not in err, err[-3000:]

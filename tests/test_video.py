@@ -207,7 +207,7 @@ def test_read_video_resizes(mp4_24fps: Path) -> None:
 
 
 def test_auto_falls_back_to_pyav(monkeypatch, caplog, mp4_24fps: Path) -> None:
-    def broken(src, indices, name):
+    def broken(src, indices, name, wh=(-1, -1)):
         raise VideoDecodeError(f"{name}: simulated decord failure")
 
     monkeypatch.setattr(video, "_decode_decord", broken)
@@ -333,3 +333,15 @@ def test_ffprobe_accepts_stream(mp4_24fps: Path) -> None:
     assert stream["pix_fmt"] == "yuv420p"
     assert (stream["width"], stream["height"]) == (128, 96)
     assert int(stream["nb_frames"]) == 24
+
+
+def test_decode_side_scales_in_the_decoder_with_both_backends(mp4_24fps: Path) -> None:
+    """``decode_side``: frames come out of the decoder with that shorter side (aspect kept), close to
+    decoding at full size and resizing (what pass 1 hashes, at ``dedup.HASH_SIDE``)."""
+    a = read_video(mp4_24fps, 4, decode_side=48, backend="decord").frames
+    b = read_video(mp4_24fps, 4, decode_side=48, backend="pyav").frames
+    assert a.shape == b.shape == (4, 48, 64, 3)  # 128x96 -> 64x48
+    full = read_video(mp4_24fps, 4, size=(48, 64)).frames  # full-size decode, cv2 area resize
+    assert np.abs(a.astype(int) - full).mean() < 6 and np.abs(b.astype(int) - full).mean() < 6
+    same = read_video(mp4_24fps, 4, decode_side=200).frames  # never upscaled by the decoder
+    assert same.shape == (4, 96, 128, 3)

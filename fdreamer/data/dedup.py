@@ -132,6 +132,15 @@ def center_hash(frames: np.ndarray, k: int = PHASH_FRAMES, border: float = CROP_
     return perceptual_hash(np.ascontiguousarray(frames[:, y:h - y, x:w - x]), k)
 
 
+HASH_SIDE = 64  # pass 1 decodes each clip at this square side (shorter side scaled in the decoder, centre crop)
+HASH_VERSION = 2  # enters the pass-1 cache key: 2 = hashed from HASH_SIDE frames (1: from the profile's size)
+
+
+def clip_hashes(frames: np.ndarray) -> dict[str, Any]:
+    """The three hashes of a clip's ``HASH_SIDE`` frames: ``content_hash``, ``phash``, ``phash_center``."""
+    return {"content_hash": content_hash(frames), "phash": perceptual_hash(frames), "phash_center": center_hash(frames)}
+
+
 def variants(row: Mapping[str, Any]) -> list[bytes]:
     """The hashes a row enters the near-duplicate search with: its full ``phash`` and, when it has one, its
     ``phash_center``."""

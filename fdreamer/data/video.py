@@ -225,14 +225,23 @@ def resize_center_crop(frames: np.ndarray, size: int | tuple[int, int]) -> np.nd
 # ----------------------------------------------------------------------------------------- decoding
 
 
-def _decode_decord(src: VideoSource, indices: list[int], name: str) -> np.ndarray:
-    """Decode ``indices`` with decord; raises VideoDecodeError (or ImportError if not installed)."""
+def _scaled_size(info: VideoInfo, side: int | None) -> tuple[int, int]:
+    """(width, height) with the shorter side ``side`` (even, aspect kept), or (-1, -1): the source's."""
+    if not side or min(info.width, info.height) <= side:
+        return -1, -1
+    scale = side / min(info.width, info.height)
+    return max(side, 2 * round(info.width * scale / 2)), max(side, 2 * round(info.height * scale / 2))
+
+
+def _decode_decord(src: VideoSource, indices: list[int], name: str, wh: tuple[int, int] = (-1, -1)) -> np.ndarray:
+    """Decode ``indices`` with decord (scaled to ``wh`` in the decoder when given); raises VideoDecodeError
+    (or ImportError if not installed)."""
     import decord
 
     in_memory = isinstance(src, (bytes, bytearray, memoryview))
     data = io.BytesIO(bytes(src)) if in_memory else os.fspath(src)
     try:
-        reader = decord.VideoReader(data, ctx=decord.cpu(0))
+        reader = decord.VideoReader(data, ctx=decord.cpu(0), width=wh[0], height=wh[1])
         available = len(reader)
         if indices[-1] >= available:
             raise VideoDecodeError(
@@ -246,8 +255,9 @@ def _decode_decord(src: VideoSource, indices: list[int], name: str) -> np.ndarra
     return frames
 
 
-def _decode_pyav(src: VideoSource, indices: list[int], name: str) -> np.ndarray:
-    """Decode ``indices`` with PyAV by decoding in order up to the last needed frame."""
+def _decode_pyav(src: VideoSource, indices: list[int], name: str, wh: tuple[int, int] = (-1, -1)) -> np.ndarray:
+    """Decode ``indices`` with PyAV by decoding in order up to the last needed frame (scaled to ``wh`` when given)."""
+    scale = {"width": wh[0], "height": wh[1]} if wh[0] > 0 else {}
     wanted = set(indices)
     last = max(indices)
     picked: dict[int, np.ndarray] = {}
@@ -257,7 +267,7 @@ def _decode_pyav(src: VideoSource, indices: list[int], name: str) -> np.ndarray:
             stream = container.streams.video[0]
             for frame in container.decode(stream):
                 if decoded in wanted:
-                    picked[decoded] = frame.to_ndarray(format="rgb24")  # [H, W, 3]
+                    picked[decoded] = frame.to_ndarray(format="rgb24", **scale)  # [H, W, 3]
                 decoded += 1
                 if decoded > last:
                     break
@@ -279,16 +289,22 @@ def read_video(
     start_frame: int = 0,
     size: int | tuple[int, int] | None = None,
     backend: Backend = "auto",
+    decode_side: int | None = None,
+    info: VideoInfo | None = None,
 ) -> VideoClip:
     """Decode ``num_frames`` frames of ``src`` (path or mp4 bytes), sampled by sample_frame_indices.
 
-    ``size`` (int or (h, w)) resizes and centre-crops the result. ``backend="auto"`` uses decord and
-    falls back to PyAV when decord is missing or fails; both give the same frames.
+    ``size`` (int or (h, w)) resizes and centre-crops the result. ``decode_side``: the decoder scales each
+    frame so its shorter side is this many pixels (no full-size RGB frame is made; for hashing at a small
+    size), before ``size``'s crop. ``info``: the source's :func:`probe_video`, when the caller has it.
+    ``backend="auto"`` uses decord and falls back to PyAV when decord is missing or fails; both give the
+    same frames.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     name = _describe(src)
-    info = probe_video(src)
+    info = info or probe_video(src)
+    wh = _scaled_size(info, decode_side)
     try:
         indices = sample_frame_indices(
             info.num_frames, info.fps, num_frames, fps=fps, stride=stride, start_frame=start_frame
@@ -297,15 +313,15 @@ def read_video(
         raise VideoDecodeError(f"{name}: {exc}") from exc
 
     if backend == "pyav":
-        frames = _decode_pyav(src, indices, name)
+        frames = _decode_pyav(src, indices, name, wh)
     elif backend == "decord":
-        frames = _decode_decord(src, indices, name)
+        frames = _decode_decord(src, indices, name, wh)
     else:
         try:
-            frames = _decode_decord(src, indices, name)
+            frames = _decode_decord(src, indices, name, wh)
         except (ImportError, VideoDecodeError) as exc:
             logger.debug("decord failed on %s (%s); falling back to PyAV", name, exc)
-            frames = _decode_pyav(src, indices, name)
+            frames = _decode_pyav(src, indices, name, wh)
 
     if size is not None:
         frames = resize_center_crop(frames, size)

@@ -100,14 +100,15 @@ class PeakRSS:
 
 
 # -------------------------------------------------------------------------------------------- runs
-def _config(manifest: Path, models: Path, out: Path, num_cpus: int, encoders: int = 1) -> object:
+def _config(manifest: Path, models: Path, out: Path, num_cpus: int, encoders: int = 1,
+            overrides: tuple[str, ...] = ()) -> object:
     from fdreamer.config import load_config
     from pipelines.config import PreprocessConfig
 
     return load_config(PreprocessConfig, REPO / "pipelines/configs/tiny.yaml", [
         f"--inputs=[{manifest}]", f"--output={out}", f"--models_dir={models}",
-        f"--stages.decode.concurrency={num_cpus}", "--stages.decode.num_cpus=0.5",
-        "--stages.encode.num_cpus=0.5", f"--stages.encode.concurrency={encoders}",
+        f"--stages.hash.concurrency={num_cpus}", f"--stages.decode.concurrency={num_cpus}", "--stages.decode.num_cpus=0.5",
+        "--stages.encode.num_cpus=0.5", f"--stages.encode.concurrency={encoders}", *overrides,
     ])
 
 
@@ -161,25 +162,32 @@ def ray_run(cfg: object, num_cpus: int, measure_rss: bool = False) -> dict:
     return out
 
 
-def marginal(root: Path, sizes: list[int], models: Path, encoders: int = 1) -> dict:
+def marginal(root: Path, sizes: list[int], models: Path, encoders: int = 1, overrides: tuple[str, ...] = ()) -> dict:
     """Marginal throughput, clips/s between two sizes (start-up and model loading cancel): the plain loop and
     the Ray job at 2 CPUs, each run at both sizes on the first ``n`` sample clips."""
     lines = (root / "sample" / "manifest.jsonl").read_text().splitlines()
     runs: dict[str, dict[int, dict]] = {"plain": {}, "ray2": {}}
+    warm = root / "manifest-warmup.jsonl"  # the loop's first call pays imports and first-use costs: not per clip
+    warm.write_text("".join(line + "\n" for line in lines[:16]))
+    plain_loop(_config(warm, models, root / "out-mplain-warmup", 1))
     for n in sizes:
         manifest = root / f"manifest-m{n}.jsonl"
         manifest.write_text("".join(line + "\n" for line in lines[:n]))
         runs["plain"][n] = plain_loop(_config(manifest, models, root / f"out-mplain-{n}", 1))
-        runs["ray2"][n] = ray_run(_config(manifest, models, root / f"out-mray2-{n}", 2, encoders), 2)
+        runs["ray2"][n] = ray_run(_config(manifest, models, root / f"out-mray2-{n}", 2, encoders, overrides), 2)
     small, large = sizes
     out: dict = {"bench": "preprocess_marginal", "profile": "tiny", "sizes": sizes, "cpu_count": os.cpu_count(),
-                 "ray2_encoder_actors": encoders}
+                 "ray2_encoder_actors": encoders, "ray2_overrides": list(overrides)}
     for name, by_size in runs.items():
         a, b = by_size[small], by_size[large]
         out[f"{name}_seconds"] = [round(a["seconds"], 1), round(b["seconds"], 1)]
         out[f"{name}_written"] = [a["written"], b["written"]]
         out[f"{name}_marginal_clips_per_s"] = round((b["written"] - a["written"]) / max(b["seconds"] - a["seconds"], 1e-9), 2)
     out["ray2_over_plain_marginal"] = round(out["ray2_marginal_clips_per_s"] / out["plain_marginal_clips_per_s"], 3)
+    big = runs["ray2"][large]["summary"]  # where the Ray run's time goes at the larger size
+    out["ray2_large"] = {"pass1_s": big["pass1_s"], "pass2_s": big["pass2_s"], "seconds": big["seconds"],
+                         "worker_ms_per_clip": {k: round(1000 * v["worker_s"] / max(big["written"], 1), 1)
+                                                for k, v in big["stages"].items()}}
     return out
 
 
@@ -190,6 +198,8 @@ def main() -> int:
                    help="only the marginal throughput between N1 and N2 clips (plain loop vs Ray at 2 CPUs)")
     p.add_argument("--rss-clips", type=int, nargs=2, default=[100, 400], help="two sizes for peak memory")
     p.add_argument("--encoders", type=int, default=1, help="encoder actors of the Ray run of --marginal")
+    p.add_argument("--ray-set", action="append", default=[], metavar="--KEY=VALUE",
+                   help="a config override of the Ray run of --marginal, repeatable (--ray-set=--stages.encode.num_cpus=1)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--quick", action="store_true", help="16 clips; memory at 16 vs 64")
     args = p.parse_args()
@@ -210,7 +220,8 @@ def main() -> int:
             warnings.simplefilter("ignore")
             make_tiny_models(root / "models", seed=0)
         if args.marginal:
-            print(json.dumps(marginal(root, sorted(args.marginal), root / "models", args.encoders)))
+            print(json.dumps(marginal(root, sorted(args.marginal), root / "models", args.encoders,
+                                      tuple(args.ray_set))))
             return 0
         lines = (root / "sample" / "manifest.jsonl").read_text().splitlines()
         manifests = {}
