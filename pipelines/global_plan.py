@@ -39,6 +39,7 @@ from pipelines import shuffle, stages
 from pipelines.plan import DUPLICATES_SCHEMA
 
 ROW_BITS = 40  # row_order = manifest index << ROW_BITS | row within the manifest
+NEAR_SPLIT = 4  # the near-duplicate stage's band rows go to this many times the plan's partitions
 
 
 # ------------------------------------------------------------------------------------------ manifests
@@ -216,8 +217,8 @@ def _hash_tally(batch: pa.Table) -> dict[str, int]:
             "hash_us": int(1e6 * float(pc.sum(batch.column("sec_hash")).as_py() or 0.0))}
 
 
-def _apply_near(batch: pa.Table, dropped: ray.ObjectRef) -> pa.Table:
-    return ps.apply_near(batch, ray.get(dropped))  # the dropped table is put once, not sent with every task
+def _apply_near(batch: pa.Table, dropped: ray.ObjectRef, threshold: float) -> pa.Table:
+    return ps.apply_near(batch, ray.get(dropped), threshold)  # the dropped table is put once, not sent with every task
 
 
 def _is(column: str, value: str) -> Callable[[pa.Table], pa.Table]:
@@ -318,16 +319,18 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
     exact = sh.read("exact", ps.PLAN_SCHEMA, ps.exact_groups).materialize()  # one block per partition
     sh.drop("exact")
     clock("exact")
+    # ~90 band rows per record (32 clip keys, 60 footage keys on a first clip): more, smaller partitions
     sh.write(exact.map_batches(ps.band_rows, batch_format="pyarrow", fn_kwargs={"bands": bands}),
-             [("near", "band_key")], bundle=False)
+             [("near", "band_key")], bundle=False, partitions=NEAR_SPLIT * parts)
     edge_tables = [t for t in sh.read("near", ps.BAND_SCHEMA, ps.near_edges, threshold=threshold, bands=bands,
                                       max_bucket=max_bucket).iter_batches(batch_format="pyarrow", batch_size=None)
                    if t.num_rows]
     edges = pa.concat_tables(edge_tables) if edge_tables else ps.EDGE_SCHEMA.empty_table()
     sh.drop()
     clock("near")
-    dropped, dedup_stats = ps.resolve_near(edges)
-    final = exact.map_batches(_apply_near, batch_format="pyarrow", fn_kwargs={"dropped": ray.put(dropped)}).materialize()
+    dropped, dedup_stats = ps.resolve_near(edges, threshold)
+    final = exact.map_batches(_apply_near, batch_format="pyarrow",
+                              fn_kwargs={"dropped": ray.put(dropped), "threshold": threshold}).materialize()
     tally = shuffle.sum_counts(final.map_batches(_tally, batch_size=None, batch_format="pyarrow"))
     clock("apply_near")
     counts = {

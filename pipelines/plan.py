@@ -63,7 +63,7 @@ def plan_pass2(rows: list[dict], done: set[str], threshold: float = dedup.DEFAUL
             keep, kind, dist = dropped[cid]
             plan.duplicates.append(_duplicate(r, keep, kind, dist))
         else:
-            plan.todo.append({k: v for k, v in r.items() if k not in ("phash", "phash_center")} | {"captions": captions[cid]})
+            plan.todo.append({k: v for k, v in r.items() if k not in ("phash", "phash_center", "footage")} | {"captions": captions[cid]})
     return plan
 
 

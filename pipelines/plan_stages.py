@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fdreamer.data import dedup
+from fdreamer.data import dedup, footage
 from pipelines.stages import HASH_SCHEMA, LABEL_FIELDS, OK, QUARANTINED, TRANSIENT_REASONS
 
 RECORD, DONE = "record", "done"  # status of rows that are not pass-1 results: a manifest record, a clip in a shard
@@ -58,10 +58,11 @@ EDGE_SCHEMA = pa.schema(
         ("source_height", pa.int32()), ("source", pa.string()))]
     + [pa.field("distance", pa.float64()), pa.field("band_buckets", pa.int64()), pa.field("pairs_checked", pa.int64()),
        pa.field("oversized_buckets", pa.int64()), pa.field("oversized_bucket_members", pa.int64())])
-BAND_COLUMNS = ("clip_id", "phash", "phash_center", "source_width", "source_height", "source")
+NODE_COLUMNS = ("clip_id", "phash", "phash_center", "source_width", "source_height", "source")  # per edge end
+BAND_COLUMNS = (*NODE_COLUMNS, "footage")
 BAND_SCHEMA = pa.schema([*(PLAN_SCHEMA.field(c) for c in BAND_COLUMNS), pa.field("band_key", pa.int64())])
 DROPPED_SCHEMA = pa.schema([("clip_id", pa.string()), ("kept_clip_id", pa.string()), ("distance", pa.float64()),
-                            ("kept_phash", pa.binary()), ("kept_phash_center", pa.binary())])
+                            ("kind", pa.string()), ("kept_phash", pa.binary()), ("kept_phash_center", pa.binary())])
 STAT_NAMES = ("band_buckets", "pairs_checked", "oversized_buckets", "oversized_bucket_members")
 
 
@@ -185,9 +186,10 @@ def exact_groups(table: pa.Table) -> pa.Table:
 
 
 def band_rows(table: pa.Table, bands: int = dedup.DEFAULT_BANDS) -> pa.Table:
-    """Kept PLAN rows -> one row per (row, distinct band key of its full and centre hashes): ``band_key`` and
-    the columns the near check needs (a row without a centre hash: its full hash's keys only)."""
-    keep = table.filter(pc.equal(table.column("role"), KEEP)).select(list(BAND_COLUMNS))
+    """Kept PLAN rows -> one row per (row, distinct band key of its full and centre hashes), without the footage
+    hash, plus one row per footage key (:func:`fdreamer.data.footage.footage_keys`) of rows that have one, with it:
+    ``band_key`` and the columns the near check needs (a row without a centre hash: its full hash's keys only)."""
+    keep = _conform(table.filter(pc.equal(table.column("role"), KEEP)), pa.schema(list(BAND_SCHEMA)[:-1]))
     full = keep.column("phash").to_pylist()
     keys = dedup.band_values(full, bands)  # [N, bands]
     centers = keep.column("phash_center").to_pylist()
@@ -198,8 +200,18 @@ def band_rows(table: pa.Table, bands: int = dedup.DEFAULT_BANDS) -> pa.Table:
     both = np.sort(np.concatenate([keys, ckeys], axis=1), axis=1)  # [N, 2 * bands]
     valid = (both >= 0) & np.concatenate([np.ones((len(both), 1), bool), both[:, 1:] != both[:, :-1]], axis=1)
     row, col = np.nonzero(valid)  # each row once per distinct key
-    rows = keep.take(pa.array(row))
-    return rows.append_column("band_key", pa.array(both[row, col], pa.int64()))
+    clip_rows = keep.take(pa.array(row))
+    clip_rows = clip_rows.set_column(clip_rows.schema.get_field_index("footage"), "footage",
+                                     pa.nulls(clip_rows.num_rows, pa.binary()))  # not needed in those buckets
+    f_row, f_key = [], []
+    for n, f in enumerate(keep.column("footage").to_pylist()):
+        for key in footage.footage_keys(f):
+            f_row.append(n)
+            f_key.append(key)
+    return pa.concat_tables([
+        clip_rows.append_column("band_key", pa.array(both[row, col], pa.int64())),
+        keep.take(pa.array(f_row, pa.int64())).append_column("band_key", pa.array(f_key, pa.int64())),
+    ])
 
 
 def near_edges(table: pa.Table, threshold: float = dedup.DEFAULT_THRESHOLD, bands: int = dedup.DEFAULT_BANDS,
@@ -214,29 +226,48 @@ def near_edges(table: pa.Table, threshold: float = dedup.DEFAULT_THRESHOLD, band
         ends = np.r_[starts[1:], len(keys)]
         phash = table.column("phash").to_pylist()
         center = table.column("phash_center").to_pylist()
-        cols = {c: table.column(c).to_pylist() for c in BAND_COLUMNS if c not in ("phash", "phash_center")}
+        fhash = table.column("footage").to_pylist()
+        cols = {c: table.column(c).to_pylist() for c in NODE_COLUMNS if c not in ("phash", "phash_center")}
+        ids = cols["clip_id"]
+
+        def emit(i: int, j: int, d: float) -> None:
+            for side, k in (("a", i), ("b", j)):
+                out[f"{side}_phash"].append(phash[k])
+                out[f"{side}_phash_center"].append(center[k])
+                for c, values in cols.items():
+                    out[f"{side}_{c}"].append(values[k])
+            out["distance"].append(d)
+            for name in STAT_NAMES:
+                out[name].append(0)
+
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             if e - s < 2:
                 continue
+            key = int(keys[s])
+            is_footage = bool(key & footage.FOOTAGE_KEY)
+            cap = max(2, min(max_bucket, footage.FOOTAGE_MAX_BUCKET)) if is_footage else max_bucket
             stats["band_buckets"] += 1
-            if e - s > max_bucket:
+            if e - s > cap:
                 stats["oversized_buckets"] += 1
                 stats["oversized_bucket_members"] += e - s
-            ii, jj, dist, checked = dedup.bucket_near_pairs(phash[s:e], threshold, max_bucket, cols["clip_id"][s:e],
-                                                            center[s:e])
+            if is_footage:  # the same footage (a trimmed copy): reported here unless a clip bucket reports it
+                pairs, checked = footage.footage_pairs(fhash[s:e], threshold, max_bucket, ids[s:e])
+                stats["pairs_checked"] += checked
+                for i, j in ((a + s, b + s) for a, b in pairs):
+                    vi, vj = _variants(phash[i], center[i]), _variants(phash[j], center[j])
+                    d = dedup.variant_distance(vi, vj)
+                    if d <= threshold and dedup.first_shared_key(vi, vj, bands) is not None:
+                        continue  # a clip-hash pair: its clip bucket reports it
+                    if min(set(footage.footage_keys(fhash[i])) & set(footage.footage_keys(fhash[j]))) == key:
+                        emit(i, j, d)  # once: by the smallest footage key the pair shares
+                continue
+            ii, jj, dist, checked = dedup.bucket_near_pairs(phash[s:e], threshold, max_bucket, ids[s:e], center[s:e])
             stats["pairs_checked"] += checked
             for i, j, d in zip((ii + s).tolist(), (jj + s).tolist(), dist.tolist(), strict=True):
                 if dedup.first_shared_key(_variants(phash[i], center[i]), _variants(phash[j], center[j]),
-                                          bands) != int(keys[s]):
+                                          bands) != key:
                     continue  # reported by the smallest band key the pair shares
-                for side, k in (("a", i), ("b", j)):
-                    out[f"{side}_phash"].append(phash[k])
-                    out[f"{side}_phash_center"].append(center[k])
-                    for c, values in cols.items():
-                        out[f"{side}_{c}"].append(values[k])
-                out["distance"].append(d)
-                for name in STAT_NAMES:
-                    out[name].append(0)
+                emit(i, j, d)
     for f in EDGE_SCHEMA:  # the counts row: no pair
         out[f.name].append(stats[f.name] if f.name in stats else None)
     return pa.Table.from_pydict(out, schema=EDGE_SCHEMA)
@@ -246,7 +277,7 @@ def _variants(phash: bytes, center: bytes | None) -> list[bytes]:
     return dedup.variants({"phash": phash, "phash_center": center})
 
 
-def resolve_near(edges: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+def resolve_near(edges: pa.Table, threshold: float = dedup.DEFAULT_THRESHOLD) -> tuple[pa.Table, dict[str, int]]:
     """(``DROPPED_SCHEMA`` rows: each dropped clip id, the kept one, their distance and the kept hashes; summed
     counts) from all EDGE rows.
 
@@ -258,7 +289,7 @@ def resolve_near(edges: pa.Table) -> tuple[pa.Table, dict[str, int]]:
     pairs = edges.filter(pc.is_valid(edges.column("a_clip_id")))
     if not pairs.num_rows:
         return DROPPED_SCHEMA.empty_table(), stats
-    ends = pa.concat_tables([pairs.select([f"{side}_{c}" for c in BAND_COLUMNS]).rename_columns(list(BAND_COLUMNS))
+    ends = pa.concat_tables([pairs.select([f"{side}_{c}" for c in NODE_COLUMNS]).rename_columns(list(NODE_COLUMNS))
                              for side in ("a", "b")])
     ids = pc.unique(ends.column("clip_id"))
     nodes = ends.take(pc.index_in(ids, value_set=ends.column("clip_id")))  # first row of each endpoint
@@ -293,13 +324,16 @@ def resolve_near(edges: pa.Table) -> tuple[pa.Table, dict[str, int]]:
                 for m, k in zip(members, keep, strict=True)]
     m_idx, k_idx = pa.array(members, pa.int64()), pa.array(keep, pa.int64())
     return pa.table({"clip_id": nodes.column("clip_id").take(m_idx), "kept_clip_id": nodes.column("clip_id").take(k_idx),
-                     "distance": pa.array(distance, pa.float64()), "kept_phash": nodes.column("phash").take(k_idx),
+                     "distance": pa.array(distance, pa.float64()),
+                     "kind": pa.array([dedup.copy_kind(d, threshold) for d in distance], pa.string()),
+                     "kept_phash": nodes.column("phash").take(k_idx),
                      "kept_phash_center": nodes.column("phash_center").take(k_idx)}, schema=DROPPED_SCHEMA), stats
 
 
-def apply_near(table: pa.Table, dropped: pa.Table) -> pa.Table:
-    """PLAN rows -> kept rows in ``dropped`` (:func:`resolve_near`) become ``near`` duplicates; their exact
-    copies follow them to the component's kept copy (distance: their own hashes to the kept copy's)."""
+def apply_near(table: pa.Table, dropped: pa.Table, threshold: float = dedup.DEFAULT_THRESHOLD) -> pa.Table:
+    """PLAN rows -> kept rows in ``dropped`` (:func:`resolve_near`) become ``near`` or ``footage`` duplicates;
+    their exact copies follow them to the component's kept copy (distance: their own hashes to the kept copy's,
+    kind by :func:`fdreamer.data.dedup.copy_kind`)."""
     if not dropped.num_rows or not table.num_rows:
         return table
     table = _conform(table, PLAN_SCHEMA)
@@ -316,6 +350,7 @@ def apply_near(table: pa.Table, dropped: pa.Table) -> pa.Table:
     near_distance = dropped.column("distance").take(at).to_numpy(zero_copy_only=False)
     distance = np.where(is_near.to_numpy(zero_copy_only=False), near_distance, distance)
     via_rows = via.to_numpy(zero_copy_only=False)
+    kinds = pc.if_else(is_near, dropped.column("kind").take(at), table.column("dup_kind")).to_pylist()
     for r in follow_rows.tolist():  # an exact copy of a dropped row: its own distance to the kept copy
         d = int(via_rows[r])
         kept_hashes = dedup.variants({"phash": dropped.column("kept_phash")[d].as_py(),
@@ -323,12 +358,13 @@ def apply_near(table: pa.Table, dropped: pa.Table) -> pa.Table:
         own = dedup.variants({"phash": table.column("phash")[r].as_py(),
                               "phash_center": table.column("phash_center")[r].as_py()})
         distance[r] = dedup.variant_distance(own, kept_hashes)
+        kinds[r] = dedup.copy_kind(distance[r], threshold)
     changed = pc.or_(is_near, follows)
     columns = {
         "role": pc.if_else(is_near, DUP, role),
         "kept_clip_id": pc.if_else(is_near, kept_of.take(at), pc.if_else(follows, kept_of.take(via),
                                                                           table.column("kept_clip_id"))),
-        "dup_kind": pc.if_else(changed, "near", table.column("dup_kind")),
+        "dup_kind": pa.array(kinds, pa.string()),
         "distance": pa.array(distance, pa.float64(), mask=pc.invert(pc.or_(changed, pc.is_valid(
             table.column("distance")))).to_numpy(zero_copy_only=False)),
         "captions": pc.if_else(is_near, pa.scalar(None, pa.list_(pa.string())), table.column("captions")),

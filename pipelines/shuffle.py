@@ -130,21 +130,28 @@ class StorageShuffle:
         self.s3_endpoint = s3_endpoint
         self.partitions = max(1, partitions)
         self.rows_per_task = max(1, rows_per_task)
+        self.stage_partitions: dict[str, int] = {}  # a stage written with other than ``partitions``
 
     def write(self, ds: ray.data.Dataset, targets: list[tuple[str, str]],
-              tally: Callable[[pa.Table], dict[str, int]] | None = None, bundle: bool = True) -> Counter[str]:
+              tally: Callable[[pa.Table], dict[str, int]] | None = None, bundle: bool = True,
+              partitions: int | None = None) -> Counter[str]:
         """Scatter ``ds`` to each ``(stage, key)`` target; returns the summed counts (``rows``, ``files``, tally's).
 
         ``bundle``: map tasks over about ``rows_per_task`` rows (several blocks); else one task per block.
+        ``partitions``: of these stages, when not the plan's (a stage with many rows per record).
         """
+        parts = max(1, partitions or self.partitions)
+        for stage, _ in targets:
+            self.stage_partitions[stage] = parts
         kwargs = {"root": self.root, "s3_endpoint": self.s3_endpoint, "targets": targets,
-                  "partitions": self.partitions, "tally": tally}
+                  "partitions": parts, "tally": tally}
         return sum_counts(ds.map_batches(_scatter, batch_format="pyarrow", fn_kwargs=kwargs,
                                          batch_size=self.rows_per_task if bundle else None))
 
     def read(self, stage: str, schema: pa.Schema, fn: Callable[..., pa.Table], **kwargs: Any) -> ray.data.Dataset:
         """``fn(rows of one partition, **kwargs)`` per partition of ``stage``, one task each (lazy)."""
-        parts = ray.data.from_items([{"part": k} for k in range(self.partitions)], override_num_blocks=self.partitions)
+        n = self.stage_partitions.get(stage, self.partitions)
+        parts = ray.data.from_items([{"part": k} for k in range(n)], override_num_blocks=n)
         return parts.map_batches(_gather, batch_size=1, batch_format="pyarrow", fn_kwargs={
             "root": self.root, "s3_endpoint": self.s3_endpoint, "stage": stage, "schema": schema, "fn": fn,
             "kwargs": kwargs})

@@ -34,14 +34,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from fdreamer.data import dedup, flow, quarantine, schema, storage
+from fdreamer.data import dedup, flow, footage, quarantine, schema, storage
 from pipelines import ledger
 from fdreamer.data.images import read_image
 from fdreamer.data.manifests import read_bytes
 from fdreamer.data.video import (
     VideoDecodeError,
+    decode_frames,
+    footage_indices,
     probe_video,
     read_video,
+    resize_center_crop,
     sample_frame_indices,
 )
 
@@ -95,7 +98,8 @@ def _base_row(rec: dict, profile: dict) -> dict:
         "motion_caption": rec["motion_caption"], "split": rec.get("split") or "", "motion": rec.get("motion") or "",
         "record_key": rec.get("record_key") or "", "sec_hash": 0.0, "fps": 0.0, "source_width": int(rec.get("width") or 0),
         "source_height": int(rec.get("height") or 0), "num_frames": profile["num_frames"], "start_frame": 0,
-        "content_hash": "", "phash": b"", "phash_center": b"", "status": OK, "reason": "", "detail": "",
+        "content_hash": "", "phash": b"", "phash_center": b"", "footage": b"", "status": OK, "reason": "",
+        "detail": "",
     }
 
 
@@ -114,8 +118,20 @@ def _video_rows(src: str | bytes, rec: dict, base: dict, profile: dict) -> list[
                                            profile["tag"]),
             "fps": clip.fps, "source_width": info.width, "source_height": info.height,
             "start_frame": start, **dedup.clip_hashes(clip.frames),
+            # the video's footage hash, on its first clip only (a footage match drops that clip, not the others)
+            "footage": footage_of(src, info) if start == starts[0] else b"",
         })
     return rows
+
+
+def footage_of(src: str | bytes, info: Any) -> bytes:
+    """The video's footage hash (:func:`fdreamer.data.footage.footage_hash`): its frames at
+    ``footage.FOOTAGE_FPS`` from the start, at most ``footage.FOOTAGE_FRAMES``, decoded at ``dedup.HASH_SIDE``."""
+    indices = footage_indices(info, footage.FOOTAGE_FPS, footage.FOOTAGE_FRAMES)
+    if len(indices) < 2:
+        return b""
+    frames = decode_frames(src, indices, decode_side=dedup.HASH_SIDE, info=info)
+    return footage.footage_hash(resize_center_crop(frames, dedup.HASH_SIDE))
 
 
 def hash_clip(src: str | bytes, profile: dict, start: int, info: Any = None) -> Any:
@@ -163,7 +179,7 @@ HASH_SCHEMA = pa.schema([f for f in schema.METADATA_FIELDS
                          if f.name not in ("captions", "motion_score", "t5_length", "schema_version")]
                         + [pa.field("record_key", pa.string()), pa.field("sec_hash", pa.float64()),
                            pa.field("phash", pa.binary()), pa.field("phash_center", pa.binary()),
-                           pa.field("status", pa.string()),
+                           pa.field("footage", pa.binary()), pa.field("status", pa.string()),
                            pa.field("reason", pa.string()), pa.field("detail", pa.string())])
 
 # Quarantine reasons that may change on a rerun (the object may appear, the machine may be less

@@ -2,15 +2,13 @@
 
 8 sample clips (4 s each) and, of each, copies re-encoded as H.264: ~10% of every border cropped and
 rescaled, a watermark (a semi-transparent logo box and a site name), colour grading (gamma, contrast, a warm tint), and
-a copy trimmed by 1 s. Every file is hashed as pass 1 does it (the tiny profile's sampled clip, decoded
-by the product's reader) and the rows go through the partitioned plan's own functions (band rows, bucket
+a copy trimmed by 1 s. Every file is hashed as pass 1 does it (the tiny profile's sampled clip and the
+video's footage hash, decoded by the product's reader) and the rows go through the partitioned plan's own functions (band rows, bucket
 checks, edges, components) and the reference :func:`fdreamer.data.dedup.resolve_duplicates`.
 
-Measured here: cropped, watermarked and graded copies are all found (crops only through the centre hash);
-no two distinct clips merge. A copy trimmed by 1 s shares 2 of the clip's 8 sampled frames with the
-original's clip (the hashes compare frames at the same positions of the clip): 4 of 8 are found, those
-whose content moves slowly enough; the test pins that partial recall (module docstring of
-``fdreamer/data/dedup.py``).
+Measured here: cropped, watermarked, graded and trimmed copies are all found (crops only through the
+centre hash, trims only through the footage hash: a 1-s trim shares 2 of the clip's 8 sampled frames
+with the original's clip, and 4 of 8 are found without it); no two distinct clips merge.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import pyarrow as pa
 import pytest
 
 from fdreamer.data import dedup
-from fdreamer.data.video import write_video
+from fdreamer.data.video import probe_video, write_video
 from fdreamer.toy.sample_data import write_sample_data
 from pipelines import plan_stages as ps
 from pipelines import stages
@@ -75,8 +73,10 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
         for name, edit in (("crop", _crop), ("watermark", _watermark), ("grade", _grade), ("trim", lambda f: f[12:])):
             files[f"{name}{i}"] = write_video(root / f"{name}{i}.mp4", edit(frames), 12.0, crf=23)
         for cid, path in files.items():
-            clip = stages.hash_clip(str(path), PROFILE, 0).frames  # as pass 1 decodes and hashes it
-            out.append({"clip_id": cid, **dedup.clip_hashes(clip), "source_width": 128, "source_height": 96,
+            info = probe_video(path)  # as pass 1 decodes and hashes it: the clip, and the video's footage
+            clip = stages.hash_clip(str(path), PROFILE, 0, info).frames
+            out.append({"clip_id": cid, **dedup.clip_hashes(clip), "footage": stages.footage_of(str(path), info),
+                        "source_width": 128, "source_height": 96,
                         "source": "generic" if cid.startswith("o") else "webvid"})  # originals rank first
     return out
 
@@ -96,16 +96,14 @@ def test_crops_watermarks_and_grades_found_distinct_clips_kept(rows: list[dict])
     got = _partitioned(rows)
     reference = {cid: keep for cid, (keep, _, _) in dedup.resolve_duplicates(rows).items()}
     assert got == reference  # the partitioned plan and the reference agree
-    for copy in ("crop", "watermark", "grade"):
+    for copy in ("crop", "watermark", "grade", "trim"):
         found = [got.get(f"{copy}{i}") == f"o{i}" for i in range(8)]
         assert all(found), (copy, found)  # recall 1.0
     originals = [f"o{i}" for i in range(8)]
     assert not set(got) & set(originals)  # precision: no original dropped for another
     assert all(keep == f"o{cid[-1]}" for cid, keep in got.items())  # each copy kept against its own original
-    # trimmed by 1 s: 4 of 8 found here (those whose shifted frames stay within the threshold); a partial
-    # recall, pinned so that a change in either direction shows up (module docstring)
-    trims = sum(got.get(f"trim{i}") == f"o{i}" for i in range(8))
-    assert 2 <= trims < 8, trims
+    trims = [got.get(f"trim{i}") == f"o{i}" for i in range(8)]
+    assert all(trims), trims  # through the footage hashes
 
 
 def test_crops_need_the_centre_hash(rows: list[dict]) -> None:
@@ -118,3 +116,12 @@ def test_crops_need_the_centre_hash(rows: list[dict]) -> None:
     assert max(centre) <= 7.5 and sum(d > dedup.DEFAULT_THRESHOLD for d in full) >= 4, (full, centre)
     plain = [{**r, "phash_center": None} for r in rows]
     assert sum(f"crop{i}" in _partitioned(plain) for i in range(8)) < 8
+
+
+def test_trims_need_the_footage_hash(rows: list[dict]) -> None:
+    """Without footage hashes only trims whose shifted clip stays within the threshold are found; with them,
+    the dropped trim is reported as a ``footage`` copy when its clip hashes are far from the original's."""
+    plain = [{**r, "footage": None} for r in rows]
+    assert sum(_partitioned(plain).get(f"trim{i}") == f"o{i}" for i in range(8)) < 8
+    kinds = {cid: kind for cid, (_, kind, _) in dedup.resolve_duplicates(rows).items() if cid.startswith("trim")}
+    assert len(kinds) == 8 and "footage" in kinds.values() and set(kinds.values()) <= {"near", "footage"}

@@ -30,12 +30,12 @@ PROFILE = PreprocessConfig().profile.stage_dict()
 
 
 def _rows(n: int) -> list[dict]:
-    """Pass-1 rows of ``n`` synthetic records, plus a repeat of record 3 (another caption), an exact copy
+    """Pass-1 rows of ``n`` synthetic records, plus a repeat of record 4 (another caption), an exact copy
     under id v14 of v2's... and a quarantined record, each with its manifest position."""
     recs = [{"source": "generic", "video_id": f"v{i}", "uri": f"/s/v{i}.mp4", "caption": f"caption {i}",
              "motion_caption": "", "split": "", "motion": "", "width": 320 if i % sd.PERIOD == 2 else 640,
              "height": 180 if i % sd.PERIOD == 2 else 360, "kind": "video"} for i in range(n)]
-    recs.append(dict(recs[3], caption="another caption of 3"))  # the same video listed again
+    recs.append(dict(recs[4], caption="another caption of 4"))  # the same video listed again
     rows = sd.hasher(pa.Table.from_pylist(recs), PROFILE).to_pylist()
     rows.append(dict(rows[5], clip_id="bad", uri="/s/bad.mp4", status="quarantined", reason="corrupt", detail="x"))
     return [dict(r, row_order=i, kind="video") for i, r in enumerate(rows)]
@@ -65,14 +65,14 @@ def test_partition_functions_match_the_reference_plan() -> None:
     want_dups = {(d["clip_id"], d["kept_clip_id"], d["kind"], round(d["distance"], 6)) for d in ref.duplicates}
     got_dups = {(r["clip_id"], r["kept_clip_id"], r["dup_kind"], round(r["distance"], 6)) for r in got
                 if r["role"] == ps.DUP and not (r["done"] and r["dup_kind"] != "same_id")}
-    assert got_dups == want_dups and len(want_dups) == 3 + 4 + 1  # exact (v51 is written: already), near, repeat
+    assert got_dups == want_dups and len(want_dups) == 3 + 4 + 4 + 1  # exact (v51 is written: already), near, footage, repeat
     assert {r["clip_id"] for r in got if r["role"] == ps.KEEP and not r["done"]} == {r["clip_id"] for r in ref.todo}
     assert {r["clip_id"] for r in got if r["done"] and r["dup_kind"] != "same_id"} == {r["clip_id"] for r in ref.already}
     assert [r["uri"] for r in got if r["role"] == ps.QUARANTINE] == ["/s/bad.mp4"]
-    # Captions of the kept rows: the repeat's caption joins record 3's, the exact copy's joins its original's.
+    # Captions of the kept rows: the repeat's caption joins record 4's, the exact copy's joins its original's.
     captions = {r["clip_id"]: r["captions"] for r in got if r["role"] == ps.KEEP and not r["done"]}
     assert captions == {r["clip_id"]: r["captions"] for r in ref.todo}
-    assert captions[sd.clip_id(3, PROFILE)] == ["caption 3", "another caption of 3"]
+    assert captions[sd.clip_id(4, PROFILE)] == ["caption 4", "another caption of 4"]
     assert captions[sd.clip_id(100, PROFILE)] == ["caption 100", "caption 101"]
 
 

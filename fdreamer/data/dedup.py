@@ -19,12 +19,18 @@ Cropped copies (:func:`center_hash`)
     per frame of 64 on the sample clips (most above the threshold), but its full frame is the original's
     central 80%: :func:`center_hash` hashes that region of each clip (the same ``K`` frames), and the
     near-duplicate search also compares one clip's full hash with the other's centre hash (0-4 bits there;
-    ``tests/test_dedup_copies.py``: crops, watermarks and grading all found, no distinct clips merged;
-    a copy trimmed by 1 s is found only when its content moves slowly: 4 of 8, as frames are compared at
-    the same positions of the clip). Cost: up to twice the band rows of the near-duplicate shuffle. Each clip enters the band buckets twice, with its full and its centre hash (the
-    job's ``plan_stages.band_rows``), and a pair's distance is the smallest over the pairings of
-    (full, centre) (:func:`variant_distance`). The centre variant of one clip never pairs with its own full
-    variant. Rows without a centre hash (cached by an older version) enter with their full hash only.
+    ``tests/test_dedup_copies.py``: crops, watermarks and grading all found, no distinct clips merged).
+    Cost: up to twice the band rows of the near-duplicate shuffle. Each clip enters the band buckets twice,
+    with its full and its centre hash (the job's ``plan_stages.band_rows``), and a pair's distance is the
+    smallest over the pairings of (full, centre) (:func:`variant_distance`). The centre variant of one clip
+    never pairs with its own full variant. Rows without a centre hash (cached by an older version) enter with
+    their full hash only.
+
+Trimmed copies (:mod:`fdreamer.data.footage`)
+    A clip's hashes compare frames at the same positions of the clip, so a copy trimmed by 1 s is found only
+    when its content moves slowly; each video's footage hash (its frames at a fixed rate, matched in any
+    order) finds the rest. Such a pair is a duplicate of kind ``footage`` when its clip hashes are further
+    apart than the threshold (:func:`copy_kind`), else ``near``.
 
 Global search without O(N^2) (:func:`band_keys`)
     The hash is cut into ``b`` bands of ``r`` bits (default 16 bands x 16 bits for K = 4). Clips
@@ -133,12 +139,18 @@ def center_hash(frames: np.ndarray, k: int = PHASH_FRAMES, border: float = CROP_
 
 
 HASH_SIDE = 64  # pass 1 decodes each clip at this square side (shorter side scaled in the decoder, centre crop)
-HASH_VERSION = 2  # enters the pass-1 cache key: 2 = hashed from HASH_SIDE frames (1: from the profile's size)
+HASH_VERSION = 3  # enters the pass-1 cache key: 3 = + footage hash; 2 = from HASH_SIDE frames; 1 = the profile's size
 
 
 def clip_hashes(frames: np.ndarray) -> dict[str, Any]:
     """The three hashes of a clip's ``HASH_SIDE`` frames: ``content_hash``, ``phash``, ``phash_center``."""
     return {"content_hash": content_hash(frames), "phash": perceptual_hash(frames), "phash_center": center_hash(frames)}
+
+
+def copy_kind(distance: float, threshold: float = DEFAULT_THRESHOLD) -> str:
+    """``near`` when a dropped copy's clip hashes are within ``threshold`` of the kept one's, else ``footage``
+    (the same footage found through the footage hashes: a trimmed copy, other frames of the clip)."""
+    return "near" if distance <= threshold else "footage"
 
 
 def variants(row: Mapping[str, Any]) -> list[bytes]:
@@ -344,7 +356,7 @@ def resolve_duplicates(
     max_bucket: int = 10_000,
     stats: dict[str, int] | None = None,
 ) -> dict[str, tuple[str, str, float]]:
-    """Map each dropped ``clip_id`` to ``(kept clip_id, "exact"|"near", distance)``.
+    """Map each dropped ``clip_id`` to ``(kept clip_id, "exact"|"near"|"footage", distance)``.
 
     ``rows`` hold ``clip_id, content_hash, phash`` (bytes) and the fields :func:`better_copy` reads.
     Exact groups share ``content_hash``; near groups are connected components of verified band
@@ -353,6 +365,8 @@ def resolve_duplicates(
     ``band_buckets`` (buckets with 2+ members), ``pairs_checked``, ``oversized_buckets`` and
     ``oversized_bucket_members`` (buckets over ``max_bucket``, checked in windows: module docstring).
     """
+    from fdreamer.data.footage import FOOTAGE_MAX_BUCKET, footage_keys, is_footage_copy  # footage imports this module
+
     if max_bucket < 2:
         raise ValueError(f"max_bucket must be >= 2, got {max_bucket}")
     counts = {"band_buckets": 0, "pairs_checked": 0, "oversized_buckets": 0, "oversized_bucket_members": 0}
@@ -374,17 +388,22 @@ def resolve_duplicates(
     for cid, r in by_id.items():  # each clip with its full and its centre hash (a cropped copy's full frame)
         for key in dict.fromkeys(k for h in variants(r) for k in band_keys(h, bands)):
             buckets[key].append(cid)
-    for members in buckets.values():
+        for fkey in footage_keys(r.get("footage")):  # and its video's footage hash (a trimmed copy)
+            buckets[f"f:{fkey}"].append(cid)
+    for bucket, members in buckets.items():
         if len(members) < 2:
             continue
         counts["band_buckets"] += 1
+        footage = bucket.startswith("f:")
+        cap = max(2, min(max_bucket, FOOTAGE_MAX_BUCKET)) if footage else max_bucket
         windows = [members]
-        if len(members) > max_bucket:
+        if len(members) > cap:
             counts["oversized_buckets"] += 1
             counts["oversized_bucket_members"] += len(members)
-            ordered = sorted(members, key=lambda c: (bytes(by_id[c]["phash"]), c))
-            step = max_bucket // 2  # overlapping windows: a pair at distance < max_bucket/2 in the order is seen
-            windows = [ordered[i:i + max_bucket] for i in range(0, len(ordered) - step, step)]
+            field = "footage" if footage else "phash"
+            ordered = sorted(members, key=lambda c: (bytes(by_id[c].get(field) or b""), c))
+            step = cap // 2  # overlapping windows: a pair at distance < cap/2 in the order is seen
+            windows = [ordered[i:i + cap] for i in range(0, len(ordered) - step, step)]
         for window in windows:
             for i, a in enumerate(window):
                 for b in window[i + 1:]:
@@ -392,7 +411,8 @@ def resolve_duplicates(
                         continue
                     counts["pairs_checked"] += 1
                     d = variant_distance(variants(by_id[a]), variants(by_id[b]))
-                    if d <= threshold:
+                    if d <= threshold or (footage and is_footage_copy(by_id[a].get("footage"),
+                                                                      by_id[b].get("footage"), threshold)):
                         uf.union(a, b)
                         kind[frozenset((a, b))] = ("near", d)
     if stats is not None:
@@ -414,7 +434,8 @@ def resolve_duplicates(
             if by_id[m]["content_hash"] == best["content_hash"]:
                 dropped[m] = (keep, "exact", 0.0)
             else:
-                dropped[m] = (keep, "near", variant_distance(variants(by_id[m]), variants(best)))
+                d = variant_distance(variants(by_id[m]), variants(best))
+                dropped[m] = (keep, copy_kind(d, threshold), d)
     return dropped
 
 

@@ -329,6 +329,27 @@ def read_video(
     return VideoClip(frames=frames, fps=float(effective_fps), indices=indices, source=info)
 
 
+def footage_indices(info: VideoInfo, rate: float, limit: int) -> list[int]:
+    """Frame indices at ``rate`` frames per second from the start, at most ``limit`` (within the video)."""
+    if info.fps <= 0 or rate <= 0:
+        return []
+    step = info.fps / rate
+    return [i for i in (int(round(k * step)) for k in range(limit)) if i < info.num_frames]
+
+
+def decode_frames(src: VideoSource, indices: list[int], *, decode_side: int | None = None,
+                  info: VideoInfo | None = None) -> np.ndarray:
+    """Frames ``indices`` (ascending) of ``src`` as uint8 ``[T, H, W, 3]`` (decord, else PyAV), scaled in the
+    decoder to a shorter side of ``decode_side`` when given."""
+    name = _describe(src)
+    wh = _scaled_size(info or probe_video(src), decode_side)
+    try:
+        return _decode_decord(src, indices, name, wh)
+    except (ImportError, VideoDecodeError) as exc:
+        logger.debug("decord failed on %s (%s); falling back to PyAV", name, exc)
+        return _decode_pyav(src, indices, name, wh)
+
+
 # ----------------------------------------------------------------------------------------- encoding
 
 
