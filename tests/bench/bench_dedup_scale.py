@@ -3,7 +3,7 @@
     python tests/bench/bench_dedup_scale.py [--sizes 100000 1000000] [--partition-rows 100000] [--workdir DIR]
 
 For each size N: a synthetic generic CSV manifest of N records with planted exact and near copies
-(``tests/helpers/synthetic_dedup.py``: 2 in 50 records are copies, known ground truth; no video is
+(``tests/helpers/synthetic_dedup.py``: 3 in 50 records are copies (exact, near, trimmed), known ground truth; no video is
 decoded: pass 1's hasher derives the hashes from the id) goes through the job's own code on a local
 two-node cluster (``cluster/local.py``, its own state folder and ports): the manifests read by Ray
 tasks (:func:`pipelines.global_plan.read_records`), pass 1 with its ``_hashes/`` cache
