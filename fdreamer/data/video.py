@@ -317,11 +317,7 @@ def read_video(
     elif backend == "decord":
         frames = _decode_decord(src, indices, name, wh)
     else:
-        try:
-            frames = _decode_decord(src, indices, name, wh)
-        except (ImportError, VideoDecodeError) as exc:
-            logger.debug("decord failed on %s (%s); falling back to PyAV", name, exc)
-            frames = _decode_pyav(src, indices, name, wh)
+        frames = _decode_auto(src, indices, name, wh)
 
     if size is not None:
         frames = resize_center_crop(frames, size)
@@ -341,8 +337,11 @@ def decode_frames(src: VideoSource, indices: list[int], *, decode_side: int | No
                   info: VideoInfo | None = None) -> np.ndarray:
     """Frames ``indices`` (ascending) of ``src`` as uint8 ``[T, H, W, 3]`` (decord, else PyAV), scaled in the
     decoder to a shorter side of ``decode_side`` when given."""
-    name = _describe(src)
-    wh = _scaled_size(info or probe_video(src), decode_side)
+    return _decode_auto(src, indices, _describe(src), _scaled_size(info or probe_video(src), decode_side))
+
+
+def _decode_auto(src: VideoSource, indices: list[int], name: str, wh: tuple[int, int]) -> np.ndarray:
+    """decord, falling back to PyAV when decord is missing or fails (both give the same frames)."""
     try:
         return _decode_decord(src, indices, name, wh)
     except (ImportError, VideoDecodeError) as exc:
