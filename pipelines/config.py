@@ -10,7 +10,10 @@ from typing import Literal
 
 from fdreamer.config import nested, opt
 from fdreamer.data.dedup import PHASH_FRAMES
+from fdreamer.data.fetch import FetchConfig
+from fdreamer.data.shots import ShotConfig
 from fdreamer.data.schema import T5_CAPTION_FIELDS
+from fdreamer.data.splits import DEFAULT_FRACTION
 from fdreamer.encoders import EncoderConfig
 
 
@@ -24,6 +27,11 @@ class ProfileConfig:
     size: int = opt(64, "square output side in pixels (resize shorter side + centre crop)")
     clips_per_video: int = opt(1, "at most this many non-overlapping clips per video")
     min_side: int = opt(48, "sources whose shorter side is below this are quarantined as too_small")
+    shot_threshold: float | None = opt(27.0, "PySceneDetect content-detector threshold for shot cuts, detected at "
+                                             "hash size in pass 1; clips are placed inside shots, never across a "
+                                             "cut (null: no detection, clips at fixed positions)")
+    min_shot_frames: int = opt(15, "shortest shot the detector reports, in source frames (PySceneDetect's "
+                                   "min_scene_len): a flash does not become two cuts")
     decode_timeout_s: float = opt(60.0, "per-video decode time limit in both passes, else quarantined as "
                                         "decode_timeout (0 disables)")
 
@@ -36,6 +44,8 @@ class ProfileConfig:
             raise ValueError("give profile.fps or profile.stride")
         if self.size < 8 or self.clips_per_video < 1:
             raise ValueError(f"size must be >= 8 and clips_per_video >= 1, got {self.size}, {self.clips_per_video}")
+        if self.shot_threshold is not None:
+            ShotConfig(threshold=self.shot_threshold, min_shot_frames=self.min_shot_frames)  # its checks
         if self.decode_timeout_s < 0:
             raise ValueError(f"decode_timeout_s must be >= 0 (0 disables), got {self.decode_timeout_s}")
 
@@ -107,7 +117,14 @@ class PreprocessConfig:
         "caption", "manifest text the t5 column encodes: caption, or motion_caption (rows without one fall "
                    "back to caption, counted in summary.json); CLIP always encodes caption")
     profile: ProfileConfig = nested(ProfileConfig, "clip sampling")
+    fetch: FetchConfig = nested(FetchConfig, "http(s) inputs (WebVid contentUrl, Pexels links, remote tar shards): "
+                                             "timeouts, retries, size cap, per-host limit (fdreamer/data/fetch.py)")
+    fetch_ahead: int = opt(4, "videos each decode task fetches ahead of its decoder (threads), so transfers of "
+                              "remote inputs overlap decoding (0: fetch each video when its decode starts)")
     stages: StagesConfig = nested(StagesConfig, "per-stage resources")
+    heldout_fraction: float = opt(DEFAULT_FRACTION, "records whose manifest gives no split (WebVid, Pexels, video2dataset) get "
+                                        "split 'heldout' for about this fraction of the videos, by a hash of the "
+                                        "video id (fdreamer/data/splits.py), else 'train'")
     dedup_threshold: float = opt(10.0, "near-duplicate threshold: mean Hamming bits per 64-bit frame pHash")
     dedup_bands: int = opt(16, f"LSH bands of the {8 * PHASH_FRAMES}-byte perceptual hash (must divide it)")
     shard_target_bytes: int = opt(256 * 2**20, "target (uncompressed) bytes of one Parquet shard")
@@ -120,6 +137,10 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.t5_caption not in T5_CAPTION_FIELDS:
             raise ValueError(f"t5_caption must be one of {list(T5_CAPTION_FIELDS)}, got {self.t5_caption!r}")
+        if self.fetch_ahead < 0:
+            raise ValueError(f"fetch_ahead must be >= 0, got {self.fetch_ahead}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.dedup_threshold < 0 or self.shard_target_bytes < 1 or self.plan_partition_rows < 1:
             raise ValueError("dedup_threshold must be >= 0, shard_target_bytes and plan_partition_rows >= 1")
         hash_bytes = 8 * PHASH_FRAMES
@@ -127,6 +148,10 @@ class PreprocessConfig:
             allowed = [b for b in range(1, hash_bytes + 1) if hash_bytes % b == 0]
             raise ValueError(f"dedup_bands must divide the {hash_bytes}-byte perceptual hash into equal bands: "
                              f"one of {allowed}, got {self.dedup_bands}")
+
+    def fetch_dict(self) -> dict:
+        """The ``fetch`` argument of the decode stages (:func:`pipelines.stages.fetch_settings`)."""
+        return asdict(self.fetch) | {"ahead": self.fetch_ahead}
 
     def resolved_encoders(self) -> EncoderConfig:
         """``encoders`` with unset paths filled from ``models_dir``."""

@@ -33,7 +33,9 @@ import pyarrow.compute as pc
 import ray
 
 from fdreamer.data import storage
-from fdreamer.data.manifests import ManifestError, read_manifest
+from fdreamer.data.inputs import expand_inputs, read_input
+from fdreamer.data.manifests import ManifestError
+from fdreamer.data.splits import DEFAULT_FRACTION, assign_split
 from pipelines import plan_stages as ps
 from pipelines import shuffle, stages
 from pipelines.plan import DUPLICATES_SCHEMA
@@ -43,12 +45,14 @@ NEAR_SPLIT = 4  # the near-duplicate stage's band rows go to this many times the
 
 
 # ------------------------------------------------------------------------------------------ manifests
-def _record_rows(batch: pa.Table, profile: dict, s3_endpoint: str | None) -> pa.Table:
-    """One manifest per row of ``batch`` (``manifest``, ``index``) -> its records as PASS1 rows (``record``)."""
+def _record_rows(batch: pa.Table, profile: dict, s3_endpoint: str | None, heldout_fraction: float) -> pa.Table:
+    """One manifest per row of ``batch`` (``manifest``, ``index``) -> its records as PASS1 rows (``record``);
+    a record without a split gets one (:func:`fdreamer.data.splits.assign_split`)."""
     out: list[dict] = []
     for item in batch.to_pylist():
-        for n, rec in enumerate(read_manifest(item["manifest"], s3_endpoint)):
+        for n, rec in enumerate(read_input(item["manifest"], s3_endpoint)):
             rec = dict(rec)
+            rec["split"] = assign_split(rec["split"], rec["source"], rec["video_id"], heldout_fraction)
             out.append({
                 "clip_id": "", "source": rec["source"], "video_id": rec["video_id"], "uri": rec["uri"],
                 "caption": rec["caption"], "motion_caption": rec["motion_caption"], "split": rec["split"],
@@ -66,17 +70,20 @@ def _manifest_error(exc: BaseException) -> ManifestError | None:
     return ManifestError(found[-1].strip()) if found else None
 
 
-def read_records(inputs: list[str], profile: dict, s3_endpoint: str | None) -> ray.data.Dataset:
-    """Every manifest record as a PASS1 row, read by one task per manifest (materialized: all checked).
+def read_records(inputs: list[str], profile: dict, s3_endpoint: str | None,
+                 heldout_fraction: float = DEFAULT_FRACTION) -> ray.data.Dataset:
+    """Every manifest record as a PASS1 row, read by one task per input (materialized: all checked). Inputs
+    are manifests, video2dataset shards or folders of them (:mod:`fdreamer.data.inputs`; a folder is listed
+    here and each shard is one input).
 
     Raises :class:`ManifestError` (manifest, line, field) when any record is bad, before any video is read.
     """
-    if not inputs:
-        raise ManifestError("no input manifests given")
+    inputs = expand_inputs(list(inputs), s3_endpoint)
     files = ray.data.from_items([{"manifest": str(u), "index": i} for i, u in enumerate(inputs)],
                                 override_num_blocks=len(inputs))
     ds = files.map_batches(_record_rows, batch_size=1, batch_format="pyarrow",
-                           fn_kwargs={"profile": profile, "s3_endpoint": s3_endpoint})
+                           fn_kwargs={"profile": profile, "s3_endpoint": s3_endpoint,
+                                      "heldout_fraction": heldout_fraction})
     try:
         return ds.materialize()
     except Exception as exc:
@@ -208,6 +215,10 @@ def _tally(batch: pa.Table) -> pa.Table:
         else:
             c[f"quarantined:{q}"] += 1
     c["clips"] = len(status)
+    cuts = batch.column("shot_cuts")  # per video, on its first clip's row (pass 1)
+    c["shot_cuts"] = int(pc.sum(cuts).as_py() or 0)
+    c["shot_videos_cut"] = int(pc.sum(pc.greater(cuts, 0)).as_py() or 0)
+    c["shot_dropped_frames"] = int(pc.sum(batch.column("shot_dropped_frames")).as_py() or 0)
     return shuffle.counts_row(c)
 
 
@@ -335,6 +346,8 @@ def plan(records: ray.data.Dataset, *, output: str, s3_endpoint: str | None, pro
     clock("apply_near")
     counts = {
         "clips": tally.pop("clips", 0), "todo": tally.pop("todo", 0), "already": tally.pop("already", 0),
+        "shots": {"cuts": tally.pop("shot_cuts", 0), "videos_with_cuts": tally.pop("shot_videos_cut", 0),
+                  "dropped_frames": tally.pop("shot_dropped_frames", 0)},
         "duplicates_by_kind": {k.split(":", 1)[1]: n for k, n in sorted(tally.items()) if k.startswith("dup:")},
         "quarantined_by_reason": {k.split(":", 1)[1]: n for k, n in sorted(tally.items())
                                   if k.startswith("quarantined:")},

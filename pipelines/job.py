@@ -131,7 +131,7 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
         fs.delete_file(storage.join(base, "_SUCCESS"))  # a rerun is unfinished until it writes it again
     profile = cfg.profile.stage_dict()
     if records is None:
-        records = global_plan.read_records(cfg.inputs, profile, cfg.s3_endpoint)  # ManifestError before decoding
+        records = global_plan.read_records(cfg.inputs, profile, cfg.s3_endpoint, cfg.heldout_fraction)  # ManifestError before decoding
     dec = cfg.stages.decode
     enc_stage = cfg.stages.encode
     enc_cfg = dataclasses.asdict(cfg.resolved_encoders())
@@ -141,7 +141,7 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
     gp = global_plan.plan(records, output=cfg.output, s3_endpoint=cfg.s3_endpoint, profile=profile,
                           partition_rows=cfg.plan_partition_rows, threshold=cfg.dedup_threshold,
                           bands=cfg.dedup_bands, hash_fn=hash_fn or stages.hash_and_cache,
-                          hash_stage=_stage_kwargs(cfg.stages.hash))
+                          hash_stage=_stage_kwargs(cfg.stages.hash), hash_kwargs={"fetch": cfg.fetch_dict()})
     t_pass1 = time.perf_counter() - t_pass1
     counts = gp.counts
 
@@ -163,7 +163,8 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
         res = (
             todo.map_batches(stages.decode_clips, batch_format="pyarrow",
                              fn_kwargs={"profile": profile, "s3_endpoint": cfg.s3_endpoint,
-                                        "flow_size": (latent, latent)}, **_stage_kwargs(dec))
+                                        "flow_size": (latent, latent), "fetch": cfg.fetch_dict()},
+                             **_stage_kwargs(dec))
             .map_batches(stages.EncodeClips, batch_format="pyarrow",
                          fn_constructor_kwargs={"encoder_cfg": enc_cfg, "t5_caption": cfg.t5_caption},
                          **_stage_kwargs(enc_stage))
@@ -217,7 +218,9 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
         "already_done": counts["already"],
         "duplicates": sum(counts["duplicates_by_kind"].values()),
         "duplicates_by_kind": counts["duplicates_by_kind"],
-        "dedup": counts["dedup"],  # band buckets, pairs checked, oversized buckets (checked in windows) and their members
+        "dedup": counts["dedup"],
+        # shot cuts found in pass 1 (clips never straddle one) and the frames of shots too short for a clip
+        "shots": counts["shots"],  # band buckets, pairs checked, oversized buckets (checked in windows) and their members
         "quarantined": sum(reasons.values()),
         "quarantined_by_reason": dict(sorted(reasons.items())),
         "t5_caption": cfg.t5_caption,
@@ -255,7 +258,7 @@ def summary_metrics(summary: dict) -> dict[str, float]:
             out |= {f"{k.split('_by_')[0]}.{sub}": float(n) for sub, n in v.items()}
         elif k == "bytes_per_clip_by_column":
             out |= {f"bytes_per_clip.{col}": float(n) for col, n in v.items()}
-        elif k in ("dedup", "hash_cache"):
+        elif k in ("dedup", "hash_cache", "shots"):
             out |= {f"{k}.{m}": float(n) for m, n in v.items()}
         elif k == "stages":
             out |= {f"stage.{st}.{m}": float(n) for st, d in v.items() for m, n in d.items()}

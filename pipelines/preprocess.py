@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.connect import init_ray
     from fdreamer.config import ConfigError, parse_cli
     from fdreamer.data import storage
-    from fdreamer.data.manifests import ManifestError, check_header
+    from fdreamer.data.inputs import check_input
+    from fdreamer.data.manifests import ManifestError
     from pipelines.config import PreprocessConfig
     from pipelines.job import OutputMismatchError, run
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.inputs:
             raise ManifestError("no input manifests given")
         for uri in cfg.inputs:  # headers only, before any Ray work: fail fast
-            check_header(uri, cfg.s3_endpoint)
+            check_input(uri, cfg.s3_endpoint)
     except (ConfigError, ManifestError, ValueError) as exc:
         print(f"preprocess: {exc}", file=sys.stderr)
         return 2

@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from fdreamer.data import dedup, flow, footage, quarantine, schema, storage
+from fdreamer.data import dedup, flow, footage, quarantine, schema, shots, storage
 from pipelines import ledger
 from fdreamer.data.images import read_image
-from fdreamer.data.manifests import read_bytes
+from fdreamer.data.fetch import FetchConfig, prefetch
+from fdreamer.data.sources import is_remote, open_source
 from fdreamer.data.video import (
     VideoDecodeError,
     decode_frames,
@@ -71,9 +72,22 @@ def _time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def _source(uri: str, s3_endpoint: str | None) -> str | bytes:
-    """A local path as is; an s3:// object as bytes (read once per video)."""
-    return read_bytes(uri, s3_endpoint) if uri.startswith("s3://") else uri.removeprefix("file://")
+def fetch_settings(fetch: dict | None) -> tuple[FetchConfig, int]:
+    """(the fetch config, videos fetched ahead of the decoder) from the job's ``fetch`` dict
+    (:class:`pipelines.config.PreprocessConfig`'s ``fetch`` fields plus ``ahead``)."""
+    fetch = dict(fetch or {})
+    ahead = int(fetch.pop("ahead", 4))
+    return FetchConfig(**fetch), ahead
+
+
+def _sources(uris: list[str], s3_endpoint: str | None,
+             fetch: dict | None) -> Iterator[tuple[str, str | bytes | BaseException]]:
+    """``(uri, what the decoder reads or the error reading it)`` for each uri in order; remote ones
+    (S3, http(s), members of remote shards) are fetched ``ahead`` videos in advance, in threads, so the
+    transfer of the next videos overlaps the decode of this one (:func:`fdreamer.data.fetch.prefetch`)."""
+    cfg, ahead = fetch_settings(fetch)
+    depth = ahead if any(is_remote(u) for u in uris) else 0
+    yield from prefetch(uris, lambda u: open_source(u, s3_endpoint, cfg), depth)
 
 
 def _sampling(profile: dict) -> dict:
@@ -98,39 +112,73 @@ def _base_row(rec: dict, profile: dict) -> dict:
         "motion_caption": rec["motion_caption"], "split": rec.get("split") or "", "motion": rec.get("motion") or "",
         "record_key": rec.get("record_key") or "", "sec_hash": 0.0, "fps": 0.0, "source_width": int(rec.get("width") or 0),
         "source_height": int(rec.get("height") or 0), "num_frames": profile["num_frames"], "start_frame": 0,
-        "content_hash": "", "phash": b"", "phash_center": b"", "footage": b"", "status": OK, "reason": "",
+        "content_hash": "", "phash": b"", "phash_center": b"", "footage": b"", "shot_cuts": 0,
+        "shot_dropped_frames": 0, "status": OK, "reason": "",
         "detail": "",
     }
 
 
 def _video_rows(src: str | bytes, rec: dict, base: dict, profile: dict) -> list[dict]:
-    """Pass 1 of a video record: one row per sampled clip with its hashes (raises on a bad video)."""
+    """Pass 1 of a video record: one row per sampled clip with its hashes (raises on a bad video).
+
+    Clip positions lie inside shots (:func:`fdreamer.data.shots.clip_starts`; with no cut, or with
+    ``shot_threshold`` null, the fixed positions ``k * span``). Cut detection needs every frame at hash size;
+    a video of at most :data:`HELD_FRAMES` frames is decoded once and its clips and footage hashed from those
+    frames, a longer one is decoded for the cuts and then again per clip (bounded memory).
+    """
     info = probe_video(src)
     quarantine.check_size(info, int(profile["min_side"]))
     first = sample_frame_indices(info.num_frames, info.fps, profile["num_frames"], **_sampling(profile))
     span = first[-1] + 1
-    starts = [k * span for k in range(profile["clips_per_video"]) if (k + 1) * span <= info.num_frames]
+    held = None  # [N, h, w, 3] every frame at hash size, when cut detection decoded and kept them
+    cuts: list[int] = []
+    if profile.get("shot_threshold"):
+        cfg = shots.ShotConfig(threshold=float(profile["shot_threshold"]),
+                               min_shot_frames=int(profile.get("min_shot_frames", 15)))
+        if info.num_frames <= HELD_FRAMES:
+            held = decode_frames(src, list(range(info.num_frames)), decode_side=dedup.HASH_SIDE, info=info)
+            cuts = shots.detect_cuts(held, info.fps, cfg)
+        else:
+            cuts = shots.video_cuts(src, info, cfg, side=dedup.HASH_SIDE)
+    starts, stats = shots.clip_starts(info.num_frames, cuts, span, int(profile["clips_per_video"]))
+    if not starts:
+        raise VideoDecodeError(f"clip too short: no shot of the video holds a {span}-frame clip "
+                               f"({info.num_frames} frames, cuts at {cuts})")
     rows = []
-    for start in starts:
-        clip = hash_clip(src, profile, start, info)
+    for k, start in enumerate(starts):
+        if held is not None:
+            indices = sample_frame_indices(info.num_frames, info.fps, profile["num_frames"], start_frame=start,
+                                           **_sampling(profile))
+            frames = resize_center_crop(held[indices], dedup.HASH_SIDE)
+            fps = float(profile["fps"]) if profile.get("fps") is not None else info.fps / int(profile["stride"])
+        else:
+            clip = hash_clip(src, profile, start, info)
+            frames, fps = clip.frames, clip.fps
         rows.append(base | {
             "clip_id": schema.make_clip_id(rec["source"], rec["video_id"], start, profile["num_frames"],
                                            profile["tag"]),
-            "fps": clip.fps, "source_width": info.width, "source_height": info.height,
-            "start_frame": start, **dedup.clip_hashes(clip.frames),
+            "fps": fps, "source_width": info.width, "source_height": info.height,
+            "start_frame": start, **dedup.clip_hashes(frames),
             # the video's footage hash, on its first clip only (a footage match drops that clip, not the others)
-            "footage": footage_of(src, info) if start == starts[0] else b"",
+            "footage": footage_of(src, info, held) if k == 0 else b"",
+            # the video's shot counts, on its first clip only (summed into summary.json's shots)
+            "shot_cuts": stats.cuts if k == 0 else 0, "shot_dropped_frames": stats.dropped_frames if k == 0 else 0,
         })
     return rows
 
 
-def footage_of(src: str | bytes, info: Any) -> bytes:
+HELD_FRAMES = 3600  # ~79 MB of 16:9 frames at hash size (2 min at 30 fps): decoded once in pass 1 when shorter
+
+
+def footage_of(src: str | bytes, info: Any, held: np.ndarray | None = None) -> bytes:
     """The video's footage hash (:func:`fdreamer.data.footage.footage_hash`): its frames at
-    ``footage.FOOTAGE_FPS`` from the start, at most ``footage.FOOTAGE_FRAMES``, decoded at ``dedup.HASH_SIDE``."""
+    ``footage.FOOTAGE_FPS`` from the start, at most ``footage.FOOTAGE_FRAMES``, decoded at ``dedup.HASH_SIDE``
+    (taken from ``held``, every frame at that size, when pass 1 has them)."""
     indices = footage_indices(info, footage.FOOTAGE_FPS, footage.FOOTAGE_FRAMES)
     if len(indices) < 2:
         return b""
-    frames = decode_frames(src, indices, decode_side=dedup.HASH_SIDE, info=info)
+    frames = held[indices] if held is not None else decode_frames(src, indices, decode_side=dedup.HASH_SIDE,
+                                                                    info=info)
     return footage.footage_hash(resize_center_crop(frames, dedup.HASH_SIDE))
 
 
@@ -148,21 +196,24 @@ def _image_rows(src: str | bytes, rec: dict, base: dict, profile: dict) -> list[
     return [base | {"source_width": info.width, "source_height": info.height, **dedup.clip_hashes(frames)}]
 
 
-def hash_videos(batch: pa.Table, profile: dict, s3_endpoint: str | None = None) -> pa.Table:
+def hash_videos(batch: pa.Table, profile: dict, s3_endpoint: str | None = None, fetch: dict | None = None) -> pa.Table:
     """Manifest records -> one row per sampled clip with its hashes, or one quarantine row per video.
 
     Output columns: :data:`HASH_SCHEMA` (the metadata of the schema plus ``record_key`` of the
-    manifest record, ``sec_hash`` (seconds spent on the video, split over its clips), ``phash``
-    (bytes), ``status``, ``reason``, ``detail``). No frames leave this stage: the table stays small.
-    Image records give one 1-frame row (module docstring).
+    manifest record, ``sec_hash`` (seconds spent on the video, split over its clips; a fetch overlapped
+    with the previous decode is not counted), ``phash`` (bytes), ``status``, ``reason``, ``detail``). No
+    frames leave this stage: the table stays small. Image records give one 1-frame row (module docstring).
+    A failed fetch is a quarantine row with the fetch's reason (``http_404``, ``timeout``, ...).
     """
     out: list[dict] = []
-    for rec in batch.to_pylist():
+    records = batch.to_pylist()
+    for rec, (_, src) in zip(records, _sources([r["uri"] for r in records], s3_endpoint, fetch), strict=True):
         t0 = time.perf_counter()
         base = _base_row(rec, profile)
         try:
+            if isinstance(src, BaseException):
+                raise src
             with _time_limit(float(profile.get("decode_timeout_s") or 0)):
-                src = _source(rec["uri"], s3_endpoint)
                 rows = (_image_rows if rec.get("kind") == "image" else _video_rows)(src, rec, base, profile)
         except (VideoDecodeError, OSError, ValueError) as exc:
             reason = quarantine.classify(exc, int(profile["min_side"])) or "corrupt"
@@ -179,12 +230,15 @@ HASH_SCHEMA = pa.schema([f for f in schema.METADATA_FIELDS
                          if f.name not in ("captions", "motion_score", "t5_length", "schema_version")]
                         + [pa.field("record_key", pa.string()), pa.field("sec_hash", pa.float64()),
                            pa.field("phash", pa.binary()), pa.field("phash_center", pa.binary()),
-                           pa.field("footage", pa.binary()), pa.field("status", pa.string()),
+                           pa.field("footage", pa.binary()), pa.field("shot_cuts", pa.int32()),
+                           pa.field("shot_dropped_frames", pa.int32()), pa.field("status", pa.string()),
                            pa.field("reason", pa.string()), pa.field("detail", pa.string())])
 
-# Quarantine reasons that may change on a rerun (the object may appear, the machine may be less
-# loaded): their pass-1 results are not cached, so a rerun tries those videos again.
-TRANSIENT_REASONS = frozenset({"missing", "decode_timeout"})
+# Quarantine reasons that may change on a rerun (the object may appear, the machine or the server may be
+# less loaded, a network fault may pass): their pass-1 results are not cached, so a rerun tries those
+# videos again. A 404, a 4xx, a size over the cap or a TLS failure stays what it is: cached.
+TRANSIENT_REASONS = frozenset({"missing", "decode_timeout", "timeout", "connection_failed", "http_5xx_after_retries",
+                               "truncated"})
 
 
 # Record fields that label a video without changing what pass 1 computes from it: they stay out of the
@@ -208,14 +262,15 @@ def record_key(rec: dict, profile: dict) -> str:
 
 
 def hash_and_cache(batch: pa.Table, profile: dict, output: str, s3_endpoint: str | None = None,
-                   hasher: Callable[..., pa.Table] | None = None) -> pa.Table:
+                   hasher: Callable[..., pa.Table] | None = None, fetch: dict | None = None) -> pa.Table:
     """:func:`hash_videos`, then persist the block's results under ``<output>/_hashes/`` (atomic).
 
     A rerun reads these files and hashes only the records (by ``record_key``) not found there, so
     it does not decode every video again. Transient failures (:data:`TRANSIENT_REASONS`) are not
     persisted.
     """
-    table = (hasher or hash_videos)(batch, profile, s3_endpoint)  # hasher: the dedup benchmark's synthetic hashes
+    # hasher: the dedup benchmark's synthetic hashes
+    table = hasher(batch, profile, s3_endpoint) if hasher else hash_videos(batch, profile, s3_endpoint, fetch)
     keep = [s != QUARANTINED or r not in TRANSIENT_REASONS
             for s, r in zip(table.column("status").to_pylist(), table.column("reason").to_pylist())]
     cached = table.filter(pa.array(keep, pa.bool_()))
@@ -240,24 +295,35 @@ def part_name(keys: list[str]) -> str:
 
 
 def decode_clips(batch: pa.Table, profile: dict, s3_endpoint: str | None = None,
-                 flow_size: tuple[int, int] | None = None) -> pa.Table:
+                 flow_size: tuple[int, int] | None = None, fetch: dict | None = None) -> pa.Table:
     """Kept clips -> the same rows plus ``frames`` (uint8 ``[T, S, S, 3]`` as bytes/shape/dtype) and, with
     ``flow_size`` (the latents' ``(h, w)``), their optical flow and ``motion_score`` (:func:`_add_flow`),
     computed beside the decode so the frames are decoded once and cross no other stage for it.
 
-    Failures (``decode_timeout_s`` applies here too) become quarantine rows with their reason.
+    Failures (``decode_timeout_s`` applies here too, and a failed fetch) become quarantine rows with their
+    reason. The clips of one video in the batch share one read of it (rows arrive in the plan's order, a
+    video's clips side by side).
     """
     rows = batch.to_pylist()
-    for r in rows:
+    last = {r["uri"]: i for i, r in enumerate(rows)}  # a video's bytes are dropped after its last clip
+    sources = _sources(list(dict.fromkeys(r["uri"] for r in rows)), s3_endpoint, fetch)
+    held: dict[str, str | bytes | BaseException] = {}
+    for i, r in enumerate(rows):
         t0 = time.perf_counter()
         frames = np.zeros((0, 0, 0, 3), np.uint8)
+        while r["uri"] not in held:  # videos arrive in first-appearance order
+            uri, got = next(sources)
+            held[uri] = got
+        src = held.pop(r["uri"]) if last[r["uri"]] == i else held[r["uri"]]
         try:
+            if isinstance(src, BaseException):
+                raise src
             with _time_limit(float(profile.get("decode_timeout_s") or 0)):
                 if _is_image_row(r):
-                    frames, _ = read_image(_source(r["uri"], s3_endpoint), profile["size"])  # [1, S, S, 3]
+                    frames, _ = read_image(src, profile["size"])  # [1, S, S, 3]
                 else:
-                    clip = read_video(_source(r["uri"], s3_endpoint), profile["num_frames"],
-                                      start_frame=r["start_frame"], size=profile["size"], **_sampling(profile))
+                    clip = read_video(src, profile["num_frames"], start_frame=r["start_frame"],
+                                      size=profile["size"], **_sampling(profile))
                     frames = clip.frames
         except Exception as exc:  # noqa: BLE001 - rare (the hash pass read it); recorded, never raised
             r.update(status=QUARANTINED, reason=quarantine.classify(exc) or "corrupt", detail=str(exc)[:500])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fdreamer.data import dedup, flow, manifests, quarantine, schema, storage
+from fdreamer.data.sources import SourceError
 from fdreamer.data.video import VideoDecodeError, probe_video, read_video, write_video
 
 
@@ -359,13 +360,17 @@ def test_every_quarantine_reason(rows: list[dict], tmp_path: Path) -> None:
     assert quarantine.classify(quarantine.DecodeTimeoutError("took 31 s")) == "decode_timeout"
     assert quarantine.classify(FileNotFoundError("s3://b/k")) == "missing"
     assert quarantine.classify(probe_video(files["too_small"]), 48) == "too_small"
-    assert set(quarantine.REASONS) == set(files) | {"decode_timeout"}
+    # the fetch reasons are given by real HTTP faults in tests/test_fetch.py and tests/test_web_inputs.py
+    from fdreamer.data.fetch import FETCH_REASONS
+
+    assert set(quarantine.REASONS) == set(files) | {"decode_timeout", "unsupported_uri", *FETCH_REASONS}
+    assert quarantine.classify(SourceError("gs://b/k: unsupported")) == "unsupported_uri"
 
 
 def test_one_s3_client_per_endpoint_and_process() -> None:
     """Workers read many objects: the boto3 client (and its connection pool) is made once per endpoint."""
     from fdreamer.data import manifests
 
-    a = manifests._s3_client("http://127.0.0.1:1")
-    assert manifests._s3_client("http://127.0.0.1:1") is a
-    assert manifests._s3_client("http://127.0.0.1:2") is not a
+    a = manifests.s3_client("http://127.0.0.1:1")
+    assert manifests.s3_client("http://127.0.0.1:1") is a
+    assert manifests.s3_client("http://127.0.0.1:2") is not a

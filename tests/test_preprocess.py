@@ -22,15 +22,18 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from helpers.datasets import planted_dataset
 from helpers.ray_cluster import free_port, subprocess_env
 from helpers.worker_kill import kill_job_when, write_task_pids
 
 from fdreamer.data import schema
 from fdreamer.data.manifests import read_manifest
+from fdreamer.data.splits import assign_split
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLIPS = 24
+TINY_HELDOUT_FRACTION = yaml.safe_load((REPO / "pipelines" / "configs" / "tiny.yaml").read_text())["heldout_fraction"]
 BAD = ("missing", "zero_byte", "not_a_video", "corrupt", "too_short", "too_small")
 
 
@@ -148,7 +151,8 @@ def test_outputs_decode_to_right_shapes(first_run: dict) -> None:
         p = schema.columns_to_tensor(row, "clip_image_embed").shape
         assert p == schema.columns_to_tensor(row, "clip_text_embed").shape and len(p) == 1
         assert row["num_frames"] == 8 and row["content_hash"] and row["motion_score"] >= 0
-        assert row["split"] == row["motion"] == ""  # CSV manifests carry no split/motion
+        assert row["motion"] == ""  # CSV manifests carry no split/motion: the split is assigned by video
+        assert row["split"] == assign_split("", row["source"], row["video_id"], TINY_HELDOUT_FRACTION)
     # Different captions give different token states; the padded tail is still the caption's.
     a, b = (schema.columns_to_tensor(df.iloc[i], "clip_text_tokens") for i in (0, 1))
     assert not np.array_equal(a, b)
@@ -355,7 +359,9 @@ def test_s3_inputs_and_output_via_moto(cluster: str, dataset: dict, tiny_dir: Pa
         assert shards and all(p.startswith("features/tiny/run1/shards/part-") for p in shards)
         table = pads.dataset(shards, filesystem=fs, format="parquet").to_table()
         assert table.num_rows == 4 and sorted(table.column("uri").to_pylist()) == sorted(x["path"] for x in lines[:3] + [webvid])
-        assert sorted(table.column("split").to_pylist()) == sorted([r["split"] for r in rows[:3]] + [""])  # CSV: none
+        csv_row = next(r for r in table.to_pylist() if r["source"] == "webvid")  # CSV: no split, one assigned
+        assert sorted(table.column("split").to_pylist()) == sorted(
+            [r["split"] for r in rows[:3]] + [assign_split("", "webvid", csv_row["video_id"], TINY_HELDOUT_FRACTION)])
         assert table.schema.metadata[b"fdreamer.schema_version"] == str(schema.SCHEMA_VERSION).encode()
         assert table.schema.metadata[schema.T5_CAPTION_META] == b"motion_caption"
         motion = {x["path"]: x["motion_caption"] for x in lines[:2]}

@@ -21,7 +21,9 @@ class DataConfig:
     """Which preprocessed Parquet rows the job trains on (filters select rows; nothing is deleted)."""
 
     path: str = opt("", "output folder of pipelines/preprocess.py (holds shards/ and null_conditions.safetensors)")
-    split: str | None = opt("train", "keep rows whose `split` column equals this (null: all rows)")
+    split: str | None = opt(None, "train on rows whose `split` column equals this (null: every row not in "
+                                  "heldout_split, which is what WebVid/Pexels data holds: their held-out rows are "
+                                  "assigned by the preprocessing job's heldout_fraction)")
     heldout_split: str | None = opt("heldout", "rows of this split form the validation set (null: none)")
     min_motion_score: float | None = opt(None, "drop clips whose motion_score is below this (static clips)")
     max_motion_score: float | None = opt(None, "drop clips whose motion_score is above this (shaky / cuts)")

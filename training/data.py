@@ -27,7 +27,7 @@ from fdreamer.data.schema import NULL_CONDITIONS_FILE, read_null_conditions, rea
 from training.config import TrainConfig
 from training.order import Blocks, ReadPlan, count_blocks
 from training.rows import (IMAGE, IMAGE_COLUMNS, TRAIN_COLUMNS, VIDEO, DataError, check_schema, columns_for,
-                           row_filter, shard_files)
+                           row_filter, shard_files, train_rule)
 from training.stream import BlockReader, RowStream
 
 IMAGE_STREAM_SEED_OFFSET = 5_003  # the image stream's shuffle seeds differ from the clip stream's
@@ -62,12 +62,12 @@ def plan_blocks(cfg: TrainConfig) -> dict[str, Blocks]:
     out = {}
     for name, kind in stream_kinds(cfg).items():
         fs, files = _files(cfg, kind)
-        out[name] = count_blocks(fs, files, cfg.data, cfg.data.split, kind)
+        out[name] = count_blocks(fs, files, cfg.data, train_rule(cfg.data), kind)
     if "images" in out:
         need = cfg.scaling.num_workers * cfg.image_micro_batch * cfg.accumulation
         if out["images"].total < need:
-            raise DataError(f"{cfg.data.image_path}: {out['images'].total} image rows (num_frames = 1, split "
-                            f"{cfg.data.split!r}); one optimizer step needs {need} (workers x images per "
+            raise DataError(f"{cfg.data.image_path}: {out['images'].total} image rows (num_frames = 1, "
+                            f"{train_rule(cfg.data).describe()}); one optimizer step needs {need} (workers x images per "
                             "micro-batch x accumulation)")
     return out
 
@@ -85,7 +85,7 @@ def open_stream(cfg: TrainConfig, name: str, blocks: Blocks, *, rank: int, world
         raise DataError(f"{_path(cfg, kind)}: {blocks.total} {kind} rows, fewer than one micro-batch of {batch} "
                         f"per worker ({world} workers)")
     fs, _ = shard_files(_path(cfg, kind), cfg.s3_endpoint)
-    reader = BlockReader(fs, blocks, columns_for(cfg.model.predictnet, kind), cfg.data, cfg.data.split, kind,
+    reader = BlockReader(fs, blocks, columns_for(cfg.model.predictnet, kind), cfg.data, train_rule(cfg.data), kind,
                          cache_blocks=cfg.data.cache_blocks)
     with_flow = cfg.model.predictnet and kind == VIDEO
 

@@ -80,8 +80,11 @@ def prepare(cfg: TrainConfig) -> dict[str, Any]:
     per_worker = rows // cfg.scaling.num_workers
     if per_worker < cfg.micro_batch * cfg.accumulation:
         raise selection.DataError(
-            f"{rows} training rows after filters: {per_worker} per worker, fewer than one optimizer step needs "
-            f"(micro_batch {cfg.micro_batch} x accumulation {cfg.accumulation})")
+            f"{cfg.data.path}: {rows} training rows after filters ({selection.train_rule(cfg.data).describe()}, "
+            f"motion score / frame filters of data.*): {per_worker} per worker, fewer than one optimizer step "
+            f"needs (micro_batch {cfg.micro_batch} x accumulation {cfg.accumulation}); rows per split value in the "
+            f"data: {selection.split_counts(fs, files)} (set data.split to one of them, or null for every row not "
+            f"in data.heldout_split={cfg.data.heldout_split!r})")
     init = None
     if cfg.init_from:
         remote = storage.is_s3(cfg.init_from)

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from training.rows import FILTER_COLUMNS, row_mask
+from training.rows import FILTER_COLUMNS, SplitRule, row_mask
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Blocks:
         return cls(tuple(d["files"]), tuple(d["file_index"]), tuple(d["row_group"]), tuple(d["selected"]))
 
 
-def _count_file(fs: pafs.FileSystem, path: str, data: Any, split: str | None, kind: str) -> list[int]:
+def _count_file(fs: pafs.FileSystem, path: str, data: Any, split: str | None | SplitRule, kind: str) -> list[int]:
     parquet = pq.ParquetFile(path, filesystem=fs)
     sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
     mask = np.asarray(row_mask(parquet.read(columns=list(FILTER_COLUMNS)), data, split, kind), dtype=bool)
@@ -64,7 +64,7 @@ def _count_file(fs: pafs.FileSystem, path: str, data: Any, split: str | None, ki
     return [int(mask[bounds[g]:bounds[g + 1]].sum()) for g in range(len(sizes))]
 
 
-def count_blocks(fs: pafs.FileSystem, files: list[str], data: Any, split: str | None, kind: str,
+def count_blocks(fs: pafs.FileSystem, files: list[str], data: Any, split: str | None | SplitRule, kind: str,
                  threads: int = 16) -> Blocks:
     """Selected rows per row group of ``files`` (reads the filter columns only; ``threads`` files at once:
     S3 latency, not CPU, is what this waits on). Blocks that select nothing are left out."""

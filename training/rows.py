@@ -11,6 +11,7 @@ training).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,44 @@ VIDEO, IMAGE = "video", "image"
 
 class DataError(ValueError):
     """The training data is missing or does not fit this code / this run's configuration."""
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """Which values of the ``split`` column a stream selects: rows whose split is ``keep``; with ``keep``
+    None, every row whose split is not ``exclude`` (rows with an empty or null split included); with both
+    None, every row. The preprocessing job gives every row a split (the manifest's, else a held-out
+    assignment by a hash of the video, :mod:`fdreamer.data.splits`), so "everything not held out" trains
+    on WebVid and Pexels data as on generic manifests."""
+
+    keep: str | None = None
+    exclude: str | None = None
+
+    def describe(self) -> str:
+        if self.keep is not None:
+            return f"split == {self.keep!r}"
+        return f"split != {self.exclude!r}" if self.exclude is not None else "any split"
+
+
+def as_rule(split: str | None | SplitRule) -> SplitRule:
+    """A split argument as a :class:`SplitRule` (a string keeps that split; None keeps every row)."""
+    return split if isinstance(split, SplitRule) else SplitRule(keep=split)
+
+
+def train_rule(data: Any) -> SplitRule:
+    """The training rows' rule of a ``DataConfig``: ``split`` when set, else every row not in ``heldout_split``."""
+    return SplitRule(keep=data.split) if data.split is not None else SplitRule(exclude=data.heldout_split)
+
+
+def split_counts(fs: pafs.FileSystem, files: list[str], limit: int = 64) -> dict[str, int]:
+    """Rows per ``split`` value in the first ``limit`` shards (for error messages: what the data holds)."""
+    counts: dict[str, int] = {}
+    for path in files[:limit]:
+        column = pq.read_table(path, columns=["split"], filesystem=fs).column("split")
+        for value, n in zip(*(pc.value_counts(column).flatten())):
+            key = "null" if value.as_py() is None else repr(value.as_py())
+            counts[key] = counts.get(key, 0) + n.as_py()
+    return dict(sorted(counts.items()))
 
 
 def shard_files(path: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, list[str]]:
@@ -74,13 +113,16 @@ def check_schema(fs: pafs.FileSystem, files: list[str], columns: tuple[str, ...]
         raise DataError(f"{files[0]}: missing columns {missing}")
 
 
-def row_mask(table: pa.Table, data: Any, split: str | None, kind: str = VIDEO) -> pa.Array:
+def row_mask(table: pa.Table, data: Any, split: str | None | SplitRule, kind: str = VIDEO) -> pa.Array:
     """Boolean mask of the rows a stage trains on: clips (``num_frames >= 2``; split, motion score range,
     frame count) or images (``num_frames == 1``; split only: images have no motion score). ``data``: the
     run's ``DataConfig`` (or anything with its ``min_motion_score`` / ``max_motion_score`` / ``num_frames``)."""
     mask = pa.array(np.ones(table.num_rows, dtype=bool))
-    if split is not None and "split" in table.column_names:
-        mask = pc.and_(mask, pc.fill_null(pc.equal(table["split"], split), False))
+    rule = as_rule(split)
+    if rule.keep is not None and "split" in table.column_names:
+        mask = pc.and_(mask, pc.fill_null(pc.equal(table["split"], rule.keep), False))
+    elif rule.exclude is not None and "split" in table.column_names:
+        mask = pc.and_(mask, pc.fill_null(pc.not_equal(table["split"], rule.exclude), True))
     if kind == IMAGE:
         return pc.and_(mask, pc.fill_null(pc.equal(table["num_frames"], 1), False))
     mask = pc.and_(mask, pc.fill_null(pc.greater_equal(table["num_frames"], 2), False))
@@ -93,13 +135,16 @@ def row_mask(table: pa.Table, data: Any, split: str | None, kind: str = VIDEO) -
     return mask
 
 
-def row_filter(data: Any, split: str | None, kind: str = VIDEO) -> pc.Expression:
+def row_filter(data: Any, split: str | None | SplitRule, kind: str = VIDEO) -> pc.Expression:
     """The selection of :func:`row_mask` as a pyarrow dataset expression, so a scan reads only the row groups
     that can hold the rows (predicate pushdown: the held-out batch). Nulls select nothing, as in the mask;
     ``tests/test_training_rows.py`` checks that both select the same rows."""
     expr = pc.scalar(True)
-    if split is not None:
-        expr = pc.field("split") == split
+    rule = as_rule(split)
+    if rule.keep is not None:
+        expr = pc.field("split") == rule.keep
+    elif rule.exclude is not None:
+        expr = pc.field("split").is_null() | (pc.field("split") != rule.exclude)
     if kind == IMAGE:
         return expr & (pc.field("num_frames") == 1)
     expr = expr & (pc.field("num_frames") >= 2)
@@ -112,7 +157,7 @@ def row_filter(data: Any, split: str | None, kind: str = VIDEO) -> pc.Expression
     return expr
 
 
-def filter_rows(batch: pa.Table, data: Any, split: str | None, kind: str = VIDEO) -> pa.Table:
+def filter_rows(batch: pa.Table, data: Any, split: str | None | SplitRule, kind: str = VIDEO) -> pa.Table:
     """The rows of ``batch`` that :func:`row_mask` selects, without the filter-only columns."""
     table = batch.filter(row_mask(batch, data, split, kind))
     return table.drop_columns([c for c in FILTER_COLUMNS if c in table.column_names])

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from training.order import Blocks, ReadPlan
-from training.rows import FILTER_COLUMNS, DataError, filter_rows
+from training.rows import FILTER_COLUMNS, DataError, SplitRule, filter_rows
 
 _END = object()
 
@@ -33,8 +33,8 @@ _END = object()
 class BlockReader:
     """The selected rows of a block (row group) with the stream's columns; recently opened shards cached."""
 
-    def __init__(self, fs: pafs.FileSystem, blocks: Blocks, columns: list[str], data: Any, split: str | None,
-                 kind: str, open_files: int = 8, cache_blocks: int = 0) -> None:
+    def __init__(self, fs: pafs.FileSystem, blocks: Blocks, columns: list[str], data: Any,
+                 split: str | None | SplitRule, kind: str, open_files: int = 8, cache_blocks: int = 0) -> None:
         self.fs, self.blocks, self.data, self.split, self.kind = fs, blocks, data, split, kind
         self.columns = [c for c in columns if c not in FILTER_COLUMNS]
         self.read_columns = self.columns + list(FILTER_COLUMNS)

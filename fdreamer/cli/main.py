@@ -14,6 +14,7 @@ import sys
 _COMMAND_MODULES = (
     "fdreamer.cli.demo",
     "fdreamer.toy.sample_data",
+    "fdreamer.toy.web_data",
     "fdreamer.toy.tiny_models",
     "fdreamer.toy.vae_train",
     "fdreamer.schedule",

@@ -63,7 +63,7 @@ class ManifestRecord(TypedDict):
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_client(endpoint: str | None) -> Any:
+def s3_client(endpoint: str | None) -> Any:
     """One boto3 client per endpoint and process (thread-safe; its connection pool is reused for every
     object a worker reads, instead of a new client and connection per video)."""
     import boto3  # imported lazily: local-only runs never need it
@@ -81,7 +81,7 @@ def read_bytes(uri: str, s3_endpoint: str | None = None) -> bytes:
     if scheme not in SCHEMES:
         raise ManifestError(f"{uri}: unsupported URI scheme {scheme!r}; expected a path, file:// or s3://")
     if scheme == "s3":
-        client = _s3_client(s3_endpoint)
+        client = s3_client(s3_endpoint)
         try:
             return client.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"].read()
         except client.exceptions.NoSuchKey as exc:
