@@ -283,6 +283,9 @@ def test_clear_errors(preprocessed_sample: dict, stage1: dict, tmp_path: Path) -
     data = f"--data.path={preprocessed_sample['output']}"
     _fails([*cfg, f"--data.path={tmp_path / 'nope'}"], "does not exist")
     _prepare_fails([*cfg, data, "--global_batch=6"], "not divisible by num_workers x micro_batch")
+    # no row has split 'val': the error names the rule and what the data holds
+    _prepare_fails([*cfg, data, "--data.split=val"], "0 training rows after filters (split == 'val'")
+    _prepare_fails([*cfg, data, "--data.split=val"], "rows per split value in the data: {\"'heldout'\": ")
     _prepare_fails([*cfg, data, "--name=bad", "--model.factorized=false",
                     f"--init_from={stage1['summary']['checkpoint']}"], "incompatible model config")
     import pyarrow.parquet as pq

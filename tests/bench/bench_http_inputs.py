@@ -1,6 +1,6 @@
 """Benchmark: the preprocessing job on https:// inputs vs the same clips as local files. Prints ONE JSON line.
 
-    python tests/bench/bench_http_inputs.py [--sizes 160 640] [--workdir DIR] [--http]
+    python tests/bench/bench_http_inputs.py [--sizes 160 640] [--workdir DIR] [--http] [--quick]
 
 The same sample clips (generic manifest, tiny profile, tiny models with the trained VAE) through
 ``pipelines.job.run`` in a fresh ``ray.init(num_cpus=2)``, at two sizes, once with local paths and once with
@@ -49,7 +49,10 @@ def main() -> int:
     p.add_argument("--sizes", type=int, nargs=2, default=[160, 640])
     p.add_argument("--workdir", default=None)
     p.add_argument("--http", action="store_true", help="plain http instead of https")
+    p.add_argument("--quick", action="store_true", help="sizes 32 and 128")
     args = p.parse_args()
+    if args.quick:
+        args.sizes = [32, 128]
 
     from helpers.http_faults import FaultServer
 

@@ -40,7 +40,8 @@ def _video(path: Path, width: int, height: int, seconds: float, fps: float) -> P
     return write_video(path, frames, fps, crf=23)
 
 
-def _best(fn, repeat: int) -> float:
+def best_of(fn, repeat: int) -> float:
+    """The shortest of ``repeat`` timed calls of ``fn`` (seconds)."""
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
@@ -49,14 +50,19 @@ def _best(fn, repeat: int) -> float:
     return min(times)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def video_args(description: str) -> argparse.Namespace:
+    """The pass-1 benches' command line: the test video's size, length, rate, and the repeats."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=360)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--fps", type=float, default=24.0)
     p.add_argument("--repeat", type=int, default=5)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> int:
+    args = video_args(__doc__.splitlines()[0])
 
     import cv2
 
@@ -82,7 +88,7 @@ def main() -> int:
         def footage() -> None:
             stages.footage_of(src, info)
 
-        out = {k: round(_best(f, args.repeat), 4) for k, f in
+        out = {k: round(best_of(f, args.repeat), 4) for k, f in
                (("profile_size_s", profile_size), ("hash_size_s", hash_size), ("footage_s", footage))}
     out = {"bench": "pass1", "video": f"{args.width}x{args.height} {args.seconds}s {args.fps}fps H.264",
            "profile": "stage1 (32 frames at 8 fps, 256 px)", **out,

@@ -19,17 +19,17 @@ their ratio. Seconds per video, best of ``--repeat``, one thread.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO)]
+sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
+
+from bench_pass1 import best_of, video_args  # noqa: E402  (the same timing and video options)
 
 
 def _video(path: Path, width: int, height: int, seconds: float, fps: float) -> tuple[Path, list[int]]:
@@ -56,23 +56,8 @@ def _video(path: Path, width: int, height: int, seconds: float, fps: float) -> t
     return write_video(path, frames, fps, crf=23), bounds[1:-1]
 
 
-def _best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=int, default=640)
-    p.add_argument("--height", type=int, default=360)
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--fps", type=float, default=24.0)
-    p.add_argument("--repeat", type=int, default=5)
-    args = p.parse_args()
+    args = video_args(__doc__.splitlines()[0])
 
     import cv2
 
@@ -112,7 +97,7 @@ def main() -> int:
         def pass1_without() -> None:  # the same with shot detection off (fixed positions, decodes per clip)
             stages.hash_videos(record, no_shots)
 
-        t = {k: _best(f, args.repeat)
+        t = {k: best_of(f, args.repeat)
              for k, f in (("cuts_s", cuts), ("hash_clip_s", hash_clip), ("footage_s", footage),
                           ("job_pass1_with_shots_s", pass1_with_shots), ("job_pass1_without_shots_s", pass1_without))}
     one = t["hash_clip_s"] + t["footage_s"]
