@@ -3,7 +3,9 @@
     cluster/local.sh up       # head (resource "head", label fdreamer-role=head) + worker node
                               # (resource "worker_node", label fdreamer-role=worker); idempotent
     cluster/local.sh status   # the nodes; exit 1 when the cluster is down
-    cluster/local.sh down     # stops exactly what `up` started
+    cluster/local.sh down     # stops exactly what `up` started; with nothing recorded in the state folder
+                              # (and no FDREAMER_CLUSTER_DIR / --dir), the one `cluster/main_job.py --keep`
+                              # left in runs/main-job/cluster
 
 Each node is its own ``ray start --block`` process in its own session (``setsid``), so ``down``
 stops those two process sessions and nothing else: other Ray clusters on the machine are never
@@ -52,8 +54,36 @@ NODE_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metri
               "runtime-env-agent-port", "node-manager-port", "object-manager-port")
 
 
+# cluster/main_job.py's default --workdir + "/cluster": the main job records its cluster there (it sets
+# FDREAMER_CLUSTER_DIR), so `down` / `status` without FDREAMER_CLUSTER_DIR look there too.
+MAIN_JOB_CLUSTER_DIR = REPO / "runs" / "main-job" / "cluster"
+_state_dir_override: Path | None = None  # --dir, or the folder `down` found the cluster in
+
+
 def state_dir() -> Path:
+    if _state_dir_override is not None:
+        return _state_dir_override
     return Path(os.environ.get("FDREAMER_CLUSTER_DIR", REPO / "runs" / "local-cluster")).resolve()
+
+
+def use_state_dir(path: Path | str | None) -> None:
+    global _state_dir_override
+    _state_dir_override = Path(path).resolve() if path is not None else None
+
+
+def fallback_state_dirs() -> list[Path]:
+    """Other folders a cluster of this checkout may be recorded in, looked at when neither --dir nor
+    FDREAMER_CLUSTER_DIR names one and the default folder records nothing (the main job's, for now)."""
+    if _state_dir_override is not None or "FDREAMER_CLUSTER_DIR" in os.environ:
+        return []
+    return [d for d in (MAIN_JOB_CLUSTER_DIR.resolve(),) if d != state_dir() and (d / "cluster.json").is_file()]
+
+
+def stop_command(sdir: Path | None = None) -> str:
+    """The exact shell command that stops the cluster recorded in ``sdir`` (default: the current one)."""
+    import shlex
+
+    return f"FDREAMER_CLUSTER_DIR={shlex.quote(str(sdir or state_dir()))} {shlex.quote(str(REPO / 'cluster' / 'local.sh'))} down"
 
 
 def storage_path() -> Path:
@@ -344,7 +374,12 @@ def _restore_current_cluster(state: dict[str, Any]) -> None:
 def down() -> int:
     state = read_state()
     if not state:
-        print("local Ray cluster: not running (nothing recorded)")
+        found = fallback_state_dirs()
+        if found:  # e.g. left by `python cluster/main_job.py --keep`
+            print(f"local Ray cluster: nothing recorded in {state_dir()}; stopping the one recorded in {found[0]}")
+            use_state_dir(found[0])
+            return down()
+        print(f"local Ray cluster: not running (nothing recorded in {state_dir()})")
         return 0
     left = _stop(state)
     if left:
@@ -360,6 +395,8 @@ def status(as_json: bool = False) -> int:
     state = read_state()
     if not is_running(state):
         print("local Ray cluster: down" + (" (stale state recorded; `down` cleans it)" if state else ""))
+        for other in fallback_state_dirs():
+            print(f"  (a cluster is recorded in {other}: `{stop_command(other).replace(' down', ' status')}`)")
         return 1
     nodes = alive_nodes(state["dashboard"])
     if as_json:
@@ -381,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("up", "down", "status"))
     p.add_argument("--json", action="store_true", help="status: one JSON object (state + alive nodes)")
+    p.add_argument("--dir", help="the cluster's state folder (as FDREAMER_CLUSTER_DIR; e.g. <workdir>/cluster of "
+                                 "cluster/main_job.py)")
     args = p.parse_args(argv)
+    if args.dir:
+        use_state_dir(args.dir)
     if args.command == "up":
         return up()
     if args.command == "down":

@@ -395,6 +395,14 @@ def main(argv: list[str] | None = None) -> int:
                 down.kill()
         if s3_proc is not None and not args.keep:
             local_s3.stop_s3_server(s3_proc)
+        if args.keep:  # what is left running, and the exact commands that stop it
+            from cluster.local import stop_command
+
+            print("\n--keep: left running; stop with:\n  " + stop_command(Path(os.environ["FDREAMER_CLUSTER_DIR"]))
+                  + "".join(f"\n  kill {proc.pid}   # {what}" for what, proc in (("MLflow server", mlflow_proc),
+                                                                                ("S3 server (moto)", s3_proc))
+                            if proc is not None),
+                  flush=True)
     if mlflow_proc is not None:
         result["mlflow_pid"] = mlflow_proc.pid
     result["timings_s"] = {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.monotonic() - t_all, 1)}

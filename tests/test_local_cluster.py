@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -166,3 +167,38 @@ def test_up_retries_a_node_that_exits_during_start(monkeypatch: pytest.MonkeyPat
     calls.clear()
     monkeypatch.setenv("FDREAMER_RAY_PORT", "6390")
     assert local.up() == 1 and len(calls) == 1
+
+
+def test_down_finds_the_cluster_the_main_job_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``python cluster/main_job.py --keep`` records its cluster in ``<workdir>/cluster``; a bare ``local.sh
+    down`` (no FDREAMER_CLUSTER_DIR, nothing in the default folder) stops that one, and only with nothing
+    named does it look there. No Ray: the recorded "node" is a ``sleep`` in its own session."""
+    from cluster import local
+
+    main_dir = tmp_path / "main-job" / "cluster"
+    main_dir.mkdir(parents=True)
+    monkeypatch.setattr(local, "REPO", tmp_path / "repo")  # the default folder: empty
+    monkeypatch.setattr(local, "MAIN_JOB_CLUSTER_DIR", main_dir)
+    monkeypatch.setattr(local, "_state_dir_override", None)
+    monkeypatch.delenv("FDREAMER_CLUSTER_DIR", raising=False)
+    node = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        state = {"gcs_port": free_port(), "temp_dir": str(tmp_path / "no-such-ray-temp"),
+                 "nodes": {"head": {"pid": node.pid, "sid": node.pid}}}
+        (main_dir / "cluster.json").write_text(json.dumps(state))
+        assert local.stop_command(main_dir) == f"FDREAMER_CLUSTER_DIR={main_dir} {tmp_path}/repo/cluster/local.sh down"
+
+        monkeypatch.setenv("FDREAMER_CLUSTER_DIR", str(tmp_path / "elsewhere"))  # named: looks nowhere else
+        assert local.down() == 0 and "not running (nothing recorded in" in capsys.readouterr().out
+        assert _proc_alive(node.pid) and (main_dir / "cluster.json").is_file()
+        assert local.status() == 1
+
+        monkeypatch.delenv("FDREAMER_CLUSTER_DIR")
+        assert local.status() == 1 and str(main_dir) in capsys.readouterr().out  # status points at it
+        assert local.down() == 0
+        out = capsys.readouterr().out
+        assert f"stopping the one recorded in {main_dir}" in out and "stopped (only its own processes)" in out
+        assert node.wait(10) == -signal.SIGTERM and not (main_dir / "cluster.json").exists()
+    finally:
+        if node.poll() is None:
+            node.kill()

@@ -685,6 +685,8 @@ def classify_tokens(tokens: list[str], mention: bool = False) -> tuple[str, str,
         return "run", "--help", check_run
     if prog == "fdreamer" and tokens[1] in RUN_SUBCOMMANDS:
         return "run", "seconds, no files but the plot", check_run
+    if prog in ("python", "python3") and tokens[1:3] == ["-m", "cluster.checks"]:
+        return "run", "seconds, reads the committed configs", check_run
     if prog in ("python", "python3") and tokens[1:3] == ["-m", "fdreamer.schedule"]:
         return "run", "seconds, writes the plot", check_run
     if prog == "fdreamer" or (prog in ("python", "python3") and re.fullmatch(
