@@ -93,12 +93,16 @@ class WriteStageConfig:
 class StagesConfig:
     hash: HashStageConfig = nested(HashStageConfig, "pass 1: decode + sample + resize + hashes (CPU)")
     decode: StageConfig = nested(StageConfig, "pass 2: decode + sample + resize + optical flow (CPU)")
-    encode: StageConfig = nested(StageConfig, "frozen encoder actor pool (VAE, SD CLIP text, T5, CLIP)")
+    encode: StageConfig = nested(StageConfig, "frozen encoder actor pool (VAE, SD CLIP text, T5, CLIP); CPU actors "
+                                              "with concurrency null: one actor per CPU the cluster has when pass 2 "
+                                              "starts")
     write: WriteStageConfig = nested(WriteStageConfig, "Parquet shard writers")
 
     def __post_init__(self) -> None:
-        if self.encode.concurrency is None:
-            raise ValueError("stages.encode.concurrency must be a number of actors or [min, max], not null")
+        if self.encode.concurrency is None and self.encode.num_gpus:
+            raise ValueError("stages.encode.concurrency: null sizes the pool from the cluster's CPUs, which GPU actors "
+                             "do not use; give a number of actors or [min, max] (an autoscaling cluster may have no "
+                             "GPU yet when the job starts)")
         if isinstance(self.decode.concurrency, tuple):
             raise ValueError("stages.decode.concurrency is a number of tasks or null (the cluster's CPUs), "
                              f"not a range: {list(self.decode.concurrency)}")

@@ -88,6 +88,17 @@ def _stage_kwargs(stage: Any) -> dict:
             **({"num_gpus": stage.num_gpus} if stage.num_gpus else {})}
 
 
+def encoder_pool(stage: Any, cluster_cpus: float) -> int | tuple[int, int]:
+    """The encoder stage's ``concurrency``: as configured, or for CPU actors with ``null`` one actor per CPU the
+    cluster has when pass 2 starts (at most what ``num_cpus`` lets fit). Each actor's torch works on one core
+    and the encoder is ~3/4 of pass 2's work; measured on 2 CPUs (tests/bench/bench_preprocess.py --marginal):
+    an autoscaling pool from 1 stayed at one actor most of the run (1.27x the plain loop), a pool of one actor
+    per CPU reached the 2-actor figure."""
+    if stage.concurrency is not None:
+        return stage.concurrency
+    return max(1, min(int(cluster_cpus), int(cluster_cpus // max(stage.num_cpus, 1e-9))))
+
+
 def _pass2_tally(batch: pa.Table) -> pa.Table:
     """Counts and worker seconds of pass 2 per block (the driver sums O(blocks) rows)."""
     c: Counter[str] = Counter()
@@ -167,7 +178,8 @@ def run(cfg: PreprocessConfig, records: ray.data.Dataset | None = None,
                              **_stage_kwargs(dec))
             .map_batches(stages.EncodeClips, batch_format="pyarrow",
                          fn_constructor_kwargs={"encoder_cfg": enc_cfg, "t5_caption": cfg.t5_caption},
-                         **_stage_kwargs(enc_stage))
+                         **(_stage_kwargs(enc_stage) | {"concurrency": encoder_pool(
+                             enc_stage, ray.cluster_resources().get("CPU", 1))}))
             .map_batches(stages.write_shard, batch_format="pyarrow", batch_size=_rows_per_shard(cfg),
                          fn_kwargs={"output": cfg.output, "s3_endpoint": cfg.s3_endpoint,
                                     "t5_caption": cfg.t5_caption},

@@ -174,8 +174,13 @@ def test_stage_resources_config() -> None:
     tiny = REPO / "pipelines" / "configs" / "tiny.yaml"
     cfg = load_config(PreprocessConfig, tiny, ["--stages.decode.concurrency=null", "--stages.encode.concurrency=[1, 3]"])
     assert cfg.stages.decode.concurrency is None and cfg.stages.encode.concurrency == (1, 3)
-    with pytest.raises(ValueError, match="stages.encode.concurrency must be a number of actors"):
-        load_config(PreprocessConfig, tiny, ["--stages.encode.concurrency=null"])
+    with pytest.raises(ValueError, match="GPU actors do not use"):
+        load_config(PreprocessConfig, tiny, ["--stages.encode.concurrency=null", "--stages.encode.num_gpus=1"])
+    from pipelines.job import encoder_pool
+
+    auto = load_config(PreprocessConfig, tiny, ["--stages.encode.concurrency=null"]).stages.encode
+    assert [encoder_pool(auto, cpus) for cpus in (1, 2, 16)] == [1, 2, 16]  # one actor per CPU at most
+    assert encoder_pool(dataclasses.replace(auto, num_cpus=4.0), 16) == 4 and encoder_pool(cfg.stages.encode, 16) == (1, 3)
     with pytest.raises(ValueError, match="stages.decode.concurrency is a number of tasks or null"):
         load_config(PreprocessConfig, tiny, ["--stages.decode.concurrency=[1, 2]"])
 

@@ -1,7 +1,7 @@
 """Benchmark of the preprocessing job on the sample data. Not a test; prints ONE JSON line.
 
     python tests/bench/bench_preprocess.py [--clips 48] [--rss-clips 100 400] [--workdir DIR] [--quick]
-    python tests/bench/bench_preprocess.py --marginal 160 640 [--encoders 2]   # marginal clips/s, plain loop vs Ray at 2 CPUs
+    python tests/bench/bench_preprocess.py --marginal 160 640 [--encoders 2]   # marginal clips/s, plain loop vs Ray at 2 CPUs (tiny.yaml as shipped)
 
 1. **Throughput** on the same ``--clips`` sample clips (generic manifest, tiny profile, tiny models
    with the trained VAE): a plain single-process loop calling the same stage functions
@@ -100,16 +100,19 @@ class PeakRSS:
 
 
 # -------------------------------------------------------------------------------------------- runs
-def _config(manifest: Path, models: Path, out: Path, num_cpus: int, encoders: int = 1,
-            overrides: tuple[str, ...] = ()) -> object:
+def _config(manifest: Path, models: Path, out: Path, num_cpus: int, encoders: int | None = 1,
+            overrides: tuple[str, ...] = (), shipped: bool = False) -> object:
+    """The tiny profile for a run at ``num_cpus``: as shipped (``shipped``: the stage resources of tiny.yaml,
+    which size themselves from the cluster), or with every stage at ``num_cpus`` tasks of 0.5 CPU and
+    ``encoders`` actors (so the encoder actor does not pin a whole CPU of a 1-CPU cluster); then ``overrides``."""
     from fdreamer.config import load_config
     from pipelines.config import PreprocessConfig
 
-    return load_config(PreprocessConfig, REPO / "pipelines/configs/tiny.yaml", [
-        f"--inputs=[{manifest}]", f"--output={out}", f"--models_dir={models}",
+    stages = [] if shipped else [
         f"--stages.hash.concurrency={num_cpus}", f"--stages.decode.concurrency={num_cpus}", "--stages.decode.num_cpus=0.5",
-        "--stages.encode.num_cpus=0.5", f"--stages.encode.concurrency={encoders}", *overrides,
-    ])
+        "--stages.encode.num_cpus=0.5", f"--stages.encode.concurrency={encoders or 1}"]
+    return load_config(PreprocessConfig, REPO / "pipelines/configs/tiny.yaml", [
+        f"--inputs=[{manifest}]", f"--output={out}", f"--models_dir={models}", *stages, *overrides])
 
 
 def plain_loop(cfg: object, batch: int = 8) -> dict:
@@ -162,9 +165,12 @@ def ray_run(cfg: object, num_cpus: int, measure_rss: bool = False) -> dict:
     return out
 
 
-def marginal(root: Path, sizes: list[int], models: Path, encoders: int = 1, overrides: tuple[str, ...] = ()) -> dict:
+def marginal(root: Path, sizes: list[int], models: Path, encoders: int | None = None,
+             overrides: tuple[str, ...] = ()) -> dict:
     """Marginal throughput, clips/s between two sizes (start-up and model loading cancel): the plain loop and
-    the Ray job at 2 CPUs, each run at both sizes on the first ``n`` sample clips."""
+    the Ray job at 2 CPUs, each run at both sizes on the first ``n`` sample clips. The Ray run uses tiny.yaml as
+    shipped (its stages sized from the cluster) unless ``encoders`` is given (then every stage as :func:`_config`
+    sets it), plus ``overrides``."""
     lines = (root / "sample" / "manifest.jsonl").read_text().splitlines()
     runs: dict[str, dict[int, dict]] = {"plain": {}, "ray2": {}}
     warm = root / "manifest-warmup.jsonl"  # the loop's first call pays imports and first-use costs: not per clip
@@ -174,10 +180,13 @@ def marginal(root: Path, sizes: list[int], models: Path, encoders: int = 1, over
         manifest = root / f"manifest-m{n}.jsonl"
         manifest.write_text("".join(line + "\n" for line in lines[:n]))
         runs["plain"][n] = plain_loop(_config(manifest, models, root / f"out-mplain-{n}", 1))
-        runs["ray2"][n] = ray_run(_config(manifest, models, root / f"out-mray2-{n}", 2, encoders, overrides), 2)
+        runs["ray2"][n] = ray_run(_config(manifest, models, root / f"out-mray2-{n}", 2, encoders, overrides,
+                                          shipped=encoders is None), 2)
     small, large = sizes
     out: dict = {"bench": "preprocess_marginal", "profile": "tiny", "sizes": sizes, "cpu_count": os.cpu_count(),
-                 "ray2_encoder_actors": encoders, "ray2_overrides": list(overrides)}
+                 "ray2_config": "tiny.yaml as shipped" if encoders is None else f"every stage at 2 tasks, {encoders} "
+                                                                                   "encoder actor(s)",
+                 "ray2_overrides": list(overrides)}
     for name, by_size in runs.items():
         a, b = by_size[small], by_size[large]
         out[f"{name}_seconds"] = [round(a["seconds"], 1), round(b["seconds"], 1)]
@@ -197,7 +206,9 @@ def main() -> int:
     p.add_argument("--marginal", type=int, nargs=2, default=None, metavar=("N1", "N2"),
                    help="only the marginal throughput between N1 and N2 clips (plain loop vs Ray at 2 CPUs)")
     p.add_argument("--rss-clips", type=int, nargs=2, default=[100, 400], help="two sizes for peak memory")
-    p.add_argument("--encoders", type=int, default=1, help="encoder actors of the Ray run of --marginal")
+    p.add_argument("--encoders", type=int, default=None,
+                   help="encoder actors of the Ray run of --marginal, with every stage at 2 tasks of 0.5 CPU (default: "
+                        "tiny.yaml's stages as shipped)")
     p.add_argument("--ray-set", action="append", default=[], metavar="--KEY=VALUE",
                    help="a config override of the Ray run of --marginal, repeatable (--ray-set=--stages.encode.num_cpus=1)")
     p.add_argument("--workdir", default=None)
