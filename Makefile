@@ -54,3 +54,11 @@ test-fast: test-tools setup
 
 clean:
 	rm -rf data/sample models/tiny runs/demo
+
+# One GPU (e.g. one H100, < 8 min): sd15 at stage-1 shapes in bf16 with gradient checkpointing, 3 optimizer steps,
+# peak memory vs the estimate, save -> restore -> 1 step vs the uninterrupted run, a 25-step sample; ONE JSON
+# line (fields: docs/results.md, "GPU check"). No setup, no Ray: $(PYTHON) needs torch, diffusers, transformers,
+# einops, pyarrow and safetensors. On a CPU: $(PYTHON) tests/gpu_check.py --cpu --tiny (what CI runs).
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) tests/gpu_check.py

@@ -146,12 +146,28 @@ class NoiseSchedule:
 
     # ---------------------------------------------------------------- forward process (training)
 
-    def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_timesteps(self, t: torch.Tensor) -> None:
+        """TypeError / ValueError unless ``t`` holds integer indices in ``0..N-1``. Reading the values of a
+        CUDA tensor is a host sync: check timesteps on the CPU, where they are drawn, before moving them
+        (:func:`fdreamer.train.objective.diffusion_objective` does)."""
         if t.dtype.is_floating_point:
             raise TypeError("timesteps must be integer indices 0..N-1")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
             raise ValueError(f"timesteps must be in [0, {self.num_train_timesteps - 1}], got {t.tolist()}")
-        ab = self.alphas_cumprod.to(like.device)[t]  # [B]
+
+    def _alphas_on(self, device: torch.device) -> torch.Tensor:
+        """``alphas_cumprod`` on ``device``, copied there once (not a host-to-device copy per call)."""
+        cache = self.__dict__.setdefault("_alphas_by_device", {})
+        if device not in cache:
+            cache[device] = self.alphas_cumprod.to(device)
+        return cache[device]
+
+    def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if t.dtype.is_floating_point:
+            raise TypeError("timesteps must be integer indices 0..N-1")
+        if t.device.type == "cpu":  # free here; on an accelerator a value check would sync every call
+            self.check_timesteps(t)
+        ab = self._alphas_on(like.device)[t.to(like.device)]  # [B]
         shape = (-1,) + (1,) * (like.ndim - 1)  # broadcast over 'b ...'
         a = ab.sqrt().to(like.dtype).reshape(shape)
         sigma = (1.0 - ab).sqrt().to(like.dtype).reshape(shape)

@@ -37,7 +37,7 @@ from ray import serve
 from ray.serve import metrics
 
 from serving.jobs import TERMINAL, JobStore
-from serving.settings import Settings
+from serving.settings import DEFAULT_NUM_GPUS, Settings
 
 logger = logging.getLogger("ray.serve")
 # MKL picks kernels by memory alignment unless told not to: the same seed could give videos that differ
@@ -53,20 +53,36 @@ def shape_key(job: dict[str, Any]) -> tuple:
     return (job["mode"], p["num_frames"], p["height"], p["width"], p["num_inference_steps"], p["sampler"])
 
 
-def load_pipeline(settings: Settings, checkpoint: str):
+def replica_device(settings: Settings, where: str) -> str:
+    """This replica's device from the GPUs Ray assigned it (``num_gpus`` of its deployment, fractional ones
+    included): ``auto`` -> ``cuda`` when it has one, else ``cpu``; an explicit ``device`` that contradicts the
+    assignment raises a one-line :class:`~fdreamer.device.DeviceConfigError` (the replica fails to start)."""
+    import ray
+
+    from fdreamer.device import device_for_gpus
+
+    gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    return device_for_gpus(settings.device, gpus, where)
+
+
+def load_pipeline(settings: Settings, checkpoint: str, device: str | None = None):
     """The :class:`~fdreamer.inference.pipeline.VideoPipeline` of ``checkpoint`` (folder, run folder, either on
-    ``s3://`` (fetched into the local cache once), or runs:/<id>)."""
+    ``s3://`` (fetched into the local cache once), or runs:/<id>) on ``device`` (default: ``settings.device``;
+    ``auto`` = CUDA when this process sees one): bf16 and TF32 on CUDA unless ``settings.dtype`` says otherwise."""
     import torch
 
+    from fdreamer.checkpoint import resolve_checkpoint
+    from fdreamer.device import enable_tf32, inference_dtype, resolve_device
     from fdreamer.encoders import DTYPES
     from fdreamer.inference.pipeline import VideoPipeline
-    from fdreamer.checkpoint import resolve_checkpoint
 
-    if settings.device == "cpu":
+    dev = resolve_device(device or settings.device)
+    if dev.type == "cpu":
         torch.set_num_threads(max(1, settings.torch_threads))
+    enable_tf32(dev)
     path, _ = resolve_checkpoint(checkpoint, settings.tracking_uri, s3_endpoint=settings.s3_endpoint)
-    dtype = DTYPES[settings.dtype] if settings.dtype else None
-    pipe = VideoPipeline.from_checkpoint(path, device=settings.device, dtype=dtype, t2i_path=settings.t2i_path)
+    dtype = inference_dtype(dev, DTYPES[settings.dtype] if settings.dtype else None)
+    pipe = VideoPipeline.from_checkpoint(path, device=dev, dtype=dtype, t2i_path=settings.t2i_path)
     return pipe, Path(path)
 
 
@@ -102,7 +118,7 @@ def _init_model_thread(num_threads: int) -> None:
 
 #: Defaults of both model deployments (serving/config.yaml overrides them per deployment).
 MODEL_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
-    "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
+    "ray_actor_options": {"num_cpus": 0.5, "num_gpus": DEFAULT_NUM_GPUS},
     "max_ongoing_requests": 8,
     "max_queued_requests": 64,
     "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
@@ -117,8 +133,10 @@ class _ModelReplica:
 
     def _setup(self, settings: dict[str, Any], checkpoint: str | None) -> None:
         self.settings = Settings.from_dict(settings)
+        self.device = replica_device(self.settings, f"serving: deployment {type(self).__name__}")
         self.store = JobStore(self.settings.store, self.settings.s3_endpoint)
-        self.pipe, self.checkpoint_path = load_pipeline(self.settings, checkpoint or self.settings.checkpoint)
+        self.pipe, self.checkpoint_path = load_pipeline(self.settings, checkpoint or self.settings.checkpoint,
+                                                        self.device)
         self.limits = self.pipe.limits  # loads the VAE now, not on the first request
         self._shutdown = threading.Event()
         self._active: set[str] = set()

@@ -6,6 +6,13 @@ what the config leaves out: ``FDREAMER_CHECKPOINT``, ``MLFLOW_TRACKING_URI``, ``
 ``FDREAMER_S3_ENDPOINT``. Unknown keys, values of the wrong type (a list or mapping where a number or
 a string belongs, however deeply nested: only its type is looked at) and limits that are not positive
 fail at build time with a ValueError naming the key.
+
+``device`` (``auto`` by default) and each model deployment's ``num_gpus`` must agree: a ``cuda`` replica
+with ``num_gpus: 0`` (no GPU reserved: every such replica would pile onto GPU 0 of its node) or a ``cpu``
+one with ``num_gpus > 0`` (the reserved GPU idles) is refused in one line — at config load by
+:func:`check_serve_config` (``python -m serving.settings serving/config.yaml``; the tests run it on the
+shipped file), and again by every replica at start-up against the GPUs Ray actually assigned it
+(``serving.deployments``), whatever overrode the file. ``auto`` is CUDA exactly when the replica has a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from fdreamer.device import check_device, check_device_matches_gpus
 
 DEFAULT_STORE = "runs/serving/jobs"
 
@@ -50,8 +59,8 @@ class Settings:
     tracking_uri: str | None = None  # MLflow, for runs:/
     t2i_checkpoint: str | None = None  # the T2I deployment's checkpoint (default: `checkpoint`)
     t2i_path: str | None = None  # a local diffusers Stable Diffusion folder for the T2I step
-    device: str = "cpu"  # "cuda" on GPU replicas (set num_gpus in the deployment too)
-    dtype: str | None = None  # float32 | float16 | bfloat16 (default: as saved)
+    device: str = "auto"  # auto (cuda when the replica has num_gpus > 0, else cpu) | cpu | cuda[:i]
+    dtype: str | None = None  # float32 | float16 | bfloat16 (default: bfloat16 on CUDA, else as saved)
     torch_threads: int = 1  # intra-op threads per model replica (CPU)
     store: str | None = None  # local dir or s3://bucket/prefix (default FDREAMER_STORE, else runs/serving/jobs)
     s3_endpoint: str | None = None  # for an s3:// store or checkpoint on MinIO/moto (null: AWS)
@@ -90,6 +99,9 @@ class Settings:
         if not s.checkpoint:
             raise ValueError("serving args: `checkpoint` is required (a checkpoint folder, a run folder or "
                              "runs:/<mlflow run id>), or set FDREAMER_CHECKPOINT")
+        check_device(s.device, "serving args: `device`")
+        if s.dtype is not None and s.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"serving args: `dtype` must be float32, float16 or bfloat16 (or null), got {s.dtype!r}")
         if s.max_jobs_in_flight < 1 or s.batching.max_batch_size < 1:
             raise ValueError("serving args: max_jobs_in_flight and batching.max_batch_size must be >= 1")
         for name in ("checkpoint", "t2i_checkpoint", "t2i_path"):
@@ -109,6 +121,41 @@ class Settings:
         d["limits"] = Limits(**d.get("limits", {}))
         d["batching"] = Batching(**d.get("batching", {}))
         return cls(**d)
+
+
+#: The deployments that load a model (their ``num_gpus`` must fit ``device``) and the ``num_gpus`` they get when
+#: the config file names none (``serving.deployments.MODEL_DEPLOYMENT_DEFAULTS``).
+MODEL_DEPLOYMENTS = ("VideoModel", "TextToImage")
+DEFAULT_NUM_GPUS = 0
+APP_IMPORT_PATH = "serving.app:build_app"
+
+
+def check_serve_config(config: dict[str, Any], where: str = "serve config") -> None:
+    """A Serve config file (``serving/config.yaml``'s layout) whose model deployments' ``num_gpus`` disagree with
+    the application's ``device`` raises a one-line :class:`~fdreamer.device.DeviceConfigError` (a ValueError)
+    naming the application and the deployment; so do the app's ``args`` themselves (:meth:`Settings.from_args`
+    checks, without the checkpoint requirement)."""
+    for app in (config or {}).get("applications") or []:
+        if app.get("import_path") != APP_IMPORT_PATH:
+            continue
+        args = dict(app.get("args") or {})
+        args.setdefault("checkpoint", "<checked at deploy>")
+        device = Settings.from_args(args).device
+        deployments = {d.get("name"): d for d in app.get("deployments") or []}
+        for name in MODEL_DEPLOYMENTS:
+            options = (deployments.get(name) or {}).get("ray_actor_options") or {}
+            num_gpus = options.get("num_gpus", DEFAULT_NUM_GPUS)
+            check_device_matches_gpus(device, float(num_gpus or 0),
+                                      f"{where}: application {app.get('name')!r}, deployment {name}")
+
+
+def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a Serve config file (:func:`check_serve_config`)."""
+    import yaml
+
+    config = yaml.safe_load(open(path).read())
+    check_serve_config(config, str(path))
+    return config
 
 
 def _check_keys(prefix: str, klass: type, given: dict[str, Any], nested: dict[str, type]) -> None:
@@ -137,3 +184,24 @@ def _is_a(value: Any, kind: type) -> bool:
     if kind is float:
         return isinstance(value, (int, float))
     return isinstance(value, kind)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serving.settings CONFIG.yaml``: check a Serve config file; one line, exit 0 or 2."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m serving.settings SERVE_CONFIG.yaml", file=sys.stderr)
+        return 2
+    try:
+        load_serve_config(args[0])
+    except (ValueError, OSError) as exc:  # config errors are ValueErrors here (DeviceConfigError is one)
+        print(f"serving: {exc}", file=sys.stderr)
+        return 2
+    print(f"serving: {args[0]}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

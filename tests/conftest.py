@@ -136,3 +136,18 @@ def s3_endpoint() -> Iterator[str]:
             yield f"http://127.0.0.1:{port}"
         finally:
             server.stop()
+
+
+# ------------------------------------------------------------------ markers
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu``-marked tests are skipped where torch sees no CUDA device (CI, this machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker): torch.cuda.is_available() is false")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

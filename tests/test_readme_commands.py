@@ -87,6 +87,8 @@ COVERED: list[tuple[str, str]] = [
     (r"make demo$", "tests/test_cli_demo.py::test_demo_end_to_end"),
     (r"make (test|test-fast)$", "the suite itself: .ci/run runs `make test` (CI)"),
     (r"make setup$", "every make target depends on it: tests/test_e2e.py::test_main_job_end_to_end (make main-job)"),
+    (r"make gpu-check$", "tests/test_gpu_check.py::test_gpu_check_runs_on_cpu_at_the_tiny_preset (the same script with "
+                         "--cpu --tiny; on a GPU machine: make gpu-check itself)"),
     (r"ray job submit .* -- .+", "tests/test_e2e.py::test_main_job_end_to_end, "
                                  "tests/test_local_cluster.py::test_local_cluster_lifecycle"),
     (r"serve (run|deploy) ", "tests/test_serving.py::test_config_yaml_is_a_valid_serve_config_and_builds (and serve.run "
@@ -689,6 +691,8 @@ def classify_tokens(tokens: list[str], mention: bool = False) -> tuple[str, str,
         return "run", "seconds, reads the committed configs", check_run
     if prog in ("python", "python3") and tokens[1:3] == ["-m", "fdreamer.schedule"]:
         return "run", "seconds, writes the plot", check_run
+    if prog in ("python", "python3") and tokens[1:3] == ["-m", "serving.settings"]:
+        return "run", "seconds, reads the Serve config", check_run
     if prog == "fdreamer" or (prog in ("python", "python3") and re.fullmatch(
             r"(training/(run|ablate|compare|evaluate_job)|pipelines/preprocess|cluster/main_job|tests/bench/\w+)\.py",
             tokens[1] if len(tokens) > 1 else "")):

@@ -44,6 +44,12 @@ from fdreamer.config import dump_yaml, load_config
 from training.config import TrainConfig
 
 
+class CheckpointIncomplete(fck.CheckpointError):
+    """A training checkpoint lacks a file that resuming it needs (``optimizer.pt``, ``ema.safetensors`` for a
+    run with an EMA, ``rng.pt``, ``trainer_state.json``): resuming without it would silently continue from
+    a different state (e.g. an EMA restarted from the current weights)."""
+
+
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps done
@@ -93,10 +99,10 @@ def check_resumable(path: str | Path, parallel: str, s3_endpoint: str | None = N
     """A checkpoint resumes only under the parallelism that wrote it (the optimizer state differs)."""
     sharded = is_sharded(path, s3_endpoint)
     if parallel == "fsdp" and not sharded:
-        raise ValueError(f"{path} was written with scaling.parallel=ddp (no {DCP_DIR}/): resume it with ddp, or "
+        raise fck.CheckpointError(f"{path} was written with scaling.parallel=ddp (no {DCP_DIR}/): resume it with ddp, or "
                          "start a new stage from it with init_from")
     if parallel != "fsdp" and sharded and not _holds(path, "optimizer.pt", s3_endpoint):
-        raise ValueError(f"{path} is a sharded checkpoint of scaling.parallel=fsdp: resume it with fsdp, or start "
+        raise fck.CheckpointError(f"{path} is a sharded checkpoint of scaling.parallel=fsdp: resume it with fsdp, or start "
                          "a new stage from it with init_from")
 
 
@@ -181,17 +187,65 @@ def read_trainer_state(path: str | Path, s3_endpoint: str | None = None) -> Trai
     return TrainerState(**json.loads(storage.read_bytes(fs, storage.join(base, "trainer_state.json"))))
 
 
+def check_complete(path: Path, *, sharded: bool, ema: bool) -> None:
+    """:class:`CheckpointIncomplete` naming every file a resume of ``path`` needs and does not find: the trainer
+    state and RNG always, ``optimizer.pt`` (DDP) or ``dcp/.metadata`` (FSDP), ``ema.safetensors`` when the
+    run keeps an EMA (``ema``)."""
+    path = Path(path)
+    needed = ["trainer_state.json", "rng.pt", f"{DCP_DIR}/.metadata" if sharded else "optimizer.pt"]
+    if ema:
+        needed.append("ema.safetensors")
+    missing = [f for f in needed if not (path / f).is_file()]
+    if missing:
+        why = (" (the run has optim.ema_decay > 0: was the checkpoint written with ema_decay 0? resume with the "
+               "same optim.ema_decay, or start a new stage from it with init_from)" if "ema.safetensors" in missing
+               else "")
+        raise CheckpointIncomplete(f"{path}: cannot resume, the checkpoint lacks {missing}{why}")
+
+
 def load_optimizer_state(path: Path) -> dict:
-    return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    """``optimizer.pt`` read onto the CPU (:func:`restore_training_state` loads it into an optimizer, whose
+    ``load_state_dict`` moves every state tensor to its parameter's device)."""
+    f = Path(path) / "optimizer.pt"
+    if not f.is_file():
+        raise CheckpointIncomplete(f"{path}: cannot resume, the checkpoint lacks optimizer.pt")
+    return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def restore_training_state(path: Path, optimizer: torch.optim.Optimizer, ema: Any | None) -> None:
+    """Load a (DDP / one-worker) checkpoint's optimizer state and EMA into ``optimizer`` and ``ema``, which
+    must already be built over the PLACED parameters (the model on its device and wrapped): the AdamW
+    moments then land on each parameter's device (``Optimizer.load_state_dict`` casts them there) and the
+    EMA is copied into its shadow tensors, which live beside the parameters. Loading before the model is
+    moved leaves them on the CPU beside CUDA parameters: the first ``optimizer.step()`` raises a device
+    mismatch. A missing ``ema.safetensors`` (``ema`` given) raises :class:`CheckpointIncomplete`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    saved = load_optimizer_state(path)
+    # Loading replaces each group's settings with the saved ones: keep the implementation chosen for THIS run's
+    # device (fused on CUDA, foreach on the CPU), whatever wrote the checkpoint; load_state_dict then puts the
+    # `step` counters where that implementation needs them (fused: on the parameter's device).
+    impl = ("fused", "foreach", "capturable")
+    saved["param_groups"] = [{**sg, **{k: g[k] for k in impl if k in g}}
+                             for sg, g in zip(saved["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict(saved)
+    if ema is not None:
+        f = path / "ema.safetensors"
+        if not f.is_file():
+            raise CheckpointIncomplete(f"{path}: cannot resume the EMA, the checkpoint lacks ema.safetensors")
+        ema.load_state_dict(load_file(str(f)))
 
 
 def restore_rng(path: Path) -> None:
-    f = path / "rng.pt"
-    if f.is_file():
-        st = torch.load(f, weights_only=False)
-        torch.set_rng_state(st["torch"])
-        np.random.set_state(st["numpy"])
-        random.setstate(st["python"])
+    """The torch / numpy / python RNG states of ``rng.pt`` (:class:`CheckpointIncomplete` when absent)."""
+    f = Path(path) / "rng.pt"
+    if not f.is_file():
+        raise CheckpointIncomplete(f"{path}: cannot resume, the checkpoint lacks rng.pt")
+    st = torch.load(f, weights_only=False)
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
 
 
 def checkpoint_config(path: Path) -> TrainConfig:
@@ -219,7 +273,7 @@ def checkpoint_uri(checkpoint: Any) -> str:
     if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
         return str(checkpoint.path)
     if checkpoint.filesystem.type_name != "s3":
-        raise ValueError(f"checkpoint on a {checkpoint.filesystem.type_name} filesystem: only local and s3:// are supported")
+        raise fck.CheckpointError(f"checkpoint on a {checkpoint.filesystem.type_name} filesystem: only local and s3:// are supported")
     return f"s3://{checkpoint.path}"
 
 
@@ -233,6 +287,6 @@ def local_checkpoint(spec: str, s3_endpoint: str | None = None, *, resume: bool 
     return path
 
 
-__all__ = ["DCP_DIR", "TrainerState", "check_resumable", "checkpoint_config", "checkpoint_uri", "consolidate", "is_sharded",
+__all__ = ["DCP_DIR", "CheckpointIncomplete", "TrainerState", "check_complete", "check_resumable", "checkpoint_config", "checkpoint_uri", "consolidate", "is_sharded",
            "latest_checkpoint", "latest_resumable", "load_optimizer_state", "local_checkpoint", "load_sharded", "load_sharded_model", "read_trainer_state",
-           "restore_rng", "save_full_weights", "save_sharded", "save_sharded_files", "save_training_checkpoint"]
+           "restore_rng", "restore_training_state", "save_full_weights", "save_sharded", "save_sharded_files", "save_training_checkpoint"]

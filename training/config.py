@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fdreamer.config import nested, opt
+from fdreamer.config import ConfigError, nested, opt
 from fdreamer.models import ModelConfig
 from fdreamer.schedule import ScheduleConfig
 from fdreamer.train.objective import TimestepSampling
@@ -95,13 +95,28 @@ class ScalingSection:
     parallel: Literal["ddp", "fsdp"] = opt(
         "ddp", "DDP (default) or FSDP: FSDP2 fully_shard per resnet / transformer / temporal / PACA layer, sharded "
         "checkpoints (torch.distributed.checkpoint); CPU (gloo) or GPU (NCCL); no EMA")
-    torch_threads: int = opt(1, "torch intra-op threads per CPU worker")
+    torch_threads: int | None = opt(None, "torch intra-op threads per worker (null: cpus_per_worker, at least 1: the "
+                                          "CPUs Ray reserves for the worker)")
+    collective_timeout_s: int = opt(
+        1800, "timeout of the workers' process group (Ray Train TorchConfig.timeout_s; also the FSDP checkpoint "
+        "group): a collective that waits longer fails the step and Ray Train restarts the group from the latest "
+        "checkpoint. Rank 0 alone validates, renders samples and (DDP) writes checkpoints while the other ranks "
+        "wait in the next collective, so keep it above the longest of those (sd15: minutes), and below the time "
+        "a hung rank may cost the whole job")
     grad_reduce_dtype: Literal["fp32", "bf16", "fp16"] = opt(
         "fp32", "dtype the gradients are all-reduced in (DDP comm hook / FSDP reduce_dtype): bf16 or fp16 halve the "
         "bytes per step; with ddp bf16 needs NCCL (use_gpu) and fp16 also runs on gloo (CPU); with fsdp both run on "
         "gloo")
 
+    def threads(self) -> int:
+        """The intra-op thread count of a worker: ``torch_threads``, else the CPUs reserved for it (>= 1)."""
+        return max(1, self.torch_threads if self.torch_threads is not None else int(self.cpus_per_worker))
+
     def __post_init__(self) -> None:
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1 (or null), got {self.torch_threads}")
+        if self.collective_timeout_s < 1:
+            raise ValueError(f"collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
         if self.grad_reduce_dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"grad_reduce_dtype must be fp32, bf16 or fp16, got {self.grad_reduce_dtype!r}")
         if self.grad_reduce_dtype == "bf16" and not self.use_gpu and self.parallel != "fsdp":
@@ -223,7 +238,7 @@ class TrainConfig:
         kwargs = preset_unet_config(self.preset)
         unknown = sorted(set(self.unet_overrides) - set(inspect.signature(UNet2DConditionModel).parameters))
         if unknown:
-            raise ValueError(f"unet_overrides: {unknown} are no UNet2DConditionModel arguments")
+            raise ConfigError(f"unet_overrides: {unknown} are no UNet2DConditionModel arguments")
         return {**kwargs, **{k: tuple(v) if isinstance(v, list) else v for k, v in self.unet_overrides.items()}}
 
     @property
@@ -242,23 +257,25 @@ class TrainConfig:
         return self.global_batch // (self.scaling.num_workers * self.micro_batch)
 
     def check_ready(self) -> None:
-        """Fail before Ray starts on what defaults cannot supply."""
+        """Fail before Ray starts on what defaults cannot supply (:class:`~fdreamer.config.ConfigError`)."""
         if not self.data.path:
-            raise ValueError("no training data: set --data.path=<output of pipelines/preprocess.py> (the video clips; "
-                             "also read for the null conditions, validation and the inference defaults)")
-        for key, value in (("storage_path", self.storage_path), ("init_from", self.init_from)):
-            if value and "://" in value and not value.startswith(("runs:/", "s3://")):
-                raise ValueError(f"{key}={value!r}: a local or shared filesystem path or s3://bucket/prefix"
-                                 + (" (or runs:/<mlflow run id>)" if key == "init_from" else ""))
+            raise ConfigError("no training data: set --data.path=<output of pipelines/preprocess.py> (the video clips; "
+                              "also read for the null conditions, validation and the inference defaults)")
+        for key, value in (("storage_path", self.storage_path), ("init_from", self.init_from),
+                           ("data.path", self.data.path), ("data.image_path", self.data.image_path)):
+            allowed = ("runs:/", "s3://") if key == "init_from" else ("s3://",)
+            if value and "://" in value and not value.startswith(allowed):
+                raise ConfigError(f"{key}={value!r}: a local or shared filesystem path or s3://bucket/prefix"
+                                  + (" (or runs:/<mlflow run id>)" if key == "init_from" else ""))
         for key, value in (("pretrained_unet", self.pretrained_unet), ("models_dir", self.models_dir)):
             if value and "://" in value:
-                raise ValueError(f"{key}={value!r}: the pretrained models are read from a local folder on every node")
+                raise ConfigError(f"{key}={value!r}: the pretrained models are read from a local folder on every node")
         if self.data.log_order and self.storage_path.startswith("s3://") and not self.data.log_order_dir:
-            raise ValueError("data.log_order appends to a local file per worker: with an s3:// storage_path give "
-                             "data.log_order_dir (a local or shared folder)")
+            raise ConfigError("data.log_order appends to a local file per worker: with an s3:// storage_path give "
+                              "data.log_order_dir (a local or shared folder)")
         if self.data.image_ratio > 0 and not self.data.image_path:
-            raise ValueError(f"data.image_ratio={self.data.image_ratio} needs images: set --data.image_path=<output of "
-                             "pipelines/preprocess.py on an image manifest>")
+            raise ConfigError(f"data.image_ratio={self.data.image_ratio} needs images: set --data.image_path=<output of "
+                              "pipelines/preprocess.py on an image manifest>")
 
 
 __all__ = ["CheckpointSection", "DataConfig", "ObjectiveConfig", "OptimConfig", "ScalingSection",

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import torch
 
 from fdreamer.data.batching import TrainBatch, to_train_batch
+from fdreamer.device import pin
 from fdreamer.data.schema import NULL_CONDITIONS_FILE, read_null_conditions, read_summary
 from training.config import TrainConfig
 from training.order import Blocks, ReadPlan, count_blocks
@@ -73,10 +74,11 @@ def plan_blocks(cfg: TrainConfig) -> dict[str, Blocks]:
 
 
 def open_stream(cfg: TrainConfig, name: str, blocks: Blocks, *, rank: int, world: int,
-                position: dict[str, int] | None = None) -> RowStream:
+                position: dict[str, int] | None = None, pin_memory: bool = False) -> RowStream:
     """Worker side: stream ``name`` (``train`` or ``images``) of this worker from ``position`` (epoch,
     batches consumed). The shuffle windows hold ``data.shuffle_buffer`` rows (at least a batch); the image
-    stream's seeds differ from the clip stream's."""
+    stream's seeds differ from the clip stream's. ``pin_memory`` (CUDA workers): the reader thread puts
+    each collated batch in page-locked memory, so the loop's copy to the GPU is non-blocking."""
     kind = stream_kinds(cfg)[name]
     batch = cfg.video_micro_batch if kind == VIDEO else cfg.image_micro_batch
     seed = cfg.seed * 10_007 + (IMAGE_STREAM_SEED_OFFSET if name == "images" else 0)
@@ -90,7 +92,8 @@ def open_stream(cfg: TrainConfig, name: str, blocks: Blocks, *, rank: int, world
     with_flow = cfg.model.predictnet and kind == VIDEO
 
     def collate(columns: dict[str, np.ndarray]) -> TrainBatch:
-        return to_train_batch(columns, with_flow=with_flow, image=kind == IMAGE, **conditions_for(cfg))
+        batch = to_train_batch(columns, with_flow=with_flow, image=kind == IMAGE, **conditions_for(cfg))
+        return pin(batch) if pin_memory else batch
 
     position = position or {}
     return RowStream(plan, reader, collate, prefetch=cfg.data.prefetch_batches, name=name,

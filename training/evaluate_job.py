@@ -24,6 +24,8 @@ class EvalJobConfig(EvalConfig):
     ray_address: str | None = opt(None, "Ray cluster (default: RAY_ADDRESS, a running local cluster, else a new one)")
     concurrency: int = opt(2, "GenerateAndScore actors")
     num_cpus: float = opt(1.0, "CPUs per actor (also its torch threads)")
+    num_gpus: float = opt(0.0, "GPUs per actor (fractional shares one GPU); with --device auto the actors run on "
+                          "CUDA exactly when this is > 0; --device cuda with 0 (or cpu with > 0) is refused")
 
 
 def _to_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -35,16 +37,19 @@ def _to_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for it in items]
 
 
-def ray_runner(concurrency: int, num_cpus: float, s3_endpoint: str | None = None):
-    """A :data:`fdreamer.eval.evaluate.Runner` on Ray Data (ray must be initialised); each actor loads the
-    checkpoint itself (an ``s3://`` one fetched into its node's cache)."""
+def ray_runner(concurrency: int, num_cpus: float, s3_endpoint: str | None = None, *, num_gpus: float = 0.0,
+               device: str = "cpu"):
+    """A :data:`fdreamer.eval.evaluate.Runner` on Ray Data (ray must be initialised); each actor (``num_cpus``,
+    ``num_gpus``) loads the checkpoint itself (an ``s3://`` one fetched into its node's cache) on ``device``
+    (resolved on the driver from ``num_gpus``: Ray leaves a GPU-less actor every GPU of its node visible)."""
     import ray
 
     def run(checkpoint: str, items: list[dict[str, Any]], settings: EvalSettings) -> list[dict[str, Any]]:
         ds = ray.data.from_items(_to_rows(items)).map_batches(
             GenerateAndScore, fn_constructor_kwargs={"checkpoint": str(checkpoint), "settings": asdict(settings),
-                                                     "torch_threads": max(1, int(num_cpus)), "s3_endpoint": s3_endpoint},
-            batch_size=1, concurrency=concurrency, num_cpus=num_cpus)
+                                                     "torch_threads": max(1, int(num_cpus)), "s3_endpoint": s3_endpoint,
+                                                     "device": device},
+            batch_size=1, concurrency=concurrency, num_cpus=num_cpus, **({"num_gpus": num_gpus} if num_gpus else {}))
         outs = [{"row": json.loads(r["row_json"]), "frames": np.asarray(r["frames"])} for r in ds.iter_rows()]
         order = {it["id"]: i for i, it in enumerate(items)}
         return sorted(outs, key=lambda o: order[o["row"]["id"]])
@@ -56,19 +61,22 @@ def run(cfg: EvalJobConfig) -> int:
     import ray
 
     from cluster.connect import init_ray
-    from fdreamer.checkpoint import CheckpointError, resolve_checkpoint
+    from fdreamer.checkpoint import resolve_checkpoint
     from fdreamer.cli.evaluate import report
-    from fdreamer.eval.evaluate import evaluate_config
+    from fdreamer.device import device_for_gpus
+    from fdreamer.eval.evaluate import domain_errors, evaluate_config
 
-    try:
-        resolve_checkpoint(cfg.checkpoint, cfg.tracking_uri, s3_endpoint=cfg.s3_endpoint)  # fail before Ray starts
-    except (CheckpointError, ValueError) as exc:
+    try:  # fail before Ray starts
+        device = device_for_gpus(cfg.device, cfg.num_gpus, "GenerateAndScore actors")
+        resolve_checkpoint(cfg.checkpoint, cfg.tracking_uri, s3_endpoint=cfg.s3_endpoint)
+    except domain_errors() as exc:  # by class (CheckpointError, DeviceConfigError, ...): a bug keeps its traceback
         print(f"evaluate_job: {exc}", file=sys.stderr)
         return 2
     init_ray(cfg.ray_address, log_to_driver=False)
     try:
-        result = evaluate_config(cfg, runner=ray_runner(cfg.concurrency, cfg.num_cpus, cfg.s3_endpoint))
-    except (ValueError, FileNotFoundError) as exc:
+        result = evaluate_config(cfg, runner=ray_runner(cfg.concurrency, cfg.num_cpus, cfg.s3_endpoint,
+                                                        num_gpus=cfg.num_gpus, device=device))
+    except domain_errors() as exc:
         print(f"evaluate_job: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -160,7 +160,8 @@ def fit(cfg: TrainConfig, loop_config: dict[str, Any] | None = None) -> Any:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
+                                 timeout_s=cfg.scaling.collective_timeout_s),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},

@@ -27,6 +27,7 @@ the images.
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
 import json
 import os
@@ -40,14 +41,17 @@ import torch
 from fdreamer import checkpoint as model_checkpoint
 from fdreamer.config import load_config
 from fdreamer.data.batching import JointBatch, TrainBatch, null_from_tensors
+from fdreamer.device import enable_tf32, to_device
 from fdreamer.encoders import EncoderConfig
 from fdreamer.models import FactorizedDreamerUNet
 from fdreamer.schedule import NoiseSchedule
-from fdreamer.train.step import EMA, StepResult, lr_at, make_optimizer, optimizer_step, validation_loss
+from fdreamer.train.step import (EMA, StepResult, lr_at, make_optimizer, optimizer_step, state_device_problems,
+                                 validation_loss)
 from training import checkpointing
 from training import data as train_data
 from training import parallel
 from training.config import TrainConfig
+from training.rows import DataError
 from training.saving import CheckpointSaving, PendingCheckpoint
 
 MicroBatch = TrainBatch | JointBatch
@@ -119,29 +123,10 @@ class TrainWorker(CheckpointSaving):
         import ray.train
         import ray.train.torch
 
-        self.loop_config = loop_config
-        self.cfg = cfg = load_config(TrainConfig, data=loop_config["cfg"])
         context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        torch.set_num_threads(max(1, cfg.scaling.torch_threads))
-        torch.manual_seed(cfg.seed)
-        self.device = ray.train.torch.get_device()
-        self.fsdp = self.world > 1 and cfg.scaling.parallel == "fsdp"
-        self.model: torch.nn.Module = build_model(cfg, loop_config.get("init_from"))
-        self.no_sync: Any = None  # skips the gradient reduction of all but the last micro-batch (distribute)
-        self.plain: FactorizedDreamerUNet | None = None  # FSDP, rank 0: unsharded copy for validation / samples
-        self.gathered_step = -1  # the step whose full weights self.plain holds
-        self.checkpoint_group: Any = None  # FSDP async saves: their own gloo group (collectives off the main thread)
-        self.pending: PendingCheckpoint | None = None
-        self.sharded_restore: Any = None  # FSDP: the checkpoint to load after sharding
-        self.schedule = NoiseSchedule(cfg.schedule)
-        self.optimizer = self._new_optimizer()
-        self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_start) if cfg.optim.ema_decay > 0 else None
-        self.state = checkpointing.TrainerState(world_size=self.world, seed=cfg.seed)
-        saved_optimizer = self.restore()
-        self.distribute(saved_optimizer)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" and cfg.mixed_precision == "bf16" else None)
+        self.setup_model(loop_config, rank=context.get_world_rank(), world=context.get_world_size(),
+                         device=ray.train.torch.get_device(), source=self.checkpoint_source(loop_config))
+        cfg = self.cfg
         null = null_from_tensors(train_data.load_null(cfg.data.path, cfg.s3_endpoint))
         self.null = type(null)(*(None if v is None else v.to(self.device) for v in
                                  (null.text_tokens, null.image_embed, null.first_frame, null.t5_tokens, null.t5_mask)))
@@ -158,18 +143,68 @@ class TrainWorker(CheckpointSaving):
 
     # ------------------------------------------------------------------ build, restore, distribute
 
+    def setup_model(self, loop_config: dict[str, Any], *, rank: int, world: int, device: torch.device,
+                    source: str | None) -> None:
+        """Model, optimizer and EMA of this worker, restored from ``source`` (a checkpoint; None = fresh), in
+        the order that leaves every tensor on its parameter's device (no Ray here: tests call it with a
+        fake device):
+
+        1. build the model on the CPU (same seed on every worker; ``init_from`` weights);
+        2. :meth:`restore`: trainer state and RNG; the checkpoint's weights into the CPU model (DDP);
+        3. :meth:`distribute`: place the model on ``device`` and wrap it (DDP) or shard it (FSDP2);
+        4. the optimizer over the placed parameters (fused AdamW on CUDA), the EMA from the placed weights;
+        5. the checkpoint's optimizer and EMA state loaded onto the parameters' devices (FSDP: the DCP shards
+           into the sharded model and optimizer), then checked once (:func:`state_device_problems`).
+        """
+        self.loop_config = loop_config
+        self.cfg = cfg = load_config(TrainConfig, data=loop_config["cfg"])
+        self.rank, self.world, self.device = rank, world, torch.device(device)
+        torch.set_num_threads(cfg.scaling.threads())
+        torch.manual_seed(cfg.seed)
+        enable_tf32(self.device)
+        self.fsdp = self.world > 1 and cfg.scaling.parallel == "fsdp"
+        self.model: torch.nn.Module = build_model(cfg, loop_config.get("init_from"))
+        self.no_sync: Any = None  # skips the gradient reduction of all but the last micro-batch (distribute)
+        self.plain: FactorizedDreamerUNet | None = None  # FSDP, rank 0: unsharded copy for validation / samples
+        self.gathered_step = -1  # the step whose full weights self.plain holds
+        self.checkpoint_group: Any = None  # FSDP async saves: their own gloo group (collectives off the main thread)
+        self.pending: PendingCheckpoint | None = None
+        self.schedule = NoiseSchedule(cfg.schedule)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" and cfg.mixed_precision == "bf16" else None)
+        self.null: Any = None  # CFG null conditions on the device (__init__: from the data)
+        self.state = checkpointing.TrainerState(world_size=self.world, seed=cfg.seed)
+        folder = self.restore(source)
+        self.distribute()
+        self.optimizer = self._new_optimizer()
+        self.ema = (EMA(parallel.unwrap(self.model), cfg.optim.ema_decay, cfg.optim.ema_start)
+                    if cfg.optim.ema_decay > 0 else None)
+        if folder is not None:
+            if self.fsdp:
+                checkpointing.load_sharded(folder, self.model, self.optimizer)
+            else:
+                checkpointing.restore_training_state(folder, self.optimizer, self.ema)
+        problems = state_device_problems(parallel.unwrap(self.model), self.optimizer, self.ema)
+        if problems:  # a check that runs once, at start-up: a step would fail (or run on the wrong device)
+            raise RuntimeError(f"{len(problems)} optimizer / EMA tensors off their parameter's device: {problems[:3]}")
+
     def _new_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
         return make_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps)
 
-    def restore(self) -> dict | None:
-        """Load the checkpoint Ray hands over (worker failure) or the driver names (``--resume``): weights,
-        EMA, trainer state and RNG; returns its full optimizer state (None when starting fresh). FSDP: only
-        the trainer state and RNG here; the shards load into the sharded model in :meth:`distribute`."""
+    @staticmethod
+    def checkpoint_source(loop_config: dict[str, Any]) -> str | None:
+        """The checkpoint Ray hands over (``ray.train.get_checkpoint()``: a restart after a worker failure),
+        else the one the driver names (``--resume``), else None."""
         import ray.train
 
         restored = ray.train.get_checkpoint()
-        source = self.loop_config.get("resume_from") if restored is None else checkpointing.checkpoint_uri(restored)
+        return loop_config.get("resume_from") if restored is None else checkpointing.checkpoint_uri(restored)
+
+    def restore(self, source: str | None) -> Path | None:
+        """Trainer state and RNG of checkpoint ``source``, and (DDP / one worker) its weights into the model,
+        still on the CPU; returns the local checkpoint folder (None when starting fresh). The optimizer
+        and EMA state are loaded by :meth:`setup_model` once the model is placed (FSDP: the shards too)."""
         if source is None:
             return None
         # Local, or s3:// fetched into this node's cache (each file written under a temp name, then renamed).
@@ -179,43 +214,36 @@ class TrainWorker(CheckpointSaving):
         folder = checkpointing.local_checkpoint(source, self.cfg.s3_endpoint, resume=True)
         self.state = checkpointing.read_trainer_state(folder)
         if self.state.world_size != self.world:
-            raise ValueError(f"checkpoint was written by {self.state.world_size} workers, this run has "
-                             f"{self.world}: the data position would not be exact; use the same num_workers")
+            raise model_checkpoint.CheckpointError(
+                f"checkpoint was written by {self.state.world_size} workers, this run has {self.world}: the data "
+                "position would not be exact; use the same num_workers")
         checkpointing.check_resumable(folder, "fsdp" if self.fsdp else "ddp")
-        if self.fsdp:
-            self.sharded_restore = folder
-            checkpointing.restore_rng(folder)
-            return None
-        model_checkpoint.load_weights_into(self.model, folder)
-        saved_optimizer = checkpointing.load_optimizer_state(folder)
-        self.optimizer.load_state_dict(saved_optimizer)
-        if self.ema is not None and (folder / "ema.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            self.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+        checkpointing.check_complete(folder, sharded=self.fsdp, ema=self.cfg.optim.ema_decay > 0)
+        if not self.fsdp:
+            model_checkpoint.load_weights_into(self.model, folder)
         checkpointing.restore_rng(folder)
-        return saved_optimizer
+        return folder
 
-    def distribute(self, saved_optimizer: dict | None) -> None:
-        """Move to the device and wrap for DDP / shard with FSDP2 (more than one worker)."""
-        import ray.train.torch
-
+    def distribute(self) -> None:
+        """Place the model on the device and wrap it for DDP / shard it with FSDP2 (more than one worker).
+        Runs before the optimizer and EMA exist: they are built over the placed parameters."""
         self.model.to(self.device)
-        if self.ema is not None:
-            self.ema.shadow = {k: v.to(self.device) for k, v in self.ema.shadow.items()}
         reduce_dtype = self.cfg.scaling.grad_reduce_dtype
         if self.fsdp:
             if self.rank == 0:  # validation and samples run unsharded on rank 0 (weights gathered into it)
                 self.plain = copy.deepcopy(self.model).eval()
             parallel.apply_fsdp(self.model, reduce_dtype)
             self.no_sync = functools.partial(parallel.fsdp_no_sync, self.model)
-            self.optimizer = self._new_optimizer()  # over the sharded (DTensor) parameters
-            if self.sharded_restore is not None:
-                checkpointing.load_sharded(self.sharded_restore, self.model, self.optimizer)
             if self.cfg.checkpoint.async_save:
-                self.checkpoint_group = torch.distributed.new_group(backend="gloo")
+                self.checkpoint_group = torch.distributed.new_group(
+                    backend="gloo", timeout=datetime.timedelta(seconds=self.cfg.scaling.collective_timeout_s))
         elif self.world > 1:
-            self.model = ray.train.torch.prepare_model(self.model, parallel_strategy="ddp")
+            import ray.train.torch
+
+            # gradient_as_bucket_view: the .grad tensors are views into DDP's all-reduce buckets (no second
+            # copy of every gradient: ~5.7 GB less per GPU for sd15 in fp32, and no bucket -> grad copy)
+            self.model = ray.train.torch.prepare_model(
+                self.model, parallel_strategy="ddp", parallel_strategy_kwargs={"gradient_as_bucket_view": True})
             parallel.apply_ddp_grad_reduce(self.model, reduce_dtype)
             self.no_sync = self.model.no_sync
         self.model.train()
@@ -229,11 +257,14 @@ class TrainWorker(CheckpointSaving):
         from training.order import Blocks
 
         blocks = {name: Blocks.from_dict(b) for name, b in self.loop_config["blocks"].items()}
-        self.primary = train_data.open_stream(self.cfg, "train", blocks["train"], rank=self.rank, world=self.world)
+        pin_memory = self.device.type == "cuda"
+        self.primary = train_data.open_stream(self.cfg, "train", blocks["train"], rank=self.rank, world=self.world,
+                                              pin_memory=pin_memory)
         self.images = None
         if "images" in blocks:
             self.images = train_data.open_stream(self.cfg, "images", blocks["images"], rank=self.rank,
-                                                 world=self.world, position=self.state.extra.get("images"))
+                                                 world=self.world, position=self.state.extra.get("images"),
+                                                 pin_memory=pin_memory)
 
     def next_micro_batches(self) -> list[MicroBatch] | None:
         """The micro-batches of the next optimizer step, or None when this epoch of the clips is used up
@@ -246,9 +277,9 @@ class TrainWorker(CheckpointSaving):
                 micro_batches = None
                 break
             if self.images is not None:
-                micro_batches.append(JointBatch(clips, self.images.next_cycling()).to(self.device))
+                micro_batches.append(to_device(JointBatch(clips, self.images.next_cycling()), self.device))
             else:
-                micro_batches.append(clips.to(self.device))
+                micro_batches.append(to_device(clips, self.device))  # CUDA: pinned (reader thread), non-blocking
         self.window.data_wait_s += time.perf_counter() - waiting_since
         return micro_batches
 
@@ -302,7 +333,10 @@ class TrainWorker(CheckpointSaving):
         if validate:
             for batch in (self.heldout, self.heldout_images):
                 if batch is not None:
-                    losses = validation_loss(model, self.schedule, batch, timesteps, self.cfg.seed)
+                    # micro-batched (the run's micro-batch) under the training autocast: the held-out clips
+                    # (max_heldout, 32) in one fp32 forward would need ~30x a training step's activations
+                    losses = validation_loss(model, self.schedule, batch, timesteps, self.cfg.seed,
+                                             micro_batch=self.cfg.micro_batch, autocast=self.autocast)
                     self.tracker.log_metrics(losses, step=step)
                     metrics.update(losses)
         if samples:
@@ -346,19 +380,26 @@ class TrainWorker(CheckpointSaving):
                 self.next_epoch()
         self.finish()
 
+    def optimize(self, micro_batches: list[MicroBatch]) -> StepResult:
+        """The optimizer step itself and what a checkpoint records of it: weights, AdamW state, EMA, step
+        and micro-batches consumed (no Ray; the resume tests and ``tests/gpu_check.py`` call it)."""
+        result = self.train_step(micro_batches)
+        self.state.step += 1
+        self.state.consumed += len(micro_batches)
+        if self.ema is not None:
+            self.ema.update(self.model, self.state.step)
+        return result
+
     def step(self, micro_batches: list[MicroBatch]) -> None:
         """One optimizer step, then its logging, periodic validation / samples and checkpoint."""
         cfg, state, tracking = self.cfg, self.state, self.cfg.tracking
-        result = self.train_step(micro_batches)
+        index = state.step
+        result = self.optimize(micro_batches)
         self.flush_checkpoint()  # the asynchronous save of the previous step's checkpoint had this step's time
-        self.data_order_log.write(state.step, state.epoch, [i for mb in micro_batches for i in mb.clip_ids])
-        state.step += 1
-        state.consumed += len(micro_batches)
+        self.data_order_log.write(index, state.epoch, [i for mb in micro_batches for i in mb.clip_ids])
         if self.images is not None:
             state.extra["images"] = self.images.position()
         self.window.samples += sum(_num_samples(mb) for mb in micro_batches) * self.world
-        if self.ema is not None:
-            self.ema.update(self.model, state.step)
         if self.rank == 0 and (state.step % tracking.log_every == 0 or state.step == cfg.steps):
             self.log_step(result)
             self.window = ThroughputWindow()
@@ -370,7 +411,7 @@ class TrainWorker(CheckpointSaving):
 
     def next_epoch(self) -> None:
         if self.state.consumed == 0:
-            raise ValueError(f"worker {self.rank} got no batch in epoch {self.state.epoch}: the data shard has fewer "
+            raise DataError(f"worker {self.rank} got no batch in epoch {self.state.epoch}: the data shard has fewer "
                              f"rows than {self.primary.batch_size} per micro-batch x accumulation "
                              f"{self.cfg.accumulation}")
         self.state.epoch += 1

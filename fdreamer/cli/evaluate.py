@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any
 
-from fdreamer.eval.evaluate import EvalConfig, EvalResult, evaluate_config, format_table
+from fdreamer.eval.evaluate import EvalConfig, EvalResult, domain_errors, evaluate_config, format_table
 
 
 def report(result: EvalResult) -> None:
@@ -21,7 +21,7 @@ def report(result: EvalResult) -> None:
 def run(cfg: EvalConfig) -> int:
     try:
         result = evaluate_config(cfg)
-    except (ValueError, FileNotFoundError) as exc:
+    except domain_errors() as exc:  # by class: any other exception is a bug and keeps its traceback
         print(f"fdreamer evaluate: {exc}", file=sys.stderr)
         return 2
     report(result)

@@ -47,6 +47,11 @@ from fdreamer.config import nested, opt
 from fdreamer.inference.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE
 
 MODES = ("i2v", "t2v")
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked (an option, the prompt data): the entry points print it as one
+    line and exit 2; any other exception is a bug and keeps its traceback."""
 SUMMARY_KEYS = ("direction_accuracy", "colour_accuracy", "fc", "pc", "flow_magnitude", "warping_error", "psnr0", "fd_pixelflow")
 PER_VIDEO_KEYS = ("fc", "pc", "flow_magnitude", "warping_error", "psnr0")
 
@@ -82,6 +87,9 @@ class EvalConfig:
     run_id: str | None = opt(None, "log to this MLflow run (default: the checkpoint's)")
     log: bool = opt(True, "log the metrics to the checkpoint's MLflow run")
     s3_endpoint: str | None = opt(None, "S3 endpoint URL for an s3:// checkpoint (MinIO / moto; default: AWS)")
+    device: str = opt("auto", "where the videos are generated: auto (CUDA when this process has a GPU; under "
+                      "training/evaluate_job.py: when --num_gpus > 0), cpu, cuda or cuda:<i>; on CUDA in bf16 with "
+                      "TF32 (the videos then differ from the CPU's fp32 ones by rounding)")
     sampling: EvalSettings = nested(EvalSettings, "how each video is generated")
 
 
@@ -142,7 +150,7 @@ def build_prompts(data_dir: str | Path, *, modes: tuple[str, ...] = ("i2v",), sp
     ``motion_prompt`` (the manifest's motion caption, for T5), else None (T5 reads the prompt).
     """
     if i2v_prompt not in ("motion_caption", "caption"):
-        raise ValueError(f"i2v_prompt must be 'motion_caption' or 'caption', got {i2v_prompt!r}")
+        raise EvalError(f"i2v_prompt must be 'motion_caption' or 'caption', got {i2v_prompt!r}")
     from fdreamer.data.video import read_video
 
     rows = sorted((r for r in read_manifest(data_dir) if split is None or r.get("split") == split),
@@ -150,7 +158,7 @@ def build_prompts(data_dir: str | Path, *, modes: tuple[str, ...] = ("i2v",), sp
     if num is not None:
         rows = rows[:num]
     if not rows:
-        raise ValueError(f"{data_dir}: no clips in split {split!r}")
+        raise EvalError(f"{data_dir}: no clips in split {split!r}")
     real = [read_video(r["path"], num_frames, fps=fps, size=size).frames for r in rows]
     items: list[dict[str, Any]] = []
     for mode in modes:
@@ -195,10 +203,11 @@ class GenerateAndScore:
     ``map_batches`` with a dict of columns, or a plain list of item dicts in-process)."""
 
     def __init__(self, checkpoint: str, settings: dict[str, Any] | None = None, torch_threads: int | None = None,
-                 s3_endpoint: str | None = None) -> None:
+                 s3_endpoint: str | None = None, device: str = "auto") -> None:
         import torch
 
         from fdreamer.checkpoint import resolve_checkpoint
+        from fdreamer.device import enable_tf32, inference_dtype, resolve_device
         from fdreamer.inference.pipeline import VideoPipeline
 
         if torch_threads:
@@ -206,7 +215,10 @@ class GenerateAndScore:
         if checkpoint.startswith("s3://"):  # fetched into this node's cache (an actor may run on any node)
             checkpoint = str(resolve_checkpoint(checkpoint, s3_endpoint=s3_endpoint)[0])
         self.settings = EvalSettings(**(settings or {}))
-        self.pipe = VideoPipeline.from_checkpoint(checkpoint, use_ema=self.settings.use_ema, t2i_path=self.settings.t2i_path)
+        dev = resolve_device(device)  # auto: CUDA when this process has one (a Ray actor: its num_gpus decides)
+        enable_tf32(dev)
+        self.pipe = VideoPipeline.from_checkpoint(checkpoint, use_ema=self.settings.use_ema, t2i_path=self.settings.t2i_path,
+                                                  device=dev, dtype=inference_dtype(dev, None))
 
     def generate(self, item: dict[str, Any]) -> dict[str, Any]:
         from fdreamer.inference.request import VideoRequest
@@ -258,9 +270,9 @@ Runner = Callable[[str, list[dict[str, Any]], "EvalSettings"], list[dict[str, An
 
 
 def run_in_process(checkpoint: str, items: list[dict[str, Any]], settings: EvalSettings,
-                   s3_endpoint: str | None = None) -> list[dict[str, Any]]:
-    """Generate and score every item here (one :class:`GenerateAndScore`)."""
-    worker = GenerateAndScore(str(checkpoint), asdict(settings), s3_endpoint=s3_endpoint)
+                   s3_endpoint: str | None = None, device: str = "auto") -> list[dict[str, Any]]:
+    """Generate and score every item here (one :class:`GenerateAndScore` on ``device``)."""
+    worker = GenerateAndScore(str(checkpoint), asdict(settings), s3_endpoint=s3_endpoint, device=device)
     return worker(items)
 
 
@@ -320,7 +332,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, modes: tuple[str, ...]
              split: str | None = "heldout", seed: int = 0, settings: EvalSettings | None = None,
              out: str | Path | None = None, tracking_uri: str | None = None, run_id: str | None = None,
              log: bool = True, runner: Runner | None = None,
-             save_videos: int = 4, i2v_prompt: str = "motion_caption", s3_endpoint: str | None = None) -> EvalResult:
+             save_videos: int = 4, i2v_prompt: str = "motion_caption", s3_endpoint: str | None = None,
+             device: str = "auto") -> EvalResult:
     """Generate and score (module docstring). ``runner(checkpoint, items, settings)`` generates the items
     (default :func:`run_in_process`; ``training/evaluate_job.py`` passes one on Ray Data). An ``s3://``
     checkpoint (or run folder, ``s3_endpoint`` for MinIO / moto) is fetched here for its metadata and handed
@@ -347,7 +360,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, modes: tuple[str, ...]
                                 fps=meta.get("fps"), seed=seed, i2v_prompt=i2v_prompt,
                                 t5_caption=meta.get("t5_caption", "caption"))
     t1 = time.perf_counter()
-    runner = runner or functools.partial(run_in_process, s3_endpoint=s3_endpoint)
+    runner = runner or functools.partial(run_in_process, s3_endpoint=s3_endpoint, device=device)
     outs = runner(source, items, settings)
     t2 = time.perf_counter()
     rows = [o["row"] for o in outs]
@@ -397,16 +410,27 @@ def format_table(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EvalConfig", "EvalResult", "EvalSettings", "GenerateAndScore", "Runner", "build_prompts", "evaluate",
+__all__ = ["EvalConfig", "EvalError", "EvalResult", "EvalSettings", "GenerateAndScore", "Runner", "build_prompts", "evaluate",
            "evaluate_config", "format_table", "log_to_mlflow", "psnr", "run_in_process", "score_video", "summarize"]
 
 
 def evaluate_config(cfg: EvalConfig, runner: Runner | None = None) -> EvalResult:
     """:func:`evaluate` with the options of an :class:`EvalConfig`."""
     if not cfg.checkpoint:
-        raise ValueError("checkpoint: give a checkpoint folder, a run folder or runs:/<run id> (--checkpoint DIR)")
+        raise EvalError("checkpoint: give a checkpoint folder, a run folder or runs:/<run id> (--checkpoint DIR)")
     modes = MODES if cfg.mode == "both" else (cfg.mode,)
     return evaluate(cfg.checkpoint, cfg.data, modes=modes, num=cfg.num, split=None if cfg.split == "all" else cfg.split,
                     seed=cfg.seed, settings=cfg.sampling, out=cfg.out, tracking_uri=cfg.tracking_uri, run_id=cfg.run_id,
                     log=cfg.log, runner=runner, save_videos=cfg.save_videos, i2v_prompt=cfg.i2v_prompt,
-                    s3_endpoint=cfg.s3_endpoint)
+                    s3_endpoint=cfg.s3_endpoint, device=cfg.device)
+
+
+def domain_errors() -> tuple[type[BaseException], ...]:
+    """What ``fdreamer evaluate`` and ``training/evaluate_job.py`` report in one line (exit 2), by class: a bad
+    option or prompt set, a checkpoint that is missing or does not fit, a device that contradicts the GPUs,
+    a missing manifest."""
+    from fdreamer.checkpoint import CheckpointError
+    from fdreamer.config import ConfigError
+    from fdreamer.device import DeviceConfigError
+
+    return (EvalError, CheckpointError, ConfigError, DeviceConfigError, FileNotFoundError)

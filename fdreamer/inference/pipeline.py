@@ -233,10 +233,10 @@ class VideoPipeline:
     @staticmethod
     def prepare_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
         """uint8 ``[H, W, 3]`` resized (shorter side covers) and centre-cropped to ``height``×``width``."""
-        from fdreamer.data.video import resize_center_crop
-
         if image.shape[:2] == (height, width):
             return np.ascontiguousarray(image)
+        from fdreamer.data.video import resize_center_crop  # PyAV + OpenCV: only when there is something to resize
+
         return resize_center_crop(np.ascontiguousarray(image)[None], (height, width))[0]
 
     def _scheduler(self, sampler: str, **kwargs: Any):

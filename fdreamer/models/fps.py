@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fdreamer.device import to_device
+
 
 class FpsEmbedding(nn.Module):
     """The MLP on the sinusoidal fps embedding ``[B, in_dim]`` -> ``[B, E]``; outputs zero at initialisation."""
@@ -37,8 +39,10 @@ class FpsEmbedding(nn.Module):
 
 
 def fps_tensor(fps: torch.Tensor | float | int | None, batch: int, default: float | None,
-               device: torch.device) -> torch.Tensor:
-    """``fps`` (a number, ``[B]`` or None -> ``default``) as float32 ``[batch]`` on ``device``; all > 0."""
+               device: torch.device, *, check_values: bool = True) -> torch.Tensor:
+    """``fps`` (a number, ``[B]`` or None -> ``default``) as float32 ``[batch]`` on ``device``; all > 0
+    (checked when ``check_values``: reading the values of a CUDA tensor is a host sync, so the model
+    checks them on the CPU, and on an accelerator once, see ``FactorizedDreamerUNet._value_checks_due``)."""
     if fps is None:
         if default is None:
             raise ValueError("this model is fps-conditioned (model.fps_conditioning=true): pass fps (a number or a "
@@ -51,9 +55,9 @@ def fps_tensor(fps: torch.Tensor | float | int | None, batch: int, default: floa
         t = t.expand(batch)
     if t.shape != (batch,):
         raise ValueError(f"fps must be a scalar or shape [{batch}], got {tuple(t.shape)}")
-    if not bool((t > 0).all()):
+    if (check_values or t.device.type == "cpu") and not bool((t > 0).all()):
         raise ValueError(f"fps must be > 0 for every clip, got {t.tolist()}")
-    return t.to(device)
+    return to_device(t, device)
 
 
 __all__ = ["FpsEmbedding", "fps_tensor"]

@@ -31,6 +31,7 @@ from diffusers import UNet2DConditionModel
 from einops import rearrange, repeat
 from torch import nn
 
+from fdreamer.device import to_device
 from fdreamer.models.adapter import (
     ImageProjection,
     install_processors,
@@ -211,12 +212,25 @@ class FactorizedDreamerUNet(nn.Module):
             timestep = timestep.expand(batch)
         if timestep.shape != (batch,):
             raise ValueError(f"timestep must be a scalar or shape [{batch}], got {tuple(timestep.shape)}")
-        return timestep.to(device)
+        return to_device(timestep, device)  # a CPU scalar per sampling step: no stream sync
+
+    def _value_checks_due(self, device: torch.device) -> bool:
+        """Whether this forward checks tensor VALUES (a T5 mask with a real token per sample, fps > 0), not
+        only shapes: always on the CPU (free); on an accelerator, where reading a value is a host sync
+        that stalls the step, only in the model's first forward there (the data's layout does not change
+        from one step to the next)."""
+        if device.type == "cpu":
+            return True
+        checked = self.__dict__.setdefault("_values_checked_on", set())
+        if device in checked:
+            return False
+        checked.add(device)
+        return True
 
     def _check_inputs(
         self, sample: torch.Tensor, text_tokens: torch.Tensor, image_embed: torch.Tensor | None,
         first_frame: torch.Tensor | None, t5_tokens: torch.Tensor | None, t5_mask: torch.Tensor | None,
-        temporal: bool = True,
+        temporal: bool = True, *, check_values: bool = True,
     ) -> None:
         c_in = self.unet.config.in_channels
         if sample.ndim != 5 or sample.shape[1] != c_in or not sample.is_floating_point():
@@ -230,7 +244,7 @@ class FactorizedDreamerUNet(nn.Module):
                 if temporal or image_embed is not None or first_frame is not None:
                     raise ValueError("factorized model needs image_embed and first_frame (null_conditions() gives "
                                      "nulls); only the image path (temporal=False) may leave out both")
-                return self._check_t5(b, t5_tokens, t5_mask, temporal)
+                return self._check_t5(b, t5_tokens, t5_mask, temporal, check_values)
             if image_embed.shape != (b, self.cfg.image_embed_dim):
                 raise ValueError(f"image_embed must be [{b}, {self.cfg.image_embed_dim}], got {tuple(image_embed.shape)}")
             if first_frame.shape != (b, self.unet.config.out_channels, h, w):
@@ -239,9 +253,10 @@ class FactorizedDreamerUNet(nn.Module):
                 )
         elif image_embed is not None or first_frame is not None:
             raise ValueError("factorized=False (direct T2V): the model has no adapter/PACA; pass no image_embed/first_frame")
-        self._check_t5(b, t5_tokens, t5_mask, temporal)
+        self._check_t5(b, t5_tokens, t5_mask, temporal, check_values)
 
-    def _check_t5(self, b: int, t5_tokens: torch.Tensor | None, t5_mask: torch.Tensor | None, temporal: bool) -> None:
+    def _check_t5(self, b: int, t5_tokens: torch.Tensor | None, t5_mask: torch.Tensor | None, temporal: bool,
+                  check_values: bool = True) -> None:
         if not temporal and t5_tokens is None:
             if t5_mask is not None:
                 raise ValueError("t5_mask given without t5_tokens")
@@ -257,7 +272,7 @@ class FactorizedDreamerUNet(nn.Module):
         if t5_mask is not None:
             if t5_mask.dtype != torch.bool or t5_mask.shape != t5_tokens.shape[:2]:
                 raise ValueError(f"t5_mask must be bool {tuple(t5_tokens.shape[:2])}, got {t5_mask.dtype} {tuple(t5_mask.shape)}")
-            if not bool(t5_mask.any(dim=1).all()):
+            if check_values and not bool(t5_mask.any(dim=1).all()):
                 raise ValueError("t5_mask: every sample needs at least one real token (T5 always emits </s>)")
 
     def forward(
@@ -290,7 +305,9 @@ class FactorizedDreamerUNet(nn.Module):
             fps: frames per second, a number or float ``[B]`` (``fps_conditioning`` models; None ->
                 ``cfg.fps_default``); ignored by models without fps conditioning and on the image path.
         """
-        self._check_inputs(sample, text_tokens, image_embed, first_frame, t5_tokens, t5_mask, temporal)
+        check_values = self._value_checks_due(sample.device)
+        self._check_inputs(sample, text_tokens, image_embed, first_frame, t5_tokens, t5_mask, temporal,
+                           check_values=check_values)
         b, _, frames, h, w = sample.shape
         if return_flow is None:
             want_flow = self.predictnet is not None and self.training and temporal
@@ -309,7 +326,7 @@ class FactorizedDreamerUNet(nn.Module):
         ts = repeat(ts, "b -> (b f)", f=frames)
         emb = unet.time_embedding(unet.time_proj(ts).to(dtype))  # [(b f), E]
         if self.fps_embedding is not None and temporal:  # VideoCrafter: emb += MLP(sinusoid(fps))
-            fps_t = fps_tensor(fps, b, self.cfg.fps_default, sample.device)  # [b]
+            fps_t = fps_tensor(fps, b, self.cfg.fps_default, sample.device, check_values=check_values)  # [b]
             fps_emb = self.fps_embedding(unet.time_proj(fps_t).to(dtype))  # [b, E]
             emb = emb + repeat(fps_emb, "b e -> (b f) e", f=frames)
 

@@ -18,6 +18,7 @@ from typing import Literal, get_args
 
 import torch
 
+from fdreamer.device import to_device
 from fdreamer.models.conditions import Conditions, drop_conditions, sample_drop_masks
 from fdreamer.train.losses import FLOW_LOSS_WEIGHT, diffusion_loss, flow_loss, total_loss
 from fdreamer.schedule import NoiseSchedule
@@ -83,11 +84,15 @@ def diffusion_objective(
         raise ValueError(f"conditions have batch {cond.batch_size}, latents {b}")
     if timesteps is None:
         timesteps = sample_timesteps(b, schedule.num_train_timesteps, generator, timestep_sampling)
-    timesteps = timesteps.to(device=latents.device, dtype=torch.long)
+    if timesteps.device.type == "cpu":
+        schedule.check_timesteps(timesteps)  # on the CPU, where they are drawn: no host sync
+    # CPU-drawn numbers go to the device without a stream sync (fdreamer.device.to_device: pinned, non-blocking)
+    timesteps = to_device(timesteps.long(), latents.device)
     if noise is None:
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noise = to_device(torch.randn(latents.shape, generator=generator, dtype=latents.dtype), latents.device)
     if null is not None:
         drop_text, drop_image = sample_drop_masks(b, *drop_probs, generator=generator)
+        drop_text, drop_image = to_device((drop_text, drop_image), latents.device)
         cond = drop_conditions(cond, null, drop_text, drop_image)
     x_t = schedule.add_noise(latents, noise, timesteps)
     target = schedule.training_target(latents, noise, timesteps)

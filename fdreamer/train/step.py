@@ -21,7 +21,6 @@ videos (``TrainBatch`` or a JointBatch without images) computes exactly what it 
 from __future__ import annotations
 
 import contextlib
-import math
 from functools import partial
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,11 +46,16 @@ def step_generator(seed: int, rank: int, step: int, micro: int, stream: int = 0)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float], eps: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (frozen groups are left out)."""
+    """AdamW over the trainable parameters (frozen groups are left out), built over the parameters where
+    they will train (after the model is placed on its device and wrapped / sharded): ``fused=True`` when
+    every one is on CUDA (one kernel for the whole update), else ``foreach=True`` (a few multi-tensor ops
+    instead of a Python loop over ~1,500 tensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (every group is frozen)")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    on_cuda = all(p.device.type == "cuda" for p in params)
+    impl = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **impl)
 
 
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
@@ -62,7 +66,8 @@ def lr_at(step: int, lr: float, warmup_steps: int) -> float:
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters (kept in fp32 on the parameters' device)."""
+    """Exponential moving average of the trainable parameters (kept in fp32 on the parameters' device:
+    build it from the model once the model is placed)."""
 
     def __init__(self, model: nn.Module, decay: float, start: int = 0) -> None:
         if not 0 <= decay < 1:
@@ -72,20 +77,61 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        """shadow <- d * shadow + (1 - d) * param (a copy while ``step < start``)."""
+        """shadow <- d * shadow + (1 - d) * param (a copy while ``step < start``): two multi-tensor ops over
+        every tensor (``_foreach_mul_`` / ``_foreach_add_``, the same arithmetic as one ``mul_().add_()``
+        per tensor, so the result is bitwise the per-tensor loop's)."""
         d = self.decay if step >= self.start else 0.0
-        for n, p in _named_trainable(model):
-            self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        named = list(_named_trainable(model))
+        shadow = [self.shadow[n] for n, _ in named]
+        params = [p.detach().float() for _, p in named]  # fp32 parameters: no copy
+        torch._foreach_mul_(shadow, d)
+        torch._foreach_add_(shadow, params, alpha=1 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` into the shadow tensors (they stay on the parameters' device, whatever the device
+        of ``state``)."""
         missing = set(self.shadow) - set(state)
         if missing:
             raise ValueError(f"EMA state misses {len(missing)} parameters (e.g. {sorted(missing)[:3]})")
-        for n in self.shadow:
-            self.shadow[n].copy_(state[n])
+        with torch.no_grad():
+            for n in self.shadow:
+                self.shadow[n].copy_(state[n])
+
+
+def state_device_problems(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                          ema: EMA | None = None) -> list[str]:
+    """Optimizer state and EMA tensors that are NOT on their parameter's device (empty: all placed).
+
+    AdamW's ``step`` counter is a CPU scalar by design unless the optimizer is fused or capturable; it
+    is not reported. What a resume that loaded the state before moving the model produced: moments on
+    the CPU beside CUDA parameters, and ``optimizer.step()`` raising a device mismatch. Also reported: an
+    optimizer whose parameters are not the model's (a move that makes new Parameter objects, e.g. to
+    ``meta``, or sharding, leaves an optimizer built earlier updating tensors the model no longer uses)."""
+    problems: list[str] = []
+    names = {id(p): n for n, p in _named_trainable(model)}
+    if optimizer is not None:
+        held = [p for group in optimizer.param_groups for p in group["params"]]
+        stale = sum(id(p) not in names for p in held)
+        if stale or len(held) != len(names):
+            problems.append(f"the optimizer holds {len(held)} tensors, {stale} of them not the model's {len(names)} "
+                            "trainable parameters (built before the model was moved, wrapped or sharded?)")
+        for group in optimizer.param_groups:
+            on_device_step = bool(group.get("fused") or group.get("capturable"))
+            for p in group["params"]:
+                for key, value in optimizer.state.get(p, {}).items():
+                    if not isinstance(value, torch.Tensor) or (key == "step" and not on_device_step):
+                        continue
+                    if value.device != p.device:
+                        problems.append(f"optimizer {names.get(id(p), '?')}.{key} on {value.device}, parameter on {p.device}")
+    if ema is not None:
+        params = dict(_named_trainable(model))
+        for n, v in ema.shadow.items():
+            if n in params and v.device != params[n].device:
+                problems.append(f"EMA {n} on {v.device}, parameter on {params[n].device}")
+    return problems
 
 
 def _named_trainable(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
@@ -191,9 +237,10 @@ def optimizer_step(
     """
     optimizer.zero_grad(set_to_none=True)
     n = len(micro_batches)
-    totals: dict[str, float] = {"loss": 0.0, "l_df": 0.0, "l_flow": 0.0}
-    parts: dict[str, list[float]] = {"l_df_video": [], "l_df_image": []}
-    has_flow = False
+    # The losses stay tensors until the whole step is queued: one host sync per step (the .tolist() below)
+    # instead of one per micro-batch and value; the sums are then the same Python float sums as before.
+    losses: list[torch.Tensor] = []
+    kinds: list[tuple[str, int]] = []  # (what, micro-batch) of each entry of `losses`
     for i, mb in enumerate(micro_batches):
         gens = (step_generator(seed, rank, step, i), step_generator(seed, rank, step, i, stream=1))
         sync = contextlib.nullcontext() if (no_sync is None or i == n - 1) else no_sync()
@@ -201,48 +248,86 @@ def optimizer_step(
             out = joint_objective(model, schedule, mb, null=null, drop_probs=drop_probs, gamma=gamma,
                                   generators=gens, image_weight=image_weight, timestep_sampling=timestep_sampling)
             (out.loss / n).backward()
-        totals["loss"] += float(out.loss.detach()) / n
-        totals["l_df"] += float(out.l_df.detach()) / n
-        if out.l_flow is not None:
-            has_flow = True
-            totals["l_flow"] += float(out.l_flow) / n
-        for key in parts:
-            if getattr(out, key) is not None:
-                parts[key].append(float(getattr(out, key).detach()))
+        for key in ("loss", "l_df", "l_flow", "l_df_video", "l_df_image"):
+            value = getattr(out, key)
+            if value is not None:
+                losses.append(value.detach().float().reshape(()))
+                kinds.append((key, i))
     params = [p for p in model.parameters() if p.requires_grad]
     if grad_clip > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
-        norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     optimizer.step()
+    if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor
+        norm = norm.full_tensor()
+    values = torch.stack([*losses, norm.detach().float().to(losses[0].device)]).tolist()
+    norm_value = values.pop()
+    totals: dict[str, float] = {"loss": 0.0, "l_df": 0.0, "l_flow": 0.0}
+    parts: dict[str, list[float]] = {"l_df_video": [], "l_df_image": []}
+    has_flow = False
+    for (key, _), value in zip(kinds, values):
+        if key in totals:
+            totals[key] += value / n
+            has_flow = has_flow or key == "l_flow"
+        else:
+            parts[key].append(value)
     means = {k: (sum(v) / len(v) if v else None) for k, v in parts.items()}
-    return StepResult(totals["loss"], totals["l_df"], totals["l_flow"] if has_flow else None, norm, **means)
+    return StepResult(totals["loss"], totals["l_df"], totals["l_flow"] if has_flow else None, norm_value, **means)
+
+
+def slice_batch(batch: TrainBatch, start: int, stop: int) -> TrainBatch:
+    """Rows ``[start, stop)`` of ``batch`` (every tensor of a batch is batch-first)."""
+    cond = batch.cond
+    cond = type(cond)(**{k: None if v is None else v[start:stop] for k, v in cond.as_kwargs().items()})
+    return TrainBatch(batch.latents[start:stop], cond, None if batch.flow is None else batch.flow[start:stop],
+                      batch.clip_ids[start:stop], None if batch.fps is None else batch.fps[start:stop], batch.is_image)
 
 
 @torch.no_grad()
 def validation_loss(
-    model: nn.Module, schedule: NoiseSchedule, batch: TrainBatch, timesteps: Sequence[int], seed: int = 1234,
+    model: nn.Module, schedule: NoiseSchedule, batch: TrainBatch, timesteps: Sequence[int], seed: int = 1234, *,
+    micro_batch: int | None = None, autocast: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, float]:
     """L_DF of ``batch`` at each fixed timestep with fixed noise (no dropout): ``{"val_loss": mean, "val_loss_t<k>": ...}``.
 
     The noise depends only on ``seed`` and the batch shape, so evaluations at different steps of a
     run (or of different runs) compare the same problems. Image batches (``is_image``) run the image
     path; their keys are ``val_image_loss`` / ``val_image_loss_t<k>``.
+
+    ``micro_batch``: at most this many clips per forward (the training run's micro-batch: validation then
+    needs no more activation memory than a training forward; None = the whole batch in one forward); the
+    loss is the sample-weighted mean of the micro-batches' means, i.e. the mean over the whole batch (every
+    sample has the same number of elements), with the same noise per clip. ``autocast``: the training
+    step's autocast context (bf16 on CUDA), entered around each forward.
     """
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(batch.latents.shape, generator=gen).to(batch.latents)
-    out: dict[str, float] = {}
+    n = batch.latents.shape[0]
+    size = n if micro_batch is None else max(1, min(int(micro_batch), n))
     name = "val_image_loss" if batch.is_image else "val_loss"
+    per_t: list[torch.Tensor] = []
     for t in timesteps:
-        ts = torch.full((batch.latents.shape[0],), int(t), dtype=torch.long)
-        res = part_objective(model, schedule, batch, timesteps=ts, noise=noise, with_flow=False)
-        out[f"{name}_t{int(t)}"] = float(res.l_df)
+        parts = []
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            part = batch if size == n else slice_batch(batch, start, stop)
+            ts = torch.full((stop - start,), int(t), dtype=torch.long)
+            with autocast or contextlib.nullcontext():
+                res = part_objective(model, schedule, part, timesteps=ts, noise=noise[start:stop], with_flow=False)
+            parts.append(res.l_df.detach().float())
+        if len(parts) == 1:
+            per_t.append(parts[0])
+        else:  # sample-weighted mean of the micro-batch means (Python weights: no host-to-device copy)
+            per_t.append(torch.stack([m * min(size, n - s) for m, s in zip(parts, range(0, n, size))]).sum() / n)
+    values = torch.stack(per_t).tolist()  # one host sync for the whole validation
+    out = {f"{name}_t{int(t)}": v for t, v in zip(timesteps, values)}
     out[name] = sum(out.values()) / len(timesteps)
     model.train(was_training)
     return out
 
 
 __all__ = ["EMA", "JointLoss", "StepResult", "joint_objective", "lr_at", "make_optimizer", "optimizer_step",
-           "part_objective", "step_generator", "validation_loss"]
+           "part_objective", "slice_batch", "state_device_problems", "step_generator", "validation_loss"]
