@@ -40,7 +40,9 @@ from fdreamer.data.images import read_image
 from fdreamer.data.fetch import FetchConfig, prefetch
 from fdreamer.data.sources import is_remote, open_source
 from fdreamer.data.video import (
+    VideoClip,
     VideoDecodeError,
+    clip_fps,
     decode_frames,
     footage_indices,
     probe_video,
@@ -146,19 +148,12 @@ def _video_rows(src: str | bytes, rec: dict, base: dict, profile: dict) -> list[
                                f"({info.num_frames} frames, cuts at {cuts})")
     rows = []
     for k, start in enumerate(starts):
-        if held is not None:
-            indices = sample_frame_indices(info.num_frames, info.fps, profile["num_frames"], start_frame=start,
-                                           **_sampling(profile))
-            frames = resize_center_crop(held[indices], dedup.HASH_SIDE)
-            fps = float(profile["fps"]) if profile.get("fps") is not None else info.fps / int(profile["stride"])
-        else:
-            clip = hash_clip(src, profile, start, info)
-            frames, fps = clip.frames, clip.fps
+        clip = hash_clip(src, profile, start, info, held)
         rows.append(base | {
             "clip_id": schema.make_clip_id(rec["source"], rec["video_id"], start, profile["num_frames"],
                                            profile["tag"]),
-            "fps": fps, "source_width": info.width, "source_height": info.height,
-            "start_frame": start, **dedup.clip_hashes(frames),
+            "fps": clip.fps, "source_width": info.width, "source_height": info.height,
+            "start_frame": start, **dedup.clip_hashes(clip.frames),
             # the video's footage hash, on its first clip only (a footage match drops that clip, not the others)
             "footage": footage_of(src, info, held) if k == 0 else b"",
             # the video's shot counts, on its first clip only (summed into summary.json's shots)
@@ -182,11 +177,17 @@ def footage_of(src: str | bytes, info: Any, held: np.ndarray | None = None) -> b
     return footage.footage_hash(resize_center_crop(frames, dedup.HASH_SIDE))
 
 
-def hash_clip(src: str | bytes, profile: dict, start: int, info: Any = None) -> Any:
+def hash_clip(src: str | bytes, profile: dict, start: int, info: Any = None, held: np.ndarray | None = None) -> Any:
     """The clip at ``start`` as pass 1 hashes it: the profile's frames, decoded straight to
-    :data:`fdreamer.data.dedup.HASH_SIDE` (the decoder scales; no frame at the profile's size is made)."""
-    return read_video(src, profile["num_frames"], start_frame=start, size=dedup.HASH_SIDE,
-                      decode_side=dedup.HASH_SIDE, info=info, **_sampling(profile))
+    :data:`fdreamer.data.dedup.HASH_SIDE` (the decoder scales; no frame at the profile's size is made), or
+    taken from ``held`` (every frame of the video at that size, when pass 1 has them: the same frames)."""
+    if held is None:
+        return read_video(src, profile["num_frames"], start_frame=start, size=dedup.HASH_SIDE,
+                          decode_side=dedup.HASH_SIDE, info=info, **_sampling(profile))
+    indices = sample_frame_indices(info.num_frames, info.fps, profile["num_frames"], start_frame=start,
+                                   **_sampling(profile))
+    return VideoClip(frames=resize_center_crop(held[indices], dedup.HASH_SIDE),
+                     fps=clip_fps(info, **_sampling(profile)), indices=indices, source=info)
 
 
 def _image_rows(src: str | bytes, rec: dict, base: dict, profile: dict) -> list[dict]:

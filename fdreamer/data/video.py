@@ -321,8 +321,12 @@ def read_video(
 
     if size is not None:
         frames = resize_center_crop(frames, size)
-    effective_fps = fps if fps is not None else info.fps / (stride or 1)
-    return VideoClip(frames=frames, fps=float(effective_fps), indices=indices, source=info)
+    return VideoClip(frames=frames, fps=clip_fps(info, fps, stride), indices=indices, source=info)
+
+
+def clip_fps(info: VideoInfo, fps: float | None = None, stride: int | None = None) -> float:
+    """The frame rate of a clip sampled at ``fps``, or every ``stride``-th frame of ``info``'s video."""
+    return float(fps if fps is not None else info.fps / (stride or 1))
 
 
 def footage_indices(info: VideoInfo, rate: float, limit: int) -> list[int]:
