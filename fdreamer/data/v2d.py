@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Any, BinaryIO
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fdreamer.data import storage
@@ -135,7 +136,7 @@ def read_parquet(uri: str, s3_endpoint: str | None = None, extension: str = "mp4
     fs, path = storage.resolve(uri, s3_endpoint)
     stem = path[: -len(".parquet")]
     folder_uri = uri[: -len(".parquet")]
-    if storage.exists(fs, f"{stem}.tar") and fs.get_file_info(stem).type.name != "Directory":
+    if storage.exists(fs, f"{stem}.tar") and fs.get_file_info(stem).type != pafs.FileType.Directory:
         return read_tar(f"{folder_uri}.tar", s3_endpoint)
     try:
         with fs.open_input_file(path) as f:
